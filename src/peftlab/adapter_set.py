@@ -1,0 +1,360 @@
+"""AdapterSet: the named adapters on one model, which of them run, which train, merging, files.
+
+The model stays a plain ``nn.Module``: adapters live inside :class:`AdaptedLayer` wrappers that
+replace the targeted projections, and the set itself is a plain attribute of the model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Iterator
+from pathlib import Path
+
+from torch import nn
+
+from peftlab.config import AdapterConfig
+from peftlab.errors import AdapterNameError, AdapterStateError, TargetError
+from peftlab.layer import AdaptedLayer, Piece
+from peftlab.methods import method_for
+from peftlab.roles import RoleMap, role_map_for
+from peftlab.sites import Site, find_sites
+
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]{0,99}$")
+_RESERVED = {"base", "none", "shared", "extra", "adapters"}
+_ATTR = "_peftlab_adapters"
+
+
+def check_name(name: object) -> str:
+    """Adapter names are file- and key-safe: letters, digits, ``_ . + -``, at most 100 chars."""
+    if not isinstance(name, str) or not _NAME.match(name) or ".." in name:
+        raise AdapterNameError(
+            f"invalid adapter name {name!r}: use 1-100 letters, digits, '_', '.', '+', '-', "
+            "starting with a letter or digit (no path separators)"
+        )
+    if name.lower() in _RESERVED:
+        raise AdapterNameError(f"adapter name {name!r} is reserved; pick another")
+    return name
+
+
+@dataclasses.dataclass
+class Adapter:
+    """One named adapter: its config, its sites, its pieces by module, and extra trained modules."""
+
+    config: AdapterConfig
+    sites: list[Site]
+    pieces: dict[str, Piece]
+    shared: nn.Module | None = None
+    extras: tuple[str, ...] = ()
+    merged: bool = False
+
+    def parameters(self) -> list[nn.Parameter]:
+        seen: dict[int, nn.Parameter] = {}
+        for piece in self.pieces.values():
+            for p in piece.parameters():
+                seen.setdefault(id(p), p)
+        return list(seen.values())
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+
+@dataclasses.dataclass(frozen=True)
+class SummaryRow:
+    name: str
+    method: str
+    parameters: int
+    percent: float
+    sites: int
+    active: bool
+    merged: bool
+
+
+@dataclasses.dataclass(frozen=True)
+class Summary:
+    """Per-adapter trainable parameters and their share of the base model."""
+
+    base_parameters: int
+    rows: tuple[SummaryRow, ...]
+
+    def __getitem__(self, name: str) -> SummaryRow:
+        for row in self.rows:
+            if row.name == name:
+                return row
+        raise KeyError(name)
+
+    def __str__(self) -> str:
+        lines = [f"{'adapter':<20} {'method':<12} {'params':>12} {'% base':>8} {'sites':>6}  state",
+                 "-" * 70]
+        for r in self.rows:
+            state = "merged" if r.merged else ("active" if r.active else "")
+            lines.append(f"{r.name:<20} {r.method:<12} {r.parameters:>12,} {r.percent:>8.4f} "
+                         f"{r.sites:>6}  {state}")
+        lines.append(f"base model parameters: {self.base_parameters:,}")
+        return "\n".join(lines)
+
+
+class AdapterSet:
+    """The adapters attached to one model. Get it with :func:`peftlab.attach`."""
+
+    def __init__(self, model: nn.Module, role_map: RoleMap | None = None) -> None:
+        self.model = model
+        self.role_map = role_map if role_map is not None else role_map_for(model)
+        self._adapters: dict[str, Adapter] = {}
+        self._active: tuple[str, ...] = ()
+
+    # ---- inspection -------------------------------------------------------------------------
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(self._adapters)
+
+    @property
+    def active(self) -> tuple[str, ...]:
+        return self._active
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._adapters
+
+    def __getitem__(self, name: str) -> Adapter:
+        if name not in self._adapters:
+            raise AdapterNameError(f"no adapter named {name!r}; adapters: {list(self._adapters)}")
+        return self._adapters[name]
+
+    def config(self, name: str) -> AdapterConfig:
+        return self[name].config
+
+    def parameters(self, name: str) -> list[nn.Parameter]:
+        """The adapter's own trainable tensors (shared ones once)."""
+        return self[name].parameters()
+
+    def base_parameters(self) -> int:
+        """Parameters of the model without any adapter."""
+        own = {id(p) for a in self._adapters.values() for p in a.parameters()}
+        return sum(p.numel() for p in self.model.parameters() if id(p) not in own)
+
+    def summary(self) -> Summary:
+        base = self.base_parameters()
+        rows = tuple(
+            SummaryRow(n, a.config.method, a.num_parameters(), 100.0 * a.num_parameters() / base,
+                       len(a.sites), n in self._active, a.merged)
+            for n, a in self._adapters.items()
+        )
+        return Summary(base, rows)
+
+    def layers(self) -> Iterator[tuple[str, AdaptedLayer]]:
+        for name, module in self.model.named_modules():
+            if isinstance(module, AdaptedLayer):
+                yield name, module
+
+    # ---- adding and removing ----------------------------------------------------------------
+    def add(self, name: str, config: AdapterConfig) -> None:
+        """Add adapter ``name`` built from ``config``. It is inactive until :meth:`activate`."""
+        check_name(name)
+        if name in self._adapters:
+            raise AdapterNameError(f"an adapter named {name!r} exists; remove it or pick another")
+        self._install(name, self._build(config))
+
+    def _build(self, config: AdapterConfig) -> Adapter:
+        """Everything an adapter needs, built without touching the model."""
+        method = method_for(config)
+        sites = find_sites(self.model, config.targets, self.role_map)
+        shared = method.shared(config, sites) if method.shared else None
+        pieces = {}
+        for site in sites:
+            piece = method.build(config, site, shared)
+            weight = self._base_module(site.module).weight
+            pieces[site.module] = piece.to(device=weight.device, dtype=weight.dtype)
+        return Adapter(config, sites, pieces, shared)
+
+    def _install(self, name: str, adapter: Adapter) -> None:
+        for module_name, piece in adapter.pieces.items():
+            self._wrap(module_name).adapters[name] = piece
+        self._adapters[name] = adapter
+        self._refresh()
+
+    def remove(self, name: str) -> None:
+        """Delete an adapter; layers left without adapters get their original module back."""
+        adapter = self[name]
+        if adapter.merged:
+            raise AdapterStateError(f"adapter {name!r} is merged; unmerge it before removing it")
+        for module_name in adapter.pieces:
+            layer = self._layer(module_name)
+            del layer.adapters[name]
+            if len(layer.adapters) == 0:
+                self._set_module(module_name, layer.base)
+        del self._adapters[name]
+        self._active = tuple(n for n in self._active if n != name)
+        self._refresh()
+
+    # ---- running and training ---------------------------------------------------------------
+    def activate(self, *names: str) -> None:
+        """Run these adapters in forward, in this order; ``activate()`` gives the plain model.
+        Merged adapters are part of the weights and must stay active until unmerged."""
+        for n in names:
+            self[n]
+        if len(set(names)) != len(names):
+            raise AdapterNameError(f"an adapter is named twice in {names}")
+        dropped = [n for n, a in self._adapters.items() if a.merged and n not in names]
+        if dropped:
+            raise AdapterStateError(f"adapters {dropped} are merged into the weights; unmerge "
+                                    "them before deactivating them")
+        self._active = tuple(names)
+        self._refresh()
+
+    def _refresh(self) -> None:
+        for _, layer in self.layers():
+            layer.set_active(self._active)
+
+    def train(self, name: str, also: tuple[str, ...] | str = ()) -> list[nn.Parameter]:
+        """Freeze the whole model except adapter ``name`` and the modules named in ``also``
+        (e.g. ``("classifier",)``: a module name or a dotted suffix of one). The ``also``
+        modules are saved with the adapter. Returns the trainable parameters."""
+        adapter = self[name]
+        if name not in self._active:
+            raise AdapterStateError(f"adapter {name!r} is not active; call activate({name!r}) first")
+        if adapter.merged:
+            raise AdapterStateError(f"adapter {name!r} is merged; unmerge it before training")
+        extras = self._resolve_modules((also,) if isinstance(also, str) else tuple(also))
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+        trainable = adapter.parameters()
+        for module_name in extras:
+            trainable += list(self.model.get_submodule(module_name).parameters())
+        for p in trainable:
+            p.requires_grad_(True)
+        adapter.extras = extras
+        return trainable
+
+    def _resolve_modules(self, names: tuple[str, ...]) -> tuple[str, ...]:
+        modules = dict(self.model.named_modules())
+        out: list[str] = []
+        for want in names:
+            hits = [n for n in modules if n == want or n.endswith("." + want)]
+            if not hits:
+                raise TargetError(f"no module named {want!r} to train along; top-level modules: "
+                                  f"{[n for n, _ in self.model.named_children()]}")
+            out += [h for h in hits if h not in out]
+        return tuple(out)
+
+    # ---- merging ----------------------------------------------------------------------------
+    def merge(self, name: str) -> None:
+        """Fold an active LoRA or (IA)³ adapter into the base weights (no extra inference cost)."""
+        adapter = self[name]
+        if not adapter.config.mergeable:
+            raise AdapterStateError(
+                f"{adapter.config.method} adapters cannot be merged into the weights (they add a "
+                "nonlinear module); mergeable methods: lora, ia3")
+        if adapter.merged:
+            raise AdapterStateError(f"adapter {name!r} is already merged")
+        if name not in self._active:
+            raise AdapterStateError(f"adapter {name!r} is not active; activate it before merging")
+        for module_name, piece in adapter.pieces.items():
+            layer = self._layer(module_name)
+            clash = [n for n, p in layer.adapters.items() if n != name and n in self._active
+                     and n not in layer.merged and p.kind in ("scale", "delta") and p.kind != piece.kind]
+            if clash:
+                raise AdapterStateError(
+                    f"cannot merge {name!r}: at {module_name} it composes with active unmerged "
+                    f"adapter(s) {clash}; merge or deactivate them first")
+        for module_name in adapter.pieces:
+            self._layer(module_name).merge(name)
+        adapter.merged = True
+        self._refresh()
+
+    def unmerge(self, name: str) -> None:
+        """Take a merged adapter back out of the weights."""
+        adapter = self[name]
+        if not adapter.merged:
+            raise AdapterStateError(f"adapter {name!r} is not merged")
+        for module_name in adapter.pieces:
+            merged = self._layer(module_name).merged
+            if merged[-1] != name:
+                raise AdapterStateError(f"unmerge {merged[merged.index(name) + 1:]} before {name!r}"
+                                        " (reverse order of merging)")
+        for module_name in adapter.pieces:
+            self._layer(module_name).unmerge(name)
+        adapter.merged = False
+        self._refresh()
+
+    # ---- files ------------------------------------------------------------------------------
+    def save(self, name: str, path: str | Path, extras: tuple[str, ...] | None = None) -> Path:
+        """Write ``adapter_config.json`` and ``adapter_model.safetensors`` to directory ``path``
+        atomically. ``extras`` (default: the ``also`` modules of :meth:`train`) are saved too."""
+        from peftlab.io import save_adapter
+
+        return save_adapter(self, name, Path(path), extras)
+
+    def load(self, path: str | Path, name: str | None = None) -> str:
+        """Load an adapter directory (validated fully before the model changes); returns its name."""
+        from peftlab.io import load_adapter
+
+        return load_adapter(self, Path(path), name)
+
+    def export_peft(self, name: str, path: str | Path) -> Path:
+        """Write a LoRA or (IA)³ adapter in HF peft's format."""
+        from peftlab.interop.peft import export_peft
+
+        return export_peft(self, name, Path(path))
+
+    def import_peft(self, path: str | Path, name: str) -> str:
+        """Load a LoRA or (IA)³ adapter saved by HF peft's ``save_pretrained``."""
+        from peftlab.interop.peft import import_peft
+
+        return import_peft(self, Path(path), name)
+
+    # ---- module plumbing --------------------------------------------------------------------
+    def _layer(self, module_name: str) -> AdaptedLayer:
+        layer = self.model.get_submodule(module_name)
+        assert isinstance(layer, AdaptedLayer)
+        return layer
+
+    def _base_module(self, module_name: str) -> nn.Module:
+        module = self.model.get_submodule(module_name)
+        return module.base if isinstance(module, AdaptedLayer) else module
+
+    def _wrap(self, module_name: str) -> AdaptedLayer:
+        module = self.model.get_submodule(module_name)
+        if isinstance(module, AdaptedLayer):
+            return module
+        layer = AdaptedLayer(module)
+        self._set_module(module_name, layer)
+        return layer
+
+    def _set_module(self, module_name: str, module: nn.Module) -> None:
+        parent, _, child = module_name.rpartition(".")
+        setattr(self.model.get_submodule(parent) if parent else self.model, child, module)
+
+    def _unwrap_all(self) -> None:
+        for name, layer in list(self.layers()):
+            self._set_module(name, layer.base)
+
+
+def attach(model: nn.Module, role_map: RoleMap | None = None) -> AdapterSet:
+    """The model's :class:`AdapterSet`, created on first call; the same object afterwards.
+    ``role_map`` says where the roles are for a model peftlab has no built-in map for."""
+    existing = model.__dict__.get(_ATTR)
+    if existing is not None:
+        if role_map is not None and role_map is not existing.role_map:
+            raise AdapterStateError("this model is attached with another role map; detach first")
+        return existing
+    adapters = AdapterSet(model, role_map)
+    object.__setattr__(model, _ATTR, adapters)
+    return adapters
+
+
+def detach(model: nn.Module, keep_merged: bool = False) -> nn.Module:
+    """Remove every adapter and wrapper; the model's modules and state dict are the original.
+    With merged adapters, pass ``keep_merged=True`` to keep them in the weights
+    (merge-and-unload); otherwise this refuses."""
+    adapters = model.__dict__.get(_ATTR)
+    if adapters is None:
+        return model
+    merged = [n for n in adapters.names if adapters[n].merged]
+    if merged and not keep_merged:
+        raise AdapterStateError(f"adapters {merged} are merged into the weights; unmerge them, or "
+                                "pass keep_merged=True to keep them there")
+    adapters._unwrap_all()
+    del model.__dict__[_ATTR]
+    return model
+
+

@@ -1,0 +1,106 @@
+"""Frozen dataclass configs that round-trip to JSON with strict validation.
+
+Every method config derives from :class:`AdapterConfig`. ``from_dict`` rejects unknown keys and
+wrong types, so a config read from an untrusted file fails with a :class:`ConfigError` naming the
+field instead of failing later inside a layer.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import types
+import typing
+from typing import Any, ClassVar, TypeVar
+
+from peftlab.errors import ConfigError
+
+C = TypeVar("C", bound="AdapterConfig")
+
+_MAX_INT = 1 << 31
+
+
+def _check(name: str, value: Any, tp: Any) -> Any:
+    """Validate ``value`` against the annotation ``tp`` and return it in canonical form."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        errors = []
+        for arm in typing.get_args(tp):
+            if arm is type(None):
+                if value is None:
+                    return None
+                continue
+            try:
+                return _check(name, value, arm)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if errors else f"{name}: got {value!r}")
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{name}: expected a list, got {type(value).__name__}")
+        (item_tp, _) = typing.get_args(tp)
+        return tuple(_check(f"{name}[{i}]", v, item_tp) for i, v in enumerate(value))
+    if origin is typing.Literal:
+        if value not in typing.get_args(tp):
+            raise ConfigError(f"{name}: must be one of {typing.get_args(tp)}, got {value!r}")
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{name}: expected true/false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int) or abs(value) > _MAX_INT:
+            raise ConfigError(f"{name}: expected an integer below 2**31, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise ConfigError(f"{name}: expected a finite number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str) or len(value) > 4096:
+            raise ConfigError(f"{name}: expected a string, got {type(value).__name__}")
+        return value
+    raise ConfigError(f"{name}: unsupported field type {tp!r}")  # pragma: no cover
+
+
+@dataclasses.dataclass(frozen=True)
+class AdapterConfig:
+    """Base of all method configs. ``method`` names the file under ``peftlab/methods/``."""
+
+    method: ClassVar[str] = ""
+    mergeable: ClassVar[bool] = False
+
+    def __post_init__(self) -> None:
+        hints = typing.get_type_hints(type(self))
+        for f in dataclasses.fields(self):
+            object.__setattr__(self, f.name, _check(f.name, getattr(self, f.name), hints[f.name]))
+        self.validate()
+
+    def validate(self) -> None:
+        """Check value ranges; subclasses raise :class:`ConfigError`."""
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-ready dict (tuples become lists)."""
+        return {f.name: _plain(getattr(self, f.name)) for f in dataclasses.fields(self)}
+
+    @classmethod
+    def from_dict(cls: type[C], data: Any) -> C:
+        """Build from a dict, rejecting unknown keys and wrong types with :class:`ConfigError`."""
+        if not isinstance(data, dict):
+            raise ConfigError(f"{cls.__name__}: expected a JSON object, got {type(data).__name__}")
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise ConfigError(f"{cls.__name__}: unknown field(s) {unknown}; known: {sorted(names)}")
+        try:
+            return cls(**data)
+        except TypeError as e:  # a required field is missing
+            raise ConfigError(f"{cls.__name__}: {e}") from None
+
+    def replace(self: C, **changes: Any) -> C:
+        """A copy with some fields changed (validated like a new config)."""
+        return dataclasses.replace(self, **changes)
+
+
+def _plain(v: Any) -> Any:
+    return [_plain(x) for x in v] if isinstance(v, tuple) else v

@@ -1,0 +1,272 @@
+"""Adapter files: ``adapter_config.json`` + ``adapter_model.safetensors``, nothing else.
+
+Saving builds the directory beside its destination and swaps it into place, so an interrupted
+save leaves the previous adapter or the new one, never a mix. Loading parses and checks
+everything (schema, method, names, every tensor's key, shape, dtype and finiteness) before the
+model changes; any problem raises :class:`AdapterLoadError` and leaves the model untouched.
+No pickle is ever read.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from peftlab.errors import AdapterLoadError, AdapterSaveError, ConfigError, PeftlabError
+
+if TYPE_CHECKING:
+    from peftlab.adapter_set import AdapterSet
+
+FORMAT = "peftlab-adapter"
+FORMAT_VERSION = 1
+CONFIG_FILE = "adapter_config.json"
+WEIGHTS_FILE = "adapter_model.safetensors"
+MAX_CONFIG_BYTES = 1 << 20
+
+
+# ---- atomic directory writes ------------------------------------------------------------------
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Atomically swap two paths (Linux ``renameat2(RENAME_EXCHANGE)``); False if unsupported."""
+    libc_name = ctypes.util.find_library("c")
+    if libc_name is None:
+        return False
+    libc = ctypes.CDLL(libc_name, use_errno=True)
+    if not hasattr(libc, "renameat2"):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    rc = libc.renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange)
+    return rc == 0
+
+
+def is_adapter_dir(path: Path) -> bool:
+    """A directory that holds nothing but adapter files (peftlab's or peft's)."""
+    allowed = {CONFIG_FILE, WEIGHTS_FILE, "README.md"}
+    return path.is_dir() and all(p.name in allowed for p in path.iterdir())
+
+
+def write_dir_atomic(path: Path, files: dict[str, bytes | dict[str, torch.Tensor]]) -> Path:
+    """Write ``files`` (bytes, or tensors for safetensors) as directory ``path`` in one step.
+    An existing directory is replaced only if it holds nothing but adapter files."""
+    path = Path(path)
+    if path.exists() and not is_adapter_dir(path):
+        raise AdapterSaveError(
+            f"{path} exists and holds files that are not an adapter's; refusing to replace it. "
+            "Choose an empty or new directory.")
+    parent = path.parent.resolve()
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=parent))
+    except OSError as e:
+        raise AdapterSaveError(f"cannot write to {parent}: {e}") from None
+    try:
+        for name, content in files.items():
+            target = tmp / name
+            if isinstance(content, bytes):
+                target.write_bytes(content)
+            else:
+                save_file(content, str(target))
+            with open(target, "rb") as f:
+                os.fsync(f.fileno())
+        _fsync_dir(tmp)
+        if path.exists():
+            if not _exchange(tmp, path):
+                # No atomic exchange here: keep the old copy until the new one is in place.
+                old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=parent))
+                os.rmdir(old)
+                os.replace(path, old)
+                os.replace(tmp, path)
+                tmp = old
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            os.replace(tmp, path)
+        _fsync_dir(parent)
+    except BaseException as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, OSError):
+            raise AdapterSaveError(f"saving to {path} failed: {e}") from None
+        raise
+    return path
+
+
+# ---- reading, with validation -----------------------------------------------------------------
+def read_config(path: Path) -> dict[str, Any]:
+    """The JSON object in ``path/adapter_config.json``, checked for size and form."""
+    path = Path(path)
+    if not path.is_dir():
+        raise AdapterLoadError(f"{path} is not a directory; pass the adapter's directory")
+    file = path / CONFIG_FILE
+    if not file.is_file():
+        pickles = [p.name for p in path.glob("*") if p.suffix in (".bin", ".pt", ".pth", ".pkl")]
+        hint = f" (found {pickles}: pickle files are never loaded)" if pickles else ""
+        raise AdapterLoadError(f"{file} is missing{hint}")
+    if file.stat().st_size > MAX_CONFIG_BYTES:
+        raise AdapterLoadError(f"{file} is larger than {MAX_CONFIG_BYTES} bytes; not an adapter config")
+    try:
+        data = json.loads(file.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        raise AdapterLoadError(f"{file} is not valid JSON: {e}") from None
+    if not isinstance(data, dict):
+        raise AdapterLoadError(f"{file} must hold a JSON object")
+    return data
+
+
+def read_tensors(path: Path, expected: dict[str, tuple[int, ...]]) -> dict[str, torch.Tensor]:
+    """Read ``path/adapter_model.safetensors`` and check it holds exactly ``expected``
+    (key -> shape) as finite floating-point tensors."""
+    file = Path(path) / WEIGHTS_FILE
+    if not file.is_file():
+        raise AdapterLoadError(f"{file} is missing (only safetensors weights are loaded)")
+    try:
+        with safe_open(str(file), framework="pt") as f:
+            keys = set(f.keys())
+            missing, extra = sorted(set(expected) - keys), sorted(keys - set(expected))
+            if missing or extra:
+                raise AdapterLoadError(
+                    f"{file} does not match the adapter's config: missing {missing[:5]}"
+                    f"{'...' if len(missing) > 5 else ''}, unexpected {extra[:5]}"
+                    f"{'...' if len(extra) > 5 else ''}")
+            out = {}
+            for key, shape in expected.items():
+                sl = f.get_slice(key)
+                if tuple(sl.get_shape()) != tuple(shape):
+                    raise AdapterLoadError(f"{file}: tensor {key!r} has shape "
+                                           f"{tuple(sl.get_shape())}, the model needs {tuple(shape)}")
+                if sl.get_dtype() not in ("F16", "BF16", "F32", "F64"):
+                    raise AdapterLoadError(f"{file}: tensor {key!r} has dtype {sl.get_dtype()}, "
+                                           "expected a floating-point type")
+                t = f.get_tensor(key)
+                if not torch.isfinite(t).all():
+                    raise AdapterLoadError(f"{file}: tensor {key!r} holds NaN or infinite values")
+                out[key] = t
+            return out
+    except PeftlabError:
+        raise
+    except Exception as e:  # safetensors reports corrupt files with several exception types
+        raise AdapterLoadError(f"{file} is not a valid safetensors file: {e}") from None
+
+
+# ---- peftlab's own format ---------------------------------------------------------------------
+def fingerprint(model: torch.nn.Module, adapters: AdapterSet) -> dict[str, Any]:
+    """What identifies the base model: its type, size and a hash of its parameter shapes."""
+    own = {id(p) for n in adapters.names for p in adapters.parameters(n)}
+    h = hashlib.sha256()
+    for name, p in model.named_parameters():
+        if id(p) not in own:
+            h.update(f"{name.replace('.base.', '.')}:{tuple(p.shape)};".encode())
+    return {
+        "model_type": getattr(getattr(model, "config", None), "model_type", None),
+        "parameters": adapters.base_parameters(),
+        "shape_sha256": h.hexdigest(),
+    }
+
+
+def adapter_tensors(adapters: AdapterSet, name: str) -> dict[str, torch.Tensor]:
+    """Tensors of adapter ``name`` keyed ``<module>.<param>``; shared ones as ``shared.<param>``."""
+    adapter = adapters[name]
+    out: dict[str, torch.Tensor] = {}
+    for module, piece in adapter.pieces.items():
+        for key, t in piece.state_dict().items():
+            out[key if key.startswith("shared.") else f"{module}.{key}"] = t
+    return out
+
+
+def save_adapter(adapters: AdapterSet, name: str, path: Path, extras: tuple[str, ...] | None) -> Path:
+    from peftlab import __version__
+
+    adapter = adapters[name]
+    extras = adapter.extras if extras is None else adapters._resolve_modules(tuple(extras))
+    tensors = adapter_tensors(adapters, name)
+    for module in extras:
+        for key, t in adapters.model.get_submodule(module).state_dict().items():
+            tensors[f"extra.{module}.{key}"] = t
+    config = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "peftlab_version": __version__,
+        "name": name,
+        "method": adapter.config.method,
+        "config": adapter.config.to_dict(),
+        "base_model": fingerprint(adapters.model, adapters),
+        "target_modules": [s.module for s in adapter.sites],
+        "extra_modules": list(extras),
+    }
+    blob = json.dumps(config, indent=2).encode()
+    weights = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    return write_dir_atomic(path, {CONFIG_FILE: blob, WEIGHTS_FILE: weights})
+
+
+def load_adapter(adapters: AdapterSet, path: Path, name: str | None) -> str:
+    from peftlab.adapter_set import check_name
+    from peftlab.methods import method_for
+
+    data = read_config(path)
+    if data.get("format") != FORMAT:
+        hint = " (this looks like a peft adapter: use import_peft)" if "peft_type" in data else ""
+        raise AdapterLoadError(f"{path} is not a peftlab adapter{hint}")
+    version = data.get("format_version")
+    if not isinstance(version, int) or isinstance(version, bool) or version > FORMAT_VERSION:
+        raise AdapterLoadError(f"{path} has format version {version!r}; this peftlab reads "
+                               f"versions up to {FORMAT_VERSION}: upgrade peftlab")
+    try:
+        name = check_name(data.get("name") if name is None else name)
+        method = method_for(data.get("method"))
+        config = method.config.from_dict(data.get("config"))
+    except (ConfigError, PeftlabError) as e:
+        raise AdapterLoadError(f"{path}: {e}") from None
+    if name in adapters:
+        raise AdapterLoadError(f"an adapter named {name!r} is already attached; pass name=...")
+    base = data.get("base_model") if isinstance(data.get("base_model"), dict) else {}
+    model_type = getattr(getattr(adapters.model, "config", None), "model_type", None)
+    if base.get("model_type") != model_type:
+        raise AdapterLoadError(f"{path} was trained on a {base.get('model_type')!r} model, "
+                               f"this model is {model_type!r}")
+    extras = data.get("extra_modules", [])
+    if not isinstance(extras, list) or not all(isinstance(e, str) for e in extras):
+        raise AdapterLoadError(f"{path}: extra_modules must be a list of module names")
+    try:
+        built = adapters._build(config)
+        extra_modules = {e: adapters.model.get_submodule(e) for e in extras}
+    except (PeftlabError, AttributeError) as e:
+        raise AdapterLoadError(f"{path} does not fit this model: {e}") from None
+    recorded = data.get("target_modules")
+    if recorded != [s.module for s in built.sites]:
+        raise AdapterLoadError(f"{path} targets modules {str(recorded)[:200]}, but on this model "
+                               f"its config resolves to {[s.module for s in built.sites][:5]}...")
+    # Fill a scratch set of pieces first, so the model is touched only once all is checked.
+    expected = {}
+    for module, piece in built.pieces.items():
+        for key, t in piece.state_dict().items():
+            expected[key if key.startswith("shared.") else f"{module}.{key}"] = tuple(t.shape)
+    for module, m in extra_modules.items():
+        for key, t in m.state_dict().items():
+            expected[f"extra.{module}.{key}"] = tuple(t.shape)
+    tensors = read_tensors(path, expected)
+    with torch.no_grad():
+        for module, piece in built.pieces.items():
+            for key, t in piece.state_dict().items():
+                t.copy_(tensors[key if key.startswith("shared.") else f"{module}.{key}"])
+    for module, m in extra_modules.items():
+        m.load_state_dict({k[len(f"extra.{module}."):]: v for k, v in tensors.items()
+                           if k.startswith(f"extra.{module}.")})
+    built.extras = tuple(extras)
+    adapters._install(name, built)
+    return name

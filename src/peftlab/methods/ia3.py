@@ -1,0 +1,89 @@
+"""(IA)³: learned vectors that rescale activations (Liu et al. 2022, arXiv 2205.05638, §3.3).
+
+    attention:  softmax(Q·(l_k ⊙ K)ᵀ/√d_k)·(l_v ⊙ V)       -> rescale the key/value OUTPUTS
+    FFN:        (l_ff ⊙ γ(W1·x))·W2                       -> rescale the INPUT of the down projection
+
+All vectors start at ones, so a new adapter leaves the model unchanged. Parameters per block:
+``d_k + d_v + d_ff`` (55,296 on bert-base). Mergeable: ``l ⊙ (W·x + b) = (diag(l)·W)·x + l ⊙ b``
+and ``W·(l ⊙ a) = (W·diag(l))·a``; unmerging divides by ``l``.
+
+We follow the paper: the FFN vector scales the activation *after* the nonlinearity (the down
+projection's input). AdapterHub scales the up projection's output, before the nonlinearity.
+On a fused qkv projection only the key and value features are rescaled.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+
+import torch
+from torch import nn
+
+from peftlab.config import AdapterConfig
+from peftlab.errors import TargetError
+from peftlab.layer import Piece
+from peftlab.roles import ROLES
+from peftlab.sites import Site
+
+
+@dataclasses.dataclass(frozen=True)
+class IA3Config(AdapterConfig):
+    """``targets``: roles or module regexes; ``scale_input``: the subset (roles or regexes)
+    whose input is rescaled instead of their output (the FFN down projection)."""
+
+    method = "ia3"
+    mergeable = True
+
+    targets: tuple[str, ...] = ("key", "value", "ffn_down")
+    scale_input: tuple[str, ...] = ("ffn_down",)
+
+
+class IA3(Piece):
+    """(IA)³ at one site: one vector over the input or over the targeted output features."""
+
+    kind = "scale"
+
+    def __init__(self, site: Site, scale_input: bool) -> None:
+        super().__init__()
+        index = site.out_index
+        if scale_input and index is not None:
+            raise TargetError(f"(IA)³ cannot rescale the input of fused module {site.module!r}")
+        self.scale_input = scale_input
+        self.out_features = site.out_features
+        n = site.in_features if scale_input else (site.out_features if index is None else len(index))
+        self.ia3_l = nn.Parameter(torch.ones(n))
+        self.sliced = index is not None
+        if self.sliced:
+            self.register_buffer("index", index, False)
+
+    def _full(self, v: torch.Tensor, fill: float) -> torch.Tensor:
+        if not self.sliced:
+            return v
+        return v.new_full((self.out_features,), fill).index_copy(0, self.index, v)
+
+    def scales(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        return (self.ia3_l, None) if self.scale_input else (None, self._full(self.ia3_l, 1.0))
+
+    def merge_into(self, weight: torch.Tensor, bias: torch.Tensor | None, sign: int) -> None:
+        v = (self.ia3_l if sign > 0 else 1.0 / self.ia3_l).to(weight.dtype)
+        if self.scale_input:
+            weight.mul_(v)
+            return
+        v = self._full(v, 1.0)
+        weight.mul_(v[:, None])
+        if bias is not None:
+            bias.mul_(v)
+
+
+def is_input_scaled(config: IA3Config, site: Site) -> bool:
+    """Whether ``site`` is one of ``config.scale_input`` (by role, or by regex on its name)."""
+    for entry in config.scale_input:
+        if entry in site.roles or (entry not in ROLES and re.search(entry, site.module)):
+            return True
+    return False
+
+
+def build(config: IA3Config, site: Site, shared: nn.Module | None = None) -> IA3:
+    return IA3(site, is_input_scaled(config, site))
+

@@ -1,0 +1,103 @@
+"""LoRA: low-rank adaptation of a frozen projection (Hu et al. 2021, arXiv 2106.09685).
+
+    h = W0·x + s·B·A·dropout(x),   A ∈ R^{r×k}, B ∈ R^{d×r},   s = α/r  (rsLoRA: α/√r)
+
+Init as in the reference code: ``A`` Kaiming-uniform with a=√5, ``B`` zeros, so a new adapter
+leaves the model unchanged. Trainable parameters per adapted matrix: ``r·(k + d)``.
+Merging adds ``s·B·A`` to ``W0`` (no inference latency); unmerging subtracts it.
+
+On a fused projection (GPT-2's ``c_attn``), each targeted role gets its own ``A`` and ``B`` over
+that role's output features only, so ``query``+``value`` on ``c_attn`` cost what they cost on
+separate ``q``/``v`` projections. They are stored stacked: ``lora_A`` is ``[parts·r, k]`` and
+``lora_B`` is ``[targeted outputs, r]``; the update is computed as one rank ``parts·r`` product.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from peftlab.config import AdapterConfig
+from peftlab.errors import ConfigError
+from peftlab.layer import Piece
+from peftlab.sites import Site
+
+
+@dataclasses.dataclass(frozen=True)
+class LoRAConfig(AdapterConfig):
+    """``r``: rank; ``alpha``: scale numerator; ``dropout`` on the adapter's input;
+    ``targets``: roles or module regexes; ``rslora``: scale by α/√r instead of α/r."""
+
+    method = "lora"
+    mergeable = True
+
+    r: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    targets: tuple[str, ...] = ("query", "value")
+    rslora: bool = False
+
+    def validate(self) -> None:
+        if not 1 <= self.r <= 65536:
+            raise ConfigError(f"r must be between 1 and 65536, got {self.r}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"dropout must be in [0, 1), got {self.dropout}")
+
+    @property
+    def scaling(self) -> float:
+        return self.alpha / (math.sqrt(self.r) if self.rslora else self.r)
+
+
+class LoRA(Piece):
+    """LoRA at one site; see the module docstring."""
+
+    kind = "delta"
+
+    def __init__(self, config: LoRAConfig, site: Site) -> None:
+        super().__init__()
+        r, parts = config.r, len(site.parts)
+        out_index = site.out_index
+        self.scaling = config.scaling
+        self.dropout = config.dropout
+        self.out_features = site.out_features
+        self.lora_A = nn.Parameter(torch.empty(parts * r, site.in_features))
+        n_out = site.out_features if out_index is None else len(out_index)
+        self.lora_B = nn.Parameter(torch.zeros(n_out, r))
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        self.sliced = out_index is not None
+        if self.sliced:
+            # Where each row of lora_B goes in the full [out, parts·r] update matrix.
+            part = torch.cat([torch.full((len(p.index),), i) for i, p in enumerate(site.parts)])
+            self.register_buffer("rows", out_index[:, None].expand(-1, r).contiguous(), False)
+            self.register_buffer("cols", part[:, None] * r + torch.arange(r), False)
+
+    def full_B(self) -> torch.Tensor:
+        """``B`` as ``[out_features, parts·r]``, zero outside the targeted features."""
+        if not self.sliced:
+            return self.lora_B
+        full = self.lora_B.new_zeros(self.out_features, self.lora_A.shape[0])
+        return full.index_put((self.rows, self.cols), self.lora_B)
+
+    def add_delta(self, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        if self.dropout and self.training:
+            x = F.dropout(x, self.dropout, True)
+        xa = F.linear(x, self.lora_A)
+        # One GEMM that also does the add: y + s·(x·Aᵀ)·Bᵀ.
+        out = torch.addmm(y.reshape(-1, y.shape[-1]), xa.reshape(-1, xa.shape[-1]),
+                          self.full_B().t(), alpha=self.scaling)
+        return out.view(y.shape)
+
+    def delta_weight(self) -> torch.Tensor:
+        """``s·B·A`` as ``[out, in]``."""
+        return self.full_B() @ self.lora_A * self.scaling
+
+    def merge_into(self, weight: torch.Tensor, bias: torch.Tensor | None, sign: int) -> None:
+        weight.add_(self.delta_weight().to(weight.dtype), alpha=sign)
+
+
+def build(config: LoRAConfig, site: Site, shared: nn.Module | None = None) -> LoRA:
+    return LoRA(config, site)

@@ -1,0 +1,187 @@
+"""Roles in a transformer block and where each architecture family keeps them.
+
+Methods speak only about roles (``query``, ``ffn_down``, ...). A :class:`RoleMap` says, for one
+architecture family, which modules play each role: a regular expression searched in the full module
+name, and for fused projections (GPT-2's ``c_attn``, Phi-3's ``qkv_proj``) which output features
+belong to the role. Adding an architecture is adding a map to :data:`ROLE_MAPS`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import torch
+
+ROLES: tuple[str, ...] = (
+    "query", "key", "value", "attn_out", "ffn_up", "ffn_gate", "ffn_down",
+    "cross_query", "cross_key", "cross_value", "cross_attn_out",
+)
+
+# Output-feature selector for a fused projection: (config, out_features) -> indices.
+Selector = Callable[[Any, int], torch.Tensor]
+
+
+@dataclasses.dataclass(frozen=True)
+class Role:
+    """Where one role lives: ``pattern`` is searched in module names; ``select`` picks the role's
+    output features when the module is fused (``None``: the whole module)."""
+
+    pattern: str
+    select: Selector | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class RoleMap:
+    """Role name -> :class:`Role` (or a bare pattern string) for one architecture family."""
+
+    roles: Mapping[str, Role | str]
+
+    def get(self, role: str) -> Role | None:
+        r = self.roles.get(role)
+        return Role(r) if isinstance(r, str) else r
+
+
+def even_part(i: int, n: int) -> Selector:
+    """The ``i``-th of ``n`` equal contiguous blocks of the output (GPT-2 ``c_attn``: q, k, v)."""
+
+    def select(config: Any, out: int) -> torch.Tensor:
+        size = out // n
+        return torch.arange(i * size, (i + 1) * size)
+
+    return select
+
+
+def gqa_part(which: str) -> Selector:
+    """q, k or v block of a fused ``[q | k | v]`` projection with grouped-query heads (Phi-3)."""
+
+    def select(config: Any, out: int) -> torch.Tensor:
+        heads = config.num_attention_heads
+        kv = getattr(config, "num_key_value_heads", None) or heads
+        hd = getattr(config, "head_dim", None) or config.hidden_size // heads
+        sizes = {"q": heads * hd, "k": kv * hd, "v": kv * hd}
+        start = {"q": 0, "k": sizes["q"], "v": sizes["q"] + sizes["k"]}[which]
+        return torch.arange(start, start + sizes[which])
+
+    return select
+
+
+def per_head_part(i: int) -> Selector:
+    """Slice ``i`` of a per-head interleaved ``[heads, 3, head_dim]`` projection (GPT-NeoX)."""
+
+    def select(config: Any, out: int) -> torch.Tensor:
+        heads = config.num_attention_heads
+        return torch.arange(out).view(heads, 3, out // (3 * heads))[:, i, :].reshape(-1)
+
+    return select
+
+
+_N = r"\.\d+\."  # a numbered block in the module path
+
+
+def _bert_like(q: str, k: str, v: str) -> RoleMap:
+    return RoleMap({
+        "query": rf"{_N}attention\.self\.{q}$",
+        "key": rf"{_N}attention\.self\.{k}$",
+        "value": rf"{_N}attention\.self\.{v}$",
+        "attn_out": rf"{_N}attention\.output\.dense$",
+        "ffn_up": rf"{_N}intermediate\.dense$",
+        "ffn_down": rf"{_N}output\.dense$",
+        "cross_query": rf"{_N}crossattention\.self\.{q}$",
+        "cross_key": rf"{_N}crossattention\.self\.{k}$",
+        "cross_value": rf"{_N}crossattention\.self\.{v}$",
+        "cross_attn_out": rf"{_N}crossattention\.output\.dense$",
+    })
+
+
+def _proj_style(attn: str, cross: str | None, out: str, up: str, down: str,
+                gate: str | None = None) -> RoleMap:
+    roles: dict[str, Role | str] = {
+        "query": rf"{_N}{attn}\.q_proj$",
+        "key": rf"{_N}{attn}\.k_proj$",
+        "value": rf"{_N}{attn}\.v_proj$",
+        "attn_out": rf"{_N}{attn}\.{out}$",
+        "ffn_up": rf"{_N}{up}$",
+        "ffn_down": rf"{_N}{down}$",
+    }
+    if gate:
+        roles["ffn_gate"] = rf"{_N}{gate}$"
+    if cross:
+        roles.update({
+            "cross_query": rf"{_N}{cross}\.q_proj$",
+            "cross_key": rf"{_N}{cross}\.k_proj$",
+            "cross_value": rf"{_N}{cross}\.v_proj$",
+            "cross_attn_out": rf"{_N}{cross}\.{out}$",
+        })
+    return RoleMap(roles)
+
+
+BERT = _bert_like("query", "key", "value")
+DEBERTA_V2 = _bert_like("query_proj", "key_proj", "value_proj")
+DISTILBERT = RoleMap({
+    "query": rf"{_N}attention\.q_lin$", "key": rf"{_N}attention\.k_lin$",
+    "value": rf"{_N}attention\.v_lin$", "attn_out": rf"{_N}attention\.out_lin$",
+    "ffn_up": rf"{_N}ffn\.lin1$", "ffn_down": rf"{_N}ffn\.lin2$",
+})
+GPT2 = RoleMap({
+    "query": Role(rf"{_N}attn\.c_attn$", even_part(0, 3)),
+    "key": Role(rf"{_N}attn\.c_attn$", even_part(1, 3)),
+    "value": Role(rf"{_N}attn\.c_attn$", even_part(2, 3)),
+    "attn_out": rf"{_N}attn\.c_proj$",
+    "ffn_up": rf"{_N}mlp\.c_fc$",
+    "ffn_down": rf"{_N}mlp\.c_proj$",
+})
+LLAMA = _proj_style("self_attn", None, "o_proj", r"mlp\.up_proj", r"mlp\.down_proj", r"mlp\.gate_proj")
+PHI3 = RoleMap({
+    "query": Role(rf"{_N}self_attn\.qkv_proj$", gqa_part("q")),
+    "key": Role(rf"{_N}self_attn\.qkv_proj$", gqa_part("k")),
+    "value": Role(rf"{_N}self_attn\.qkv_proj$", gqa_part("v")),
+    "attn_out": rf"{_N}self_attn\.o_proj$",
+    "ffn_gate": Role(rf"{_N}mlp\.gate_up_proj$", even_part(0, 2)),
+    "ffn_up": Role(rf"{_N}mlp\.gate_up_proj$", even_part(1, 2)),
+    "ffn_down": rf"{_N}mlp\.down_proj$",
+})
+T5 = RoleMap({
+    "query": rf"{_N}SelfAttention\.q$", "key": rf"{_N}SelfAttention\.k$",
+    "value": rf"{_N}SelfAttention\.v$", "attn_out": rf"{_N}SelfAttention\.o$",
+    "cross_query": rf"{_N}EncDecAttention\.q$", "cross_key": rf"{_N}EncDecAttention\.k$",
+    "cross_value": rf"{_N}EncDecAttention\.v$", "cross_attn_out": rf"{_N}EncDecAttention\.o$",
+    # T5 v1.0 has one ``wi``; gated variants (mT5, T5 v1.1) have ``wi_0`` (gate) and ``wi_1`` (up).
+    "ffn_up": r"\.DenseReluDense\.wi(_1)?$",
+    "ffn_gate": r"\.DenseReluDense\.wi_0$",
+    "ffn_down": r"\.DenseReluDense\.wo$",
+})
+BART = _proj_style("self_attn", "encoder_attn", "out_proj", "fc1", "fc2")
+OPT = _proj_style("self_attn", None, "out_proj", "fc1", "fc2")
+GPT_NEOX = RoleMap({
+    "query": Role(rf"{_N}attention\.query_key_value$", per_head_part(0)),
+    "key": Role(rf"{_N}attention\.query_key_value$", per_head_part(1)),
+    "value": Role(rf"{_N}attention\.query_key_value$", per_head_part(2)),
+    "attn_out": rf"{_N}attention\.dense$",
+    "ffn_up": rf"{_N}mlp\.dense_h_to_4h$",
+    "ffn_down": rf"{_N}mlp\.dense_4h_to_h$",
+})
+# transformers 5 renamed ViT's modules; the alternatives cover 4.57 as well.
+VIT = RoleMap({
+    "query": rf"{_N}attention\.(q_proj|attention\.query)$",
+    "key": rf"{_N}attention\.(k_proj|attention\.key)$",
+    "value": rf"{_N}attention\.(v_proj|attention\.value)$",
+    "attn_out": rf"{_N}attention\.(o_proj|output\.dense)$",
+    "ffn_up": rf"{_N}(mlp\.fc1|intermediate\.dense)$",
+    "ffn_down": rf"{_N}(mlp\.fc2|output\.dense)$",
+})
+
+ROLE_MAPS: Mapping[str, RoleMap] = {
+    "bert": BERT, "roberta": BERT, "xlm-roberta": BERT, "camembert": BERT, "electra": BERT,
+    "deberta-v2": DEBERTA_V2, "distilbert": DISTILBERT, "gpt2": GPT2,
+    "llama": LLAMA, "mistral": LLAMA, "qwen2": LLAMA, "qwen3": LLAMA, "gemma": LLAMA,
+    "gemma2": LLAMA, "gemma3_text": LLAMA, "phi3": PHI3, "t5": T5, "mt5": T5, "bart": BART,
+    "mbart": BART, "opt": OPT, "gpt_neox": GPT_NEOX, "vit": VIT,
+}
+
+
+def role_map_for(model: torch.nn.Module) -> RoleMap | None:
+    """The built-in role map for ``model.config.model_type``, or ``None`` when unknown."""
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    return ROLE_MAPS.get(model_type) if isinstance(model_type, str) else None
