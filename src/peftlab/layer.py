@@ -121,6 +121,15 @@ class AdaptedLayer(nn.Module):
         self._delta: tuple[Piece, ...] = ()
         self._post: tuple[Piece, ...] = ()
 
+    # Model code sometimes reads a projection's weight directly (T5 checks ``wo.weight.dtype``).
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.base.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self.base.bias
+
     @property
     def in_features(self) -> int:
         return weight_out_in(self.base).shape[1]

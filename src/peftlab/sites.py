@@ -49,7 +49,7 @@ class Site:
         return tuple(p.role for p in self.parts)
 
 
-_BLOCK = re.compile(r"^(.*?\.\d+)(?:\.|$)")
+_BLOCK = re.compile(r"^((?:.*?\.)?\d+)(?:\.|$)")
 
 
 def block_of(module_name: str) -> str:
@@ -76,7 +76,7 @@ def linear_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
 
 
 def _describe(model: nn.Module, limit: int = 12) -> str:
-    shapes = sorted({re.sub(r"\.\d+\.", ".N.", n) for n, _ in linear_modules(model)})
+    shapes = sorted({re.sub(r"(^|\.)\d+(?=\.|$)", r"\1N", n) for n, _ in linear_modules(model)})
     more = f" (and {len(shapes) - limit} more)" if len(shapes) > limit else ""
     return ", ".join(shapes[:limit]) + more
 

@@ -1,0 +1,432 @@
+"""HF ``peft``'s adapter format: export peftlab LoRA and (IA)³ adapters to it, import them from it.
+
+peft saves ``adapter_config.json`` (its config dataclass as JSON) and ``adapter_model.safetensors``
+whose keys are ``base_model.model.<module>.<tensor>``:
+
+    LoRA    <module>.lora_A.weight [r, in] and <module>.lora_B.weight [out, r]; the update is
+            scaled by lora_alpha/r (use_rslora: lora_alpha/√r); rank_pattern and alpha_pattern
+            override r and lora_alpha for modules whose name ends in a match of their key
+    (IA)³   <module>.ia3_l, [out, 1] rescaling the output, or [1, in] rescaling the input for
+            modules in feedforward_modules
+    extras  <module>.<param> of every module in modules_to_save (a classifier head, ...)
+
+How peftlab maps onto it:
+
+- LoRA on a fused projection (GPT-2's ``c_attn`` with query+value) is one rank ``parts·r`` update
+  of the whole module whose ``B`` is zero outside the targeted features. It is exported exactly as
+  that, with the alpha that keeps the update's scale (rank_pattern/alpha_pattern where modules of
+  one adapter end up with different ranks).
+- (IA)³ on a fused projection is exported as a full vector, ones on the untargeted features.
+- Import builds a config whose targets are the module names found in the file, as anchored
+  regexes, so the adapter acts exactly where the file says whatever defaults peft used (its BERT
+  (IA)³ default also rescales ``attention.output.dense``).
+
+Import checks everything (config, every key, every shape) before the model changes and never
+reads a pickle (``adapter_model.bin``).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections import Counter
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from safetensors import safe_open
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from peftlab.errors import AdapterLoadError, ConfigError, PeftlabError
+from peftlab.io import CONFIG_FILE, FORMAT, WEIGHTS_FILE, read_config, read_tensors, write_dir_atomic
+from peftlab.layer import AdaptedLayer, weight_out_in
+from peftlab.methods.ia3 import IA3Config
+from peftlab.methods.lora import LoRAConfig
+from peftlab.sites import linear_modules
+
+if TYPE_CHECKING:
+    from peftlab.adapter_set import Adapter, AdapterSet
+
+PREFIX = "base_model.model."
+LORA_A, LORA_B, IA3_L = ".lora_A.weight", ".lora_B.weight", ".ia3_l"
+PICKLE_FILE = "adapter_model.bin"
+
+# Config keys that carry what we map, or that only matter while a peft adapter is created or
+# trained. Any other key must hold an empty value (None, false, {}, []), or the import refuses the
+# file: a set value means a peft feature (DoRA, bias training, ...) that peftlab would silently drop.
+_COMMON_KEYS = {
+    "peft_type", "task_type", "peft_version", "base_model_name_or_path", "revision", "inference_mode",
+    "auto_mapping", "target_modules", "exclude_modules", "modules_to_save", "fan_in_fan_out",
+}
+_KNOWN_KEYS = {
+    "LORA": _COMMON_KEYS | {
+        "r", "lora_alpha", "lora_dropout", "use_rslora", "rank_pattern", "alpha_pattern", "bias",
+        "init_lora_weights", "layers_to_transform", "layers_pattern", "megatron_core",
+        "qalora_group_size", "loftq_config", "eva_config", "ensure_weight_tying", "runtime_config",
+    },
+    "IA3": _COMMON_KEYS | {"feedforward_modules", "init_ia3_weights"},
+}
+# Initialisations after which a peft LoRA is a plain ``W + s·B·A`` on the unchanged base weights
+# (PiSSA, OLoRA, LoftQ, CorDA, ... rewrite the base weights, so their adapters need that base).
+_PLAIN_INITS = (True, False, "gaussian", "eva", "orthogonal")
+# Model class name endings -> peft task type, so peft builds the matching PeftModel subclass.
+_TASKS = (
+    ("ForSequenceClassification", "SEQ_CLS"), ("ForTokenClassification", "TOKEN_CLS"),
+    ("ForQuestionAnswering", "QUESTION_ANS"), ("ForCausalLM", "CAUSAL_LM"), ("LMHeadModel", "CAUSAL_LM"),
+)
+# Heads that peft's task classes add to modules_to_save on their own.
+_TASK_HEADS = {"SEQ_CLS": ["classifier", "score"], "TOKEN_CLS": ["classifier", "score"],
+               "QUESTION_ANS": ["qa_outputs"]}
+
+
+# ---- export -----------------------------------------------------------------------------------
+def export_peft(adapters: AdapterSet, name: str, path: Path) -> Path:
+    """Write LoRA or (IA)³ adapter ``name`` as a peft adapter directory at ``path`` (atomically),
+    with its extra modules (see :meth:`AdapterSet.train`) as peft's ``modules_to_save``.
+    ``peft.PeftModel.from_pretrained(base_model, path)`` then computes what peftlab computes."""
+    adapter = adapters[name]
+    model = adapters.model
+    if isinstance(adapter.config, LoRAConfig):
+        fields, tensors = _lora_fields(adapter)
+    elif isinstance(adapter.config, IA3Config):
+        fields, tensors = _ia3_fields(adapter)
+    else:
+        raise ConfigError(f"peft's format holds LoRA and (IA)³ adapters; {name!r} is a "
+                          f"{adapter.config.method} adapter")
+    linear = dict(linear_modules(model))
+    names = list(linear)
+    fields["target_modules"] = _as_peft_names([s.module for s in adapter.sites], names, dotted=True)
+    if "feedforward_modules" in fields:
+        fields["feedforward_modules"] = _as_peft_names(fields["feedforward_modules"], names, dotted=False)
+    # peft warns and flips this flag unless it matches the layer type (transformers Conv1D).
+    fields["fan_in_fan_out"] = all(isinstance(linear[s.module], Conv1D) for s in adapter.sites)
+    extras = list(adapter.extras)
+    # peft wraps every module whose name ends with a modules_to_save entry (task classes add
+    # their heads) and refuses to load unless the file holds the tensors of each one.
+    module_names = _module_names(model)
+    if _suffix_hits(module_names, extras) != set(extras):
+        raise ConfigError(f"peft would also treat {sorted(_suffix_hits(module_names, extras) - set(extras))}"
+                          f" as extra modules (it matches modules_to_save {extras} as name suffixes)")
+    task = _task_type(model)
+    if task in _TASK_HEADS and _suffix_hits(module_names, extras + _TASK_HEADS[task]) != set(extras):
+        task = None  # peft's task class would demand head tensors this adapter does not carry
+    for module in extras:
+        extra = model.get_submodule(module)
+        if any(isinstance(m, AdaptedLayer) for m in extra.modules()):
+            raise ConfigError(f"extra module {module!r} holds adapted layers; peft cannot save a module "
+                              "both in modules_to_save and as an adapter target")
+        for key, t in extra.state_dict().items():
+            tensors[f"{PREFIX}{module}.{key}"] = t
+    config = {
+        "peft_type": fields.pop("peft_type"),
+        "task_type": task,
+        "base_model_name_or_path": getattr(getattr(model, "config", None), "_name_or_path", None) or None,
+        "inference_mode": True,
+        **fields,
+        "modules_to_save": extras or None,
+    }
+    # clone: safetensors refuses tensors that share memory (tied weights in an extra module).
+    weights = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in tensors.items()}
+    blob = json.dumps(config, indent=2, sort_keys=True).encode()
+    return write_dir_atomic(path, {CONFIG_FILE: blob, WEIGHTS_FILE: weights})
+
+
+def _lora_fields(adapter: Adapter) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    config = adapter.config
+    assert isinstance(config, LoRAConfig)
+    tensors: dict[str, torch.Tensor] = {}
+    rank_alpha: dict[str, tuple[int, float]] = {}
+    for module, piece in adapter.pieces.items():
+        lora_a, lora_b = piece.lora_A, piece.full_B()
+        rank = lora_a.shape[0]  # parts·r on a fused projection
+        # peft scales by alpha/rank (rsLoRA alpha/√rank): this alpha keeps our scale exactly.
+        alpha = config.scaling * (math.sqrt(rank) if config.rslora else rank)
+        rank_alpha[module] = (rank, _tidy(alpha))
+        tensors[PREFIX + module + LORA_A] = lora_a
+        tensors[PREFIX + module + LORA_B] = lora_b
+    (r, alpha), _ = Counter(rank_alpha.values()).most_common(1)[0]
+    fields = {
+        "peft_type": "LORA", "r": r, "lora_alpha": alpha, "lora_dropout": config.dropout,
+        "use_rslora": config.rslora, "bias": "none", "use_dora": False, "init_lora_weights": True,
+        # peft looks these keys up as regexes matching the end of the module name.
+        "rank_pattern": {re.escape(m): ra for m, (ra, _) in rank_alpha.items() if ra != r},
+        "alpha_pattern": {re.escape(m): al for m, (_, al) in rank_alpha.items() if al != alpha},
+    }
+    return fields, tensors
+
+
+def _ia3_fields(adapter: Adapter) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    tensors: dict[str, torch.Tensor] = {}
+    feedforward = []
+    for module, piece in adapter.pieces.items():
+        l_in, l_out = piece.scales()  # l_out is full length, ones on untargeted fused features
+        if l_in is not None:
+            feedforward.append(module)
+            tensors[PREFIX + module + IA3_L] = l_in.reshape(1, -1)
+        else:
+            tensors[PREFIX + module + IA3_L] = l_out.reshape(-1, 1)
+    return {"peft_type": "IA3", "feedforward_modules": feedforward, "init_ia3_weights": True}, tensors
+
+
+def _as_peft_names(wanted: list[str], names: list[str], dotted: bool) -> list[str] | str:
+    """``wanted`` as peft's list form (entries match as name suffixes, after a dot if ``dotted``),
+    or as a regex string (full match) when the list would also hit other modules."""
+    chosen = set(wanted)
+    for n in names:
+        hit = any(n == w or n.endswith("." + w if dotted else w) for w in wanted)
+        if hit != (n in chosen):
+            return "|".join(re.escape(w) for w in wanted)
+    return list(wanted)
+
+
+def _tidy(x: float) -> int | float:
+    return int(x) if float(x).is_integer() else x
+
+
+def _task_type(model: nn.Module) -> str | None:
+    cls = type(model).__name__
+    if cls.endswith("ForConditionalGeneration") and getattr(model.config, "is_encoder_decoder", False):
+        return "SEQ_2_SEQ_LM"
+    return next((task for suffix, task in _TASKS if cls.endswith(suffix)), None)
+
+
+def _suffix_hits(names: list[str], entries: list[str]) -> set[str]:
+    return {n for n in names if any(n.endswith(e) for e in entries)}
+
+
+def _module_names(model: nn.Module) -> list[str]:
+    """Module names as peft sees them: adapted layers count as their base module."""
+
+    def walk(module: nn.Module, prefix: str) -> list[str]:
+        out = []
+        for name, child in module.named_children():
+            full = f"{prefix}.{name}" if prefix else name
+            out.append(full)
+            if not isinstance(child, AdaptedLayer):
+                out += walk(child, full)
+        return out
+
+    return walk(model, "")
+
+
+# ---- import -----------------------------------------------------------------------------------
+def import_peft(adapters: AdapterSet, path: Path, name: str) -> str:
+    """Load the LoRA or (IA)³ adapter that peft's ``save_pretrained`` wrote to ``path`` as adapter
+    ``name``; its ``modules_to_save`` tensors go into the model's modules and become the adapter's
+    extras. Any problem raises :class:`AdapterLoadError` with the model untouched."""
+    from peftlab.adapter_set import check_name
+
+    path = Path(path)
+    try:
+        check_name(name)
+    except PeftlabError as e:
+        raise AdapterLoadError(str(e)) from None
+    if name in adapters:
+        raise AdapterLoadError(f"an adapter named {name!r} is already attached; pass another name")
+    data = read_config(path)
+    peft_type = data.get("peft_type")
+    if not isinstance(peft_type, str) or peft_type not in _KNOWN_KEYS:
+        hint = " (this is a peftlab adapter: use load)" if data.get("format") == FORMAT else ""
+        raise AdapterLoadError(f"{path}: peft_type {peft_type!r} is not supported; import_peft reads "
+                               f"{sorted(_KNOWN_KEYS)} adapters{hint}")
+    _refuse_unsupported(data, path)
+    shapes = _tensor_shapes(path)
+    suffixes = (LORA_A, LORA_B) if peft_type == "LORA" else (IA3_L,)
+    modules, others = _split_keys(shapes, suffixes, path)
+    if not modules:
+        raise AdapterLoadError(f"{path} holds no {peft_type} tensors")
+    linear = {n: weight_out_in(m).shape for n, m in linear_modules(adapters.model)}
+    unknown = [m for m in modules if m not in linear]
+    if unknown:
+        raise AdapterLoadError(f"{path} adapts modules this model has no Linear/Conv1D module for: "
+                               f"{unknown[:5]}{'...' if len(unknown) > 5 else ''}")
+    modules = [m for m in linear if m in modules]  # model order, like the sites
+    try:
+        if peft_type == "LORA":
+            config, expected = _lora_config(data, modules, linear, path)
+        else:
+            config, expected = _ia3_config(data, modules, linear, shapes, path)
+    except ConfigError as e:
+        raise AdapterLoadError(f"{path}: {e}") from None
+    extras = _extra_modules(adapters.model, data, others, path)
+    for module, m in extras.items():
+        expected.update({f"{PREFIX}{module}.{k}": tuple(t.shape) for k, t in m.state_dict().items()})
+    try:
+        built = adapters._build(config)
+    except PeftlabError as e:
+        raise AdapterLoadError(f"{path} does not fit this model: {e}") from None
+    tensors = read_tensors(path, expected)
+    # Everything is checked: only now does the model change.
+    with torch.no_grad():
+        for module, piece in built.pieces.items():
+            if peft_type == "LORA":
+                piece.lora_A.copy_(tensors[PREFIX + module + LORA_A])
+                piece.lora_B.copy_(tensors[PREFIX + module + LORA_B])
+            else:
+                piece.ia3_l.copy_(tensors[PREFIX + module + IA3_L].reshape(-1))
+    for module, m in extras.items():
+        prefix = f"{PREFIX}{module}."
+        m.load_state_dict({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
+    built.extras = tuple(extras)
+    adapters._install(name, built)
+    return name
+
+
+def _refuse_unsupported(data: dict[str, Any], path: Path) -> None:
+    known = _KNOWN_KEYS[data["peft_type"]]
+    used = sorted(k for k, v in data.items() if k not in known and v not in (None, False, {}, [], ""))
+    if used:
+        raise AdapterLoadError(f"{path} uses peft features peftlab cannot import: "
+                               f"{', '.join(f'{k}={data[k]!r}' for k in used)}")
+    if data.get("bias", "none") != "none":
+        raise AdapterLoadError(f"{path} trains biases (bias={data['bias']!r}); import_peft supports "
+                               "bias='none' only")
+    init = data.get("init_lora_weights", True)
+    if not any(init is p if isinstance(p, bool) else init == p for p in _PLAIN_INITS):
+        raise AdapterLoadError(f"{path} was initialised with init_lora_weights={init!r}, which "
+                               "rewrites the base weights; peftlab imports adapters of an unchanged base")
+
+
+def _tensor_shapes(path: Path) -> dict[str, tuple[int, ...]]:
+    """Key -> shape from the safetensors header (no tensor data is read)."""
+    file = path / WEIGHTS_FILE
+    if not file.is_file():
+        if (path / PICKLE_FILE).exists():
+            raise AdapterLoadError(
+                f"{path} holds only {PICKLE_FILE}, a pickle file, which peftlab never loads; re-save "
+                "the adapter with peft's save_pretrained(..., safe_serialization=True)")
+        raise AdapterLoadError(f"{file} is missing")
+    try:
+        with safe_open(str(file), framework="pt") as f:
+            return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    except Exception as e:  # safetensors reports corrupt files with several exception types
+        raise AdapterLoadError(f"{file} is not a valid safetensors file: {e}") from None
+
+
+def _split_keys(shapes: dict[str, tuple[int, ...]], suffixes: tuple[str, ...], path: Path):
+    """Adapted module names, and the other keys (without the prefix), which must be extras."""
+    modules: list[str] = []
+    others: list[str] = []
+    for key in shapes:
+        if not key.startswith(PREFIX):
+            raise AdapterLoadError(f"{path}: tensor {key!r} does not start with {PREFIX!r}; this is not "
+                                   "a file written by peft's save_pretrained")
+        rest = key[len(PREFIX):]
+        suffix = next((s for s in suffixes if rest.endswith(s)), None)
+        if suffix is None:
+            others.append(rest)
+        elif rest[: -len(suffix)] not in modules:
+            modules.append(rest[: -len(suffix)])
+    return modules, others
+
+
+def _anchored(modules: list[str]) -> tuple[str, ...]:
+    return tuple(f"^{re.escape(m)}$" for m in modules)
+
+
+def _lora_config(data, modules, linear, path) -> tuple[LoRAConfig, dict[str, tuple[int, ...]]]:
+    r = _get(data, "r", int, 8)
+    alpha = _get(data, "lora_alpha", float, 8.0)
+    rank_pattern = _patterns(data, "rank_pattern", int)
+    alpha_pattern = _patterns(data, "alpha_pattern", float)
+    per_module = {m: (_pattern_value(rank_pattern, m, r), _pattern_value(alpha_pattern, m, alpha))
+                  for m in modules}
+    distinct = sorted(set(per_module.values()))
+    if len(distinct) > 1:
+        raise ConfigError(
+            f"its modules have different (rank, alpha) pairs {distinct} through rank_pattern/"
+            "alpha_pattern; a peftlab LoRA adapter has one rank and one alpha, so it cannot be "
+            "imported as one adapter")
+    rank, alpha = distinct[0]
+    config = LoRAConfig(r=rank, alpha=alpha, dropout=_get(data, "lora_dropout", float, 0.0),
+                        targets=_anchored(modules), rslora=_get(data, "use_rslora", bool, False))
+    expected = {}
+    for m in modules:
+        out_f, in_f = linear[m]
+        expected[PREFIX + m + LORA_A] = (rank, in_f)
+        expected[PREFIX + m + LORA_B] = (out_f, rank)
+    return config, expected
+
+
+def _ia3_config(data, modules, linear, shapes, path) -> tuple[IA3Config, dict[str, tuple[int, ...]]]:
+    rule = data.get("feedforward_modules")
+    if not (rule is None or isinstance(rule, str)
+            or (isinstance(rule, list) and all(isinstance(x, str) for x in rule))):
+        raise ConfigError("feedforward_modules must be a list of names or a regex string")
+    expected, scale_input = {}, []
+    for m in modules:
+        out_f, in_f = linear[m]
+        if rule is None:  # peft would use its per-architecture default; the shapes say what it was
+            feedforward = shapes[PREFIX + m + IA3_L] == (1, in_f) and (in_f, out_f) != (1, 1)
+        elif isinstance(rule, str):
+            feedforward = _regex(rule, "feedforward_modules").fullmatch(m) is not None
+        else:
+            feedforward = any(m.endswith(k) for k in rule)  # peft: plain suffix, no dot needed
+        expected[PREFIX + m + IA3_L] = (1, in_f) if feedforward else (out_f, 1)
+        if feedforward:
+            scale_input.append(m)
+    return IA3Config(targets=_anchored(modules), scale_input=_anchored(scale_input)), expected
+
+
+def _extra_modules(model: nn.Module, data: dict[str, Any], others: list[str], path: Path):
+    """The modules_to_save modules whose tensors the file holds (each one complete)."""
+    wanted = data.get("modules_to_save") or []
+    if not isinstance(wanted, list) or not all(isinstance(w, str) for w in wanted):
+        raise AdapterLoadError(f"{path}: modules_to_save must be a list of module names")
+    # peft wraps every module whose name ends with an entry; the outermost one owns the tensors.
+    candidates = sorted(((n, m, m.state_dict()) for n, m in model.named_modules()
+                         if n and any(n.endswith(w) for w in wanted)), key=lambda c: len(c[0]))
+    found: dict[str, nn.Module] = {}
+    for rest in others:
+        owner = next((n for n, m, sd in candidates
+                      if rest.startswith(n + ".") and rest[len(n) + 1:] in sd), None)
+        if owner is None:
+            raise AdapterLoadError(
+                f"{path}: unexpected tensor {PREFIX + rest!r}: neither an adapter tensor nor part of "
+                f"a module in modules_to_save {wanted}")
+        found.setdefault(owner, model.get_submodule(owner))
+    return {n: found[n] for n, _, _ in candidates if n in found}
+
+
+# ---- small validated getters -------------------------------------------------------------------
+def _get(data: dict[str, Any], key: str, tp: type, default: Any) -> Any:
+    value = data.get(key)
+    return default if value is None else _typed(key, value, tp)
+
+
+def _typed(what: str, value: Any, tp: type) -> Any:
+    if tp is bool:
+        ok = isinstance(value, bool)
+    elif tp is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    else:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if not ok:
+        raise ConfigError(f"{what} must be a {tp.__name__}, got {value!r}")
+    return tp(value)
+
+
+def _patterns(data: dict[str, Any], key: str, tp: type) -> dict[str, Any]:
+    patterns = data.get(key) or {}
+    if not isinstance(patterns, dict):
+        raise ConfigError(f"{key} must be an object of module pattern -> value")
+    return {_regex(k, key).pattern: _typed(f"{key}[{k!r}]", v, tp) for k, v in patterns.items()}
+
+
+def _pattern_value(patterns: dict[str, Any], module: str, default: Any) -> Any:
+    """peft's rule: the first key that matches the end of the name (after a dot) wins."""
+    for key, value in patterns.items():
+        if re.match(rf"(.*\.)?({key})$", module):
+            return value
+    return default
+
+
+def _regex(pattern: str, what: str) -> re.Pattern[str]:
+    if not isinstance(pattern, str) or len(pattern) > 4096:
+        raise ConfigError(f"{what}: expected a regex string, got {pattern!r}")
+    try:
+        return re.compile(pattern)
+    except re.error as e:
+        raise ConfigError(f"{what}: {pattern!r} is not a valid regular expression: {e}") from None

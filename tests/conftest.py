@@ -1,0 +1,84 @@
+"""Tiny models of every architecture family peftlab maps, built from configs (no Hub)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import transformers as T
+
+H, FF, V = 32, 64, 100
+
+CONFIGS = {
+    "bert": lambda: T.BertConfig(hidden_size=H, num_hidden_layers=2, num_attention_heads=2,
+                                 intermediate_size=FF, vocab_size=V),
+    "roberta": lambda: T.RobertaConfig(hidden_size=H, num_hidden_layers=2, num_attention_heads=2,
+                                       intermediate_size=FF, vocab_size=V),
+    "xlm-roberta": lambda: T.XLMRobertaConfig(hidden_size=H, num_hidden_layers=2, num_attention_heads=2,
+                                              intermediate_size=FF, vocab_size=V),
+    "distilbert": lambda: T.DistilBertConfig(dim=H, n_layers=2, n_heads=2, hidden_dim=FF, vocab_size=V),
+    "electra": lambda: T.ElectraConfig(hidden_size=H, embedding_size=H, num_hidden_layers=2,
+                                       num_attention_heads=2, intermediate_size=FF, vocab_size=V),
+    "deberta-v2": lambda: T.DebertaV2Config(hidden_size=H, num_hidden_layers=2, num_attention_heads=2,
+                                            intermediate_size=FF, vocab_size=V),
+    "gpt2": lambda: T.GPT2Config(n_embd=H, n_layer=2, n_head=2, vocab_size=V),
+    "llama": lambda: T.LlamaConfig(hidden_size=H, num_hidden_layers=2, num_attention_heads=2,
+                                   num_key_value_heads=1, intermediate_size=FF, vocab_size=V),
+    "mistral": lambda: T.MistralConfig(hidden_size=H, num_hidden_layers=2, num_attention_heads=2,
+                                       num_key_value_heads=1, intermediate_size=FF, vocab_size=V),
+    "qwen2": lambda: T.Qwen2Config(hidden_size=H, num_hidden_layers=2, num_attention_heads=2,
+                                   num_key_value_heads=1, intermediate_size=FF, vocab_size=V),
+    "qwen3": lambda: T.Qwen3Config(hidden_size=H, num_hidden_layers=2, num_attention_heads=2,
+                                   num_key_value_heads=1, intermediate_size=FF, head_dim=16, vocab_size=V),
+    "gemma": lambda: T.GemmaConfig(hidden_size=H, num_hidden_layers=2, num_attention_heads=2,
+                                   num_key_value_heads=1, intermediate_size=FF, head_dim=16, vocab_size=V),
+    "phi3": lambda: T.Phi3Config(hidden_size=H, num_hidden_layers=2, num_attention_heads=4,
+                                 num_key_value_heads=2, intermediate_size=FF, vocab_size=V,
+                                 pad_token_id=0),
+    "t5": lambda: T.T5Config(d_model=H, d_kv=16, d_ff=FF, num_layers=2, num_heads=2, vocab_size=V),
+    "mt5": lambda: T.MT5Config(d_model=H, d_kv=16, d_ff=FF, num_layers=2, num_heads=2, vocab_size=V),
+    "bart": lambda: T.BartConfig(d_model=H, encoder_layers=2, decoder_layers=2, encoder_attention_heads=2,
+                                 decoder_attention_heads=2, encoder_ffn_dim=FF, decoder_ffn_dim=FF,
+                                 vocab_size=V),
+    "opt": lambda: T.OPTConfig(hidden_size=H, num_hidden_layers=2, num_attention_heads=2, ffn_dim=FF,
+                               word_embed_proj_dim=H, vocab_size=V),
+    "gpt_neox": lambda: T.GPTNeoXConfig(hidden_size=H, num_hidden_layers=2, num_attention_heads=2,
+                                        intermediate_size=FF, vocab_size=V),
+    "vit": lambda: T.ViTConfig(hidden_size=H, num_hidden_layers=2, num_attention_heads=2,
+                               intermediate_size=FF, image_size=16, patch_size=8),
+}
+FAMILIES = tuple(CONFIGS)
+
+
+def tiny_model(family: str, seed: int = 0) -> torch.nn.Module:
+    """A randomly initialised tiny base model of ``family`` in eval mode."""
+    torch.manual_seed(seed)
+    return T.AutoModel.from_config(CONFIGS[family]()).eval()
+
+
+def tiny_inputs(family: str, batch: int = 2, length: int = 6, seed: int = 1) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    if family == "vit":
+        return {"pixel_values": torch.randn(batch, 3, 16, 16, generator=g)}
+    ids = torch.randint(3, V, (batch, length), generator=g)
+    inputs = {"input_ids": ids}
+    if family in ("t5", "mt5", "bart"):
+        inputs["decoder_input_ids"] = ids[:, :4]
+    return inputs
+
+
+def output_of(model: torch.nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+    out = model(**inputs)
+    return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+
+
+def randomize(params, scale: float = 0.1, seed: int = 2) -> None:
+    """Move adapter parameters away from their init, so that tests cannot pass vacuously."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in params:
+            p.add_(torch.randn(p.shape, generator=g) * scale)
+
+
+@pytest.fixture
+def bert():
+    return tiny_model("bert")

@@ -1,0 +1,360 @@
+"""LoRA and (IA)³ on every architecture family: formulas, merging, files, detaching."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import transformers as T
+from conftest import FAMILIES, output_of, randomize, tiny_inputs, tiny_model
+
+import peftlab
+from peftlab.layer import AdaptedLayer
+
+
+def _layers(model):
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, AdaptedLayer)]
+
+
+def _state(model):
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def _base_state(model):
+    """The state dict as if no adapter were attached (wrapped weights under their own names)."""
+    return {k.replace(".base.", "."): v for k, v in model.state_dict().items() if ".adapters." not in k}
+
+
+def _same_state(a, b):
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+# ---- parameter counts -------------------------------------------------------------------------
+MINILM = dict(hidden_size=384, num_hidden_layers=6, num_attention_heads=12, intermediate_size=1536)
+
+
+@pytest.mark.parametrize("shape, lora, ia3", [({}, 294_912, 55_296), (MINILM, 73_728, 13_824)])
+def test_parameter_counts_match_the_formulas(shape, lora, ia3):
+    with torch.device("meta"):
+        model = T.BertModel(T.BertConfig(**shape))
+    adapters = peftlab.attach(model)
+    adapters.add("lora", peftlab.LoRAConfig(r=8, targets=("query", "value")))
+    adapters.add("ia3", peftlab.IA3Config())
+    summary = adapters.summary()
+    assert summary["lora"].parameters == lora  # 2 · layers · 2 matrices · d · r
+    assert summary["ia3"].parameters == ia3  # layers · (d_k + d_v + d_ff)
+    assert summary["lora"].percent == pytest.approx(100 * lora / summary.base_parameters)
+
+
+# ---- every family -----------------------------------------------------------------------------
+@pytest.mark.parametrize("family", FAMILIES)
+def test_new_adapters_leave_the_model_unchanged(family):
+    model = tiny_model(family)
+    inputs = tiny_inputs(family)
+    before = output_of(model, inputs)
+    adapters = peftlab.attach(model)
+    adapters.add("lora", peftlab.LoRAConfig(r=4, targets=("query", "key", "value", "attn_out",
+                                                            "ffn_up", "ffn_down")))
+    adapters.add("ia3", peftlab.IA3Config())
+    adapters.activate("lora", "ia3")
+    assert torch.allclose(output_of(model, inputs), before, atol=1e-6)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_merge_unmerge_save_load_detach_round_trip(family, tmp_path):
+    model = tiny_model(family)
+    inputs = tiny_inputs(family)
+    original = _state(model)
+    base = output_of(model, inputs)
+    adapters = peftlab.attach(model)
+    for name, config in [("lora", peftlab.LoRAConfig(r=4, alpha=8, targets=("query", "value"))),
+                         ("ia3", peftlab.IA3Config())]:
+        adapters.add(name, config)
+        randomize(adapters.parameters(name))
+        adapters.activate(name)
+        adapted = output_of(model, inputs)
+        assert not torch.allclose(adapted, base, atol=1e-4), "the adapter must change the output"
+
+        adapters.save(name, tmp_path / name)
+        fresh = tiny_model(family)
+        fresh.load_state_dict(_base_state(model))
+        loaded = peftlab.attach(fresh)
+        assert loaded.load(tmp_path / name) == name
+        loaded.activate(name)
+        assert torch.equal(output_of(fresh, inputs), adapted)
+
+        adapters.merge(name)
+        assert torch.allclose(output_of(model, inputs), adapted, atol=1e-5)
+        adapters.unmerge(name)
+        assert torch.allclose(output_of(model, inputs), adapted, atol=1e-5)
+        now = _base_state(model)
+        for key, w in original.items():
+            assert torch.allclose(now[key], w, rtol=1e-6, atol=1e-7), key
+    peftlab.detach(model)
+    assert not _layers(model)
+    assert torch.allclose(output_of(model, inputs), base, atol=1e-6)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_detach_restores_the_original_state_dict_exactly(family):
+    model = tiny_model(family)
+    original = _state(model)
+    adapters = peftlab.attach(model)
+    adapters.add("lora", peftlab.LoRAConfig())
+    adapters.add("ia3", peftlab.IA3Config())
+    adapters.activate("lora", "ia3")
+    output_of(model, tiny_inputs(family))
+    peftlab.detach(model)
+    assert _same_state(model.state_dict(), original)
+    assert peftlab.attach(model).names == ()
+
+
+# ---- the formulas, by hand, on one layer ------------------------------------------------------
+def test_lora_layer_equals_the_formula(bert):
+    adapters = peftlab.attach(bert)
+    adapters.add("a", peftlab.LoRAConfig(r=4, alpha=12, targets=("value",)))
+    randomize(adapters.parameters("a"))
+    adapters.activate("a")
+    layer = bert.encoder.layer[0].attention.self.value
+    A, B = layer.adapters["a"].lora_A, layer.adapters["a"].lora_B
+    x = torch.randn(3, 5, 32)
+    expected = x @ layer.base.weight.T + layer.base.bias + (12 / 4) * x @ A.T @ B.T
+    assert torch.allclose(layer(x), expected, atol=1e-6)
+
+    adapters.remove("a")
+    adapters.add("rs", peftlab.LoRAConfig(r=4, alpha=12, targets=("value",), rslora=True))
+    assert bert.encoder.layer[0].attention.self.value.adapters["rs"].scaling == 12 / 2
+
+
+def test_ia3_layer_equals_the_formula(bert):
+    adapters = peftlab.attach(bert)
+    adapters.add("a", peftlab.IA3Config())
+    randomize(adapters.parameters("a"))
+    adapters.activate("a")
+    key = bert.encoder.layer[0].attention.self.key
+    down = bert.encoder.layer[0].output.dense
+    x, h = torch.randn(3, 5, 32), torch.randn(3, 5, 64)
+    l_k, l_ff = key.adapters["a"].ia3_l, down.adapters["a"].ia3_l
+    assert torch.allclose(key(x), l_k * (x @ key.base.weight.T + key.base.bias), atol=1e-6)
+    # the paper's FFN rule: the activation after the nonlinearity (the down projection's input)
+    assert torch.allclose(down(h), (l_ff * h) @ down.base.weight.T + down.base.bias, atol=1e-6)
+
+
+def test_ia3_gradients_equal_plain_autograd(bert):
+    """(IA)³ runs through a custom autograd function; its gradients must be the textbook ones."""
+    adapters = peftlab.attach(bert)
+    adapters.add("a", peftlab.IA3Config())
+    randomize(adapters.parameters("a"), scale=0.3)
+    adapters.activate("a")
+    x = torch.randn(3, 5, 32, requires_grad=True)
+    h = torch.randn(3, 5, 64, requires_grad=True)
+    key = bert.encoder.layer[0].attention.self.key
+    down = bert.encoder.layer[0].output.dense
+    l_k, l_ff = key.adapters["a"].ia3_l, down.adapters["a"].ia3_l
+    g1 = torch.randn(3, 5, 32)
+    ours = torch.autograd.grad((key(x) * g1).sum() + (down(h) * g1).sum(), (x, h, l_k, l_ff))
+    ref_out = (l_k * (x @ key.base.weight.T + key.base.bias) * g1).sum() + \
+        (((l_ff * h) @ down.base.weight.T + down.base.bias) * g1).sum()
+    ref = torch.autograd.grad(ref_out, (x, h, l_k, l_ff))
+    for a, b in zip(ours, ref):
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_fused_qkv_adapts_only_the_targeted_slices():
+    """GPT-2's c_attn holds q, k and v: LoRA on query+value touches only those outputs."""
+    model = tiny_model("gpt2")
+    adapters = peftlab.attach(model)
+    adapters.add("lora", peftlab.LoRAConfig(r=2, targets=("query", "value")))
+    adapters.add("ia3", peftlab.IA3Config(targets=("key",), scale_input=()))
+    randomize(adapters.parameters("lora") + adapters.parameters("ia3"))
+    c_attn = model.h[0].attn.c_attn
+    x = torch.randn(2, 3, 32)
+    plain = c_attn.base(x)
+    adapters.activate("lora")
+    delta = c_attn(x) - plain
+    assert delta[..., 32:64].abs().max() == 0 and delta[..., :32].abs().min() > 0
+    adapters.activate("ia3")
+    ratio = c_attn(x) / plain
+    assert torch.allclose(ratio[..., :32], torch.ones(()), atol=1e-5)
+    assert torch.allclose(ratio[..., 64:], torch.ones(()), atol=1e-5)
+    assert torch.allclose(ratio[..., 32:64], c_attn.adapters["ia3"].ia3_l.expand(2, 3, 32), atol=1e-4)
+    # same parameter count as separate q and v projections: 2 roles · r · (in + out_slice)
+    assert adapters.summary()["lora"].parameters == 2 * 2 * 2 * (32 + 32)
+
+
+def test_merged_conv1d_weights_match_the_unmerged_output():
+    model = tiny_model("gpt2")
+    adapters = peftlab.attach(model)
+    adapters.add("lora", peftlab.LoRAConfig(r=2, targets=("query", "value", "ffn_down")))
+    randomize(adapters.parameters("lora"))
+    adapters.activate("lora")
+    inputs = tiny_inputs("gpt2")
+    before = output_of(model, inputs)
+    adapters.merge("lora")
+    assert torch.allclose(output_of(model, inputs), before, atol=1e-5)
+    c_attn = model.h[0].attn.c_attn
+    assert not c_attn.active_pieces  # merged: forward runs the base projection only
+
+
+def test_several_adapters_on_the_same_layers_add_up(bert):
+    adapters = peftlab.attach(bert)
+    adapters.add("a", peftlab.LoRAConfig(r=2))
+    adapters.add("b", peftlab.LoRAConfig(r=3))
+    randomize(adapters.parameters("a") + adapters.parameters("b"))
+    q = bert.encoder.layer[1].attention.self.query
+    x = torch.randn(2, 4, 32)
+    base = q.base(x)
+    adapters.activate("a")
+    da = q(x) - base
+    adapters.activate("b")
+    db = q(x) - base
+    adapters.activate("a", "b")
+    assert torch.allclose(q(x) - base, da + db, atol=1e-6)
+    adapters.activate()
+    assert torch.equal(q(x), base)
+
+
+# ---- training ---------------------------------------------------------------------------------
+def test_train_freezes_everything_but_the_adapter_and_the_named_modules():
+    torch.manual_seed(0)
+    model = T.BertForSequenceClassification(T.BertConfig(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+        vocab_size=100, num_labels=3))
+    adapters = peftlab.attach(model)
+    adapters.add("task", peftlab.LoRAConfig())
+    adapters.add("other", peftlab.LoRAConfig())
+    adapters.activate("task")
+    trainable = adapters.train("task", also=("classifier",))
+    names = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert names == {n for n, p in model.named_parameters() if any(p is t for t in trainable)}
+    assert all(".adapters.task." in n or n.startswith("classifier.") for n in names)
+    assert any(n.startswith("classifier.") for n in names)
+    out = model(input_ids=torch.randint(0, 100, (2, 5)), labels=torch.tensor([0, 2]))
+    out.loss.backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for n, p in model.named_parameters()
+               if p.requires_grad and "lora_A" not in n)  # B = 0 at init, so A's gradient is 0
+    assert all(p.grad is None for p in model.parameters() if not p.requires_grad)
+
+
+@pytest.mark.parametrize("config, lr", [(peftlab.LoRAConfig(r=4), 1e-2), (peftlab.IA3Config(), 3e-2)])
+def test_a_short_training_run_lowers_the_loss(config, lr):
+    torch.manual_seed(0)
+    model = T.BertForSequenceClassification(T.BertConfig(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+        vocab_size=100, num_labels=2)).eval()
+    ids = torch.randint(0, 100, (16, 8))
+    labels = (ids[:, 0] > 50).long()
+    adapters = peftlab.attach(model)
+    adapters.add("task", config)
+    adapters.activate("task")
+    opt = torch.optim.AdamW(adapters.train("task", also="classifier"), lr=lr)
+    losses = []
+    for _ in range(30):
+        loss = model(input_ids=ids, labels=labels).loss
+        losses.append(loss.item())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert losses[-1] < losses[0] * 0.7
+
+
+# ---- the model stays a plain nn.Module --------------------------------------------------------
+def test_torch_compile_runs_the_adapted_model(bert):
+    adapters = peftlab.attach(bert)
+    adapters.add("lora", peftlab.LoRAConfig())
+    adapters.add("ia3", peftlab.IA3Config())
+    randomize(adapters.parameters("lora") + adapters.parameters("ia3"))
+    adapters.activate("lora", "ia3")
+    inputs = tiny_inputs("bert")
+    eager = output_of(bert, inputs)
+    compiled = torch.compile(bert, backend="aot_eager")
+    assert torch.allclose(output_of(compiled, inputs), eager, atol=1e-5)
+
+
+def test_attach_returns_the_same_set(bert):
+    assert peftlab.attach(bert) is peftlab.attach(bert)
+
+
+# ---- errors -----------------------------------------------------------------------------------
+def test_a_target_that_matches_nothing_is_an_error(bert):
+    adapters = peftlab.attach(bert)
+    with pytest.raises(peftlab.TargetError, match="matched no Linear"):
+        adapters.add("x", peftlab.LoRAConfig(targets=("no_such_module",)))
+    with pytest.raises(peftlab.TargetError, match="no role 'ffn_gate'"):
+        adapters.add("x", peftlab.LoRAConfig(targets=("ffn_gate",)))
+    assert adapters.names == () and not _layers(bert)
+
+
+def test_unknown_architectures_need_regexes_or_a_role_map():
+    class Block(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.attn_q = torch.nn.Linear(8, 8)
+            self.mlp_out = torch.nn.Linear(8, 8)
+
+        def forward(self, x):
+            return self.mlp_out(self.attn_q(x))
+
+    model = torch.nn.Sequential(Block(), Block())
+    with pytest.raises(peftlab.TargetError, match=r"no role map.*N\.attn_q"):
+        peftlab.attach(model).add("x", peftlab.LoRAConfig())
+    peftlab.attach(model).add("regex", peftlab.LoRAConfig(targets=(r"attn_q$",)))
+    assert peftlab.attach(model).summary()["regex"].sites == 2
+    peftlab.detach(model)
+
+    roles = peftlab.RoleMap({"query": r"\.attn_q$", "value": r"\.mlp_out$"})
+    adapters = peftlab.attach(model, role_map=roles)
+    adapters.add("mapped", peftlab.LoRAConfig())
+    assert adapters.summary()["mapped"].sites == 4
+
+
+@pytest.mark.parametrize("name", ["", "a/b", "../x", "x" * 101, "base", ".hidden", "a\\b", 3])
+def test_invalid_adapter_names_are_refused(bert, name):
+    with pytest.raises(peftlab.AdapterNameError):
+        peftlab.attach(bert).add(name, peftlab.LoRAConfig())
+
+
+def test_state_errors_are_clear(bert):
+    adapters = peftlab.attach(bert)
+    adapters.add("a", peftlab.LoRAConfig())
+    with pytest.raises(peftlab.AdapterNameError, match="exists"):
+        adapters.add("a", peftlab.LoRAConfig())
+    with pytest.raises(peftlab.AdapterStateError, match="not active"):
+        adapters.merge("a")
+    with pytest.raises(peftlab.AdapterStateError, match="not active"):
+        adapters.train("a")
+    adapters.activate("a")
+    with pytest.raises(peftlab.AdapterStateError, match="not merged"):
+        adapters.unmerge("a")
+    adapters.merge("a")
+    with pytest.raises(peftlab.AdapterStateError, match="already merged"):
+        adapters.merge("a")
+    with pytest.raises(peftlab.AdapterStateError, match="merged"):
+        adapters.activate()
+    with pytest.raises(peftlab.AdapterStateError, match="keep_merged"):
+        peftlab.detach(bert)
+    with pytest.raises(peftlab.AdapterNameError, match="no adapter named"):
+        adapters.activate("missing")
+
+
+def test_merging_into_a_layer_shared_with_an_unmerged_adapter_of_another_kind_is_refused(bert):
+    adapters = peftlab.attach(bert)
+    adapters.add("lora", peftlab.LoRAConfig())
+    adapters.add("ia3", peftlab.IA3Config())
+    adapters.activate("lora", "ia3")
+    with pytest.raises(peftlab.AdapterStateError, match="composes with"):
+        adapters.merge("ia3")
+
+
+@pytest.mark.parametrize("bad", [{"r": 0}, {"r": "8"}, {"dropout": 1.5}, {"targets": "query"},
+                                 {"alpha": float("nan")}, {"rank": 8}])
+def test_configs_validate_their_fields(bad):
+    with pytest.raises(peftlab.ConfigError):
+        peftlab.LoRAConfig.from_dict({**peftlab.LoRAConfig().to_dict(), **bad})
+
+
+def test_configs_round_trip_through_json():
+    for config in [peftlab.LoRAConfig(r=4, targets=("query", r"x\.y$"), rslora=True), peftlab.IA3Config()]:
+        again = type(config).from_dict(json.loads(json.dumps(config.to_dict())))
+        assert again == config
