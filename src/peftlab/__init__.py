@@ -18,6 +18,8 @@ from peftlab.errors import (
     PeftlabError,
     TargetError,
 )
+from peftlab.methods.bottleneck import BottleneckConfig
+from peftlab.methods.compacter import CompacterConfig
 from peftlab.methods.ia3 import IA3Config
 from peftlab.methods.lora import LoRAConfig
 from peftlab.roles import ROLE_MAPS, ROLES, Role, RoleMap
@@ -26,6 +28,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "ROLES", "ROLE_MAPS", "AdapterConfig", "AdapterLoadError", "AdapterNameError",
-    "AdapterSaveError", "AdapterSet", "AdapterStateError", "ConfigError", "IA3Config",
-    "LoRAConfig", "PeftlabError", "Role", "RoleMap", "TargetError", "attach", "detach",
+    "AdapterSaveError", "AdapterSet", "AdapterStateError", "BottleneckConfig", "CompacterConfig",
+    "ConfigError", "IA3Config", "LoRAConfig", "PeftlabError", "Role", "RoleMap", "TargetError",
+    "attach", "detach",
 ]

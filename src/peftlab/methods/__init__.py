@@ -15,7 +15,7 @@ from torch import nn
 from peftlab.config import AdapterConfig
 from peftlab.errors import ConfigError
 from peftlab.layer import Piece
-from peftlab.methods import ia3, lora
+from peftlab.methods import bottleneck, compacter, ia3, lora
 from peftlab.sites import Site
 
 
@@ -31,6 +31,8 @@ class Method:
 METHODS: dict[str, Method] = {
     "lora": Method(lora.LoRAConfig, lora.build),
     "ia3": Method(ia3.IA3Config, ia3.build),
+    "bottleneck": Method(bottleneck.BottleneckConfig, bottleneck.build),
+    "compacter": Method(compacter.CompacterConfig, compacter.build, compacter.make_shared),
 }
 
 

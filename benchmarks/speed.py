@@ -1,0 +1,224 @@
+"""Train-step time, training memory and inference latency of peftlab's methods, side by side
+with HF peft, on a MiniLM-L6-shaped BERT (batch 16 x 128 tokens, 2 threads).
+
+Everything is measured in ONE process and interleaved (round-robin over the variants each
+round), and reported as ratios to baselines measured in the same run:
+
+* the base model's forward (eval, no grad): the reference for inference latency;
+* the frozen-backbone bound: forward + backward down to the input embeddings with every weight
+  frozen -- the least work any method that adapts the bottom layer must do per train step.
+
+Memory is the bytes autograd keeps for backward (distinct storages, parameters excluded) plus
+the trainable state (parameters, gradients and two AdamW moments): what a method adds to the
+frozen weights at the training peak. It is exact and repeatable, unlike process RSS.
+
+    python benchmarks/speed.py                      # all methods, 10 rounds
+    python benchmarks/speed.py --methods lora,ia3 --rounds 20 --json out.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import platform
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+import transformers as T
+
+import peftlab
+
+MINILM = dict(hidden_size=384, num_hidden_layers=6, num_attention_heads=12, intermediate_size=1536,
+              vocab_size=30522, num_labels=2)
+
+
+def peftlab_configs() -> dict[str, peftlab.AdapterConfig]:
+    configs: dict[str, peftlab.AdapterConfig] = {
+        "lora": peftlab.LoRAConfig(r=8, alpha=16, targets=("query", "value")),
+        "ia3": peftlab.IA3Config(),
+    }
+    if hasattr(peftlab, "BottleneckConfig"):
+        configs["pfeiffer"] = peftlab.BottleneckConfig.pfeiffer()
+        configs["houlsby"] = peftlab.BottleneckConfig.houlsby()
+    if hasattr(peftlab, "CompacterConfig"):
+        configs["compacter"] = peftlab.CompacterConfig()
+        configs["compacter++"] = peftlab.CompacterConfig.plus_plus()
+    return configs
+
+
+def peft_model(base: torch.nn.Module, method: str) -> torch.nn.Module | None:
+    """The same adapter built with HF peft (equal targets and sizes), or None if peft lacks it."""
+    try:
+        import peft
+    except ImportError:
+        return None
+    ffn_down = r".*layer\.\d+\.output\.dense$"
+    if method == "lora":
+        config = peft.LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=["query", "value"])
+    elif method == "ia3":
+        # Explicit regexes: peft's BERT default also hits attention.output.dense.
+        config = peft.IA3Config(target_modules=rf".*\.(key|value)$|{ffn_down}", feedforward_modules=ffn_down)
+    else:
+        return None
+    return peft.get_peft_model(copy.deepcopy(base), config)
+
+
+class SavedBytes:
+    """Bytes of distinct non-parameter storages that autograd saves for backward."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+        self.storages: dict[int, int] = {}
+
+    def pack(self, t: torch.Tensor) -> torch.Tensor:
+        s = t.untyped_storage()
+        if s.data_ptr() not in self.params:
+            self.storages[s.data_ptr()] = s.nbytes()
+        return t
+
+    @property
+    def total(self) -> int:
+        return sum(self.storages.values())
+
+
+def make_batch(seed: int = 0) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return {"input_ids": torch.randint(1000, 30000, (16, 128), generator=g),
+            "attention_mask": torch.ones(16, 128, dtype=torch.long),
+            "labels": torch.randint(0, 2, (16,), generator=g)}
+
+
+class Variant:
+    """One model set up for training: a step function, and its memory."""
+
+    def __init__(self, name: str, model: torch.nn.Module, bound: bool = False) -> None:
+        self.name, self.model, self.bound = name, model.train(), bound
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.opt = torch.optim.AdamW(self.params, lr=1e-4) if self.params else None
+        if bound:  # gradients flow down to the embeddings' output, no weight gets one
+            embeddings = model.get_input_embeddings()
+            self.hook = model.base_model.embeddings.register_forward_hook(
+                lambda m, i, out: out.requires_grad_()) if embeddings is not None else None
+        self.times: list[float] = []
+
+    def step(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        loss = self.model(**batch).loss
+        loss.backward()
+        if self.opt is not None:
+            self.opt.step()
+            self.opt.zero_grad(set_to_none=True)
+        return loss
+
+    def memory(self, batch: dict[str, torch.Tensor]) -> int:
+        saved = SavedBytes(self.model)
+        with torch.autograd.graph.saved_tensors_hooks(saved.pack, lambda t: t):
+            loss = self.model(**batch).loss
+        loss.backward()
+        if self.opt is not None:
+            self.opt.zero_grad(set_to_none=True)
+        state = sum(p.numel() * p.element_size() for p in self.params) * 4  # param, grad, 2 moments
+        return saved.total + state
+
+
+def timed(fn: Callable[[], object]) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--methods", default="all", help="comma list (default: every available method)")
+    ap.add_argument("--rounds", type=int, default=10)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--dropout", type=float, default=None, help="override the model's dropout (0.1)")
+    ap.add_argument("--no-peft", action="store_true", help="skip the HF peft side")
+    ap.add_argument("--json", default=None, help="write all figures here")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+
+    extra = {} if args.dropout is None else {"hidden_dropout_prob": args.dropout,
+                                             "attention_probs_dropout_prob": args.dropout}
+    base = T.BertForSequenceClassification(T.BertConfig(**MINILM, **extra))
+    base.requires_grad_(False)
+    configs = peftlab_configs()
+    methods = list(configs) if args.methods == "all" else args.methods.split(",")
+    batch = make_batch()
+
+    train: list[Variant] = [Variant("bound", copy.deepcopy(base), bound=True)]
+    infer: dict[str, torch.nn.Module] = {"base": copy.deepcopy(base).eval()}
+    for m in methods:
+        model = copy.deepcopy(base)
+        adapters = peftlab.attach(model)
+        adapters.add(m, configs[m])
+        adapters.activate(m)
+        adapters.train(m)
+        train.append(Variant(f"peftlab:{m}", model))
+        infer[f"peftlab:{m}"] = model
+        if configs[m].mergeable:
+            merged = copy.deepcopy(base)
+            a = peftlab.attach(merged)
+            a.add(m, configs[m])
+            a.activate(m)
+            a.merge(m)
+            infer[f"peftlab:{m}:merged"] = merged.eval()
+        pm = None if args.no_peft else peft_model(base, m)
+        if pm is not None:
+            train.append(Variant(f"peft:{m}", pm))
+            infer[f"peft:{m}"] = pm
+            merged = peft_model(base, m)
+            merged.merge_adapter()
+            infer[f"peft:{m}:merged"] = merged.eval()
+
+    params = {v.name: sum(p.numel() for p in v.params) for v in train}
+    memory = {v.name: v.memory(batch) for v in train}
+    for v in train:  # warm-up
+        v.step(batch)
+    infer_times: dict[str, list[float]] = {k: [] for k in infer}
+    for r in range(args.rounds):
+        for v in train:
+            v.times.append(timed(lambda v=v: v.step(batch)))
+        with torch.no_grad():
+            for k, model in infer.items():
+                model.eval()
+                infer_times[k].append(timed(lambda model=model: model(**batch)))
+        for v in train:
+            v.model.train()
+        print(f"round {r + 1}/{args.rounds} done", flush=True)
+
+    med = {v.name: statistics.median(v.times) for v in train}
+    imed = {k: statistics.median(t) for k, t in infer_times.items()}
+    bound, base_fwd = med["bound"], imed["base"]
+    print(f"\ntorch {torch.__version__}, transformers {T.__version__}, {args.threads} threads, "
+          f"batch 16x128, dropout {0.1 if args.dropout is None else args.dropout}, {args.rounds} rounds")
+    print(f"base forward {base_fwd * 1e3:.1f} ms; frozen-backbone bound {bound * 1e3:.1f} ms "
+          f"({bound / base_fwd:.2f}x the forward)\n")
+    print(f"{'train step':<22}{'ms':>9}{'/bound':>9}{'/peft':>8}{'params':>10}{'memory MB':>11}{'/peft':>8}")
+    for v in train:
+        peer = v.name.replace("peftlab:", "peft:")
+        vs = f"{med[v.name] / med[peer]:8.3f}" if peer != v.name and peer in med else f"{'':>8}"
+        ms = f"{memory[v.name] / memory[peer]:8.3f}" if peer != v.name and peer in memory else f"{'':>8}"
+        print(f"{v.name:<22}{med[v.name] * 1e3:9.1f}{med[v.name] / bound:9.3f}{vs}{params[v.name]:>10,}"
+              f"{memory[v.name] / 2**20:11.1f}{ms}")
+    print(f"\n{'inference':<22}{'ms':>9}{'/base':>9}{'/peft':>8}")
+    for k in infer:
+        peer = k.replace("peftlab:", "peft:")
+        vs = f"{imed[k] / imed[peer]:8.3f}" if peer != k and peer in imed else ""
+        print(f"{k:<22}{imed[k] * 1e3:9.1f}{imed[k] / base_fwd:9.3f}{vs}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"versions": {"torch": torch.__version__, "transformers": T.__version__,
+                                    "peftlab": peftlab.__version__, "python": platform.python_version()},
+                       "machine": platform.processor() or platform.machine(), "threads": args.threads,
+                       "rounds": args.rounds, "train_ms": {k: v * 1e3 for k, v in med.items()},
+                       "train_ms_all": {v.name: [t * 1e3 for t in v.times] for v in train},
+                       "memory_bytes": memory, "params": params,
+                       "infer_ms": {k: v * 1e3 for k, v in imed.items()}}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
