@@ -20,6 +20,7 @@ from peftlab.errors import (
 )
 from peftlab.methods.bottleneck import BottleneckConfig
 from peftlab.methods.compacter import CompacterConfig
+from peftlab.methods.fusion import FusionConfig
 from peftlab.methods.ia3 import IA3Config
 from peftlab.methods.lora import LoRAConfig
 from peftlab.roles import ROLE_MAPS, ROLES, Role, RoleMap
@@ -29,6 +30,6 @@ __version__ = "0.1.0"
 __all__ = [
     "ROLES", "ROLE_MAPS", "AdapterConfig", "AdapterLoadError", "AdapterNameError",
     "AdapterSaveError", "AdapterSet", "AdapterStateError", "BottleneckConfig", "CompacterConfig",
-    "ConfigError", "IA3Config", "LoRAConfig", "PeftlabError", "Role", "RoleMap", "TargetError",
-    "attach", "detach",
+    "ConfigError", "FusionConfig", "IA3Config", "LoRAConfig", "PeftlabError", "Role", "RoleMap",
+    "TargetError", "attach", "detach",
 ]

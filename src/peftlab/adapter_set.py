@@ -6,16 +6,18 @@ replace the targeted projections, and the set itself is a plain attribute of the
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import re
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
+import torch
 from torch import nn
 
 from peftlab.config import AdapterConfig
-from peftlab.errors import AdapterNameError, AdapterStateError, TargetError
-from peftlab.layer import AdaptedLayer, Piece
+from peftlab.errors import AdapterNameError, AdapterStateError, ConfigError, TargetError
+from peftlab.layer import AdaptedLayer, Piece, routing
 from peftlab.methods import method_for
 from peftlab.roles import RoleMap, role_map_for
 from peftlab.sites import Site, find_sites
@@ -39,7 +41,8 @@ def check_name(name: object) -> str:
 
 @dataclasses.dataclass
 class Adapter:
-    """One named adapter: its config, its sites, its pieces by module, and extra trained modules."""
+    """One named adapter: its config, its sites, its pieces by module, extra trained modules,
+    and for a fusion the adapters it fuses."""
 
     config: AdapterConfig
     sites: list[Site]
@@ -47,6 +50,7 @@ class Adapter:
     shared: nn.Module | None = None
     extras: tuple[str, ...] = ()
     merged: bool = False
+    members: tuple[str, ...] = ()
 
     def parameters(self) -> list[nn.Parameter]:
         seen: dict[int, nn.Parameter] = {}
@@ -154,17 +158,56 @@ class AdapterSet:
             raise AdapterNameError(f"an adapter named {name!r} exists; remove it or pick another")
         self._install(name, self._build(config))
 
-    def _build(self, config: AdapterConfig) -> Adapter:
+    def add_fusion(self, name: str, members: Sequence[str], config: AdapterConfig | None = None) -> None:
+        """Add fusion ``name`` of the adapters ``members``, of any kinds (see
+        :mod:`peftlab.methods.fusion`; ``config`` defaults to ``FusionConfig()``). Activating it
+        runs the members through it; ``train(name)`` trains the fusion only."""
+        from peftlab.methods.fusion import FusionConfig
+
+        check_name(name)
+        if name in self._adapters:
+            raise AdapterNameError(f"an adapter named {name!r} exists; remove it or pick another")
+        if isinstance(members, str) or not members:
+            raise ConfigError(f"members must be a non-empty list of adapter names, got {members!r}")
+        config = FusionConfig() if config is None else config
+        if not isinstance(config, FusionConfig):
+            raise ConfigError(f"add_fusion needs a FusionConfig, got {type(config).__name__}")
+        self._install(name, self._build(config, tuple(members)))
+
+    def _build(self, config: AdapterConfig, members: tuple[str, ...] = ()) -> Adapter:
         """Everything an adapter needs, built without touching the model."""
         method = method_for(config)
-        sites = find_sites(self.model, config.targets, self.role_map)
+        if (config.method == "fusion") != bool(members):
+            raise ConfigError("a fusion needs member adapters: use add_fusion(name, members)"
+                              if members == () else f"a {config.method} adapter has no members")
+        sites = self._fusion_sites(members) if members else find_sites(
+            self.model, config.targets, self.role_map)
         shared = method.shared(config, sites) if method.shared else None
         pieces = {}
         for site in sites:
             piece = method.build(config, site, shared)
             weight = self._base_module(site.module).weight
             pieces[site.module] = piece.to(device=weight.device, dtype=weight.dtype)
-        return Adapter(config, sites, pieces, shared)
+            if members:
+                piece.members = members
+        return Adapter(config, sites, pieces, shared, members=members)
+
+    def _fusion_sites(self, members: tuple[str, ...]) -> list[Site]:
+        """Every site of any member, in module order; at least one must be common to all."""
+        if len(set(members)) != len(members):
+            raise AdapterNameError(f"an adapter is named twice in {list(members)}")
+        for m in members:
+            if self[m].members:
+                raise ConfigError(f"{m!r} is a fusion; a fusion's members must be plain adapters")
+            if self[m].merged:
+                raise AdapterStateError(f"adapter {m!r} is merged; unmerge it before fusing it")
+        common = set.intersection(*({s.module for s in self[m].sites} for m in members))
+        if not common:
+            raise TargetError(f"adapters {list(members)} act on no common module, so there is "
+                              "nothing to fuse; place them at the same modules (e.g. 'ffn_down')")
+        sites = {s.module: s for m in members for s in self[m].sites}
+        order = {n: i for i, (n, _) in enumerate(self.model.named_modules())}
+        return sorted(sites.values(), key=lambda s: order[s.module])
 
     def _install(self, name: str, adapter: Adapter) -> None:
         for module_name, piece in adapter.pieces.items():
@@ -177,6 +220,7 @@ class AdapterSet:
         adapter = self[name]
         if adapter.merged:
             raise AdapterStateError(f"adapter {name!r} is merged; unmerge it before removing it")
+        self._refuse_if_fused(name, "removing")
         for module_name in adapter.pieces:
             layer = self._layer(module_name)
             del layer.adapters[name]
@@ -236,6 +280,53 @@ class AdapterSet:
             out += [h for h in hits if h not in out]
         return tuple(out)
 
+    def _refuse_if_fused(self, name: str, doing: str) -> None:
+        fusions = [n for n, a in self._adapters.items() if name in a.members]
+        if fusions:
+            raise AdapterStateError(f"adapter {name!r} is a member of fusion(s) {fusions}; remove "
+                                    f"them before {doing} it")
+
+    # ---- fusions and routing ----------------------------------------------------------------
+    def _fusion(self, name: str) -> Adapter:
+        if not self[name].members:
+            raise AdapterNameError(f"adapter {name!r} is a {self[name].config.method} adapter, not a fusion")
+        return self[name]
+
+    def fusion_weights(self, name: str) -> torch.Tensor:
+        """The mean attention each module of fusion ``name`` gave each member in the latest
+        forward that ran it, as ``[modules, members]`` (modules in ``self[name].sites`` order)."""
+        rows = [p.last_weights for p in self._fusion(name).pieces.values()]
+        if any(r is None for r in rows):
+            raise AdapterStateError(f"fusion {name!r} has not run yet; run the model with it first")
+        return torch.stack(rows)  # type: ignore[arg-type]
+
+    def fusion_penalty(self, name: str) -> torch.Tensor:
+        """``value_identity_penalty · Σ ‖V − I‖²`` over fusion ``name``: add it to the loss."""
+        adapter = self._fusion(name)
+        total = torch.stack([p.penalty() for p in adapter.pieces.values()]).sum()
+        return adapter.config.value_identity_penalty * total  # type: ignore[attr-defined]
+
+    @contextlib.contextmanager
+    def route(self, entries: Sequence[str | Sequence[str] | None]) -> Iterator[None]:
+        """Inside, example ``i`` of every batch runs with adapter ``entries[i]`` active (``None``:
+        the base model; a tuple: several, as in :meth:`activate`) instead of :attr:`active`.
+        Only the calling thread is routed. Do not add or remove adapters inside."""
+        if isinstance(entries, str) or not entries:
+            raise AdapterStateError("route takes a list with one adapter name (or None) per example")
+        routes = [() if e is None else (e,) if isinstance(e, str) else tuple(e) for e in entries]
+        for names in set(routes):
+            for n in names:
+                self[n]
+            if len(set(names)) != len(names):
+                raise AdapterNameError(f"an adapter is named twice in {names}")
+        merged = [n for n, a in self._adapters.items() if a.merged]
+        if merged:
+            raise AdapterStateError(f"adapters {merged} are merged into the weights, so every "
+                                    "example would use them; unmerge them before routing")
+        with routing({id(layer): layer.plan_route(routes, layer.weight.device)
+                      for _, layer in self.layers()}):
+            yield
+
     # ---- merging ----------------------------------------------------------------------------
     def merge(self, name: str) -> None:
         """Fold an active LoRA or (IA)³ adapter into the base weights (no extra inference cost)."""
@@ -246,6 +337,7 @@ class AdapterSet:
                 "nonlinear module); mergeable methods: lora, ia3")
         if adapter.merged:
             raise AdapterStateError(f"adapter {name!r} is already merged")
+        self._refuse_if_fused(name, "merging")
         if name not in self._active:
             raise AdapterStateError(f"adapter {name!r} is not active; activate it before merging")
         for module_name, piece in adapter.pieces.items():

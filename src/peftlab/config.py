@@ -8,7 +8,7 @@ field instead of failing later inside a layer.
 from __future__ import annotations
 
 import dataclasses
-import math
+import sys
 import types
 import typing
 from typing import Any, ClassVar, TypeVar
@@ -18,6 +18,15 @@ from peftlab.errors import ConfigError
 C = TypeVar("C", bound="AdapterConfig")
 
 _MAX_INT = 1 << 31
+_MAX_FLOAT = sys.float_info.max
+
+
+def clip(text: str, limit: int = 200) -> str:
+    """``text`` with its middle cut out if longer than ``limit``: error messages quote values read
+    from untrusted files, which may be megabytes long."""
+    if len(text) <= limit:
+        return text
+    return f"{text[:limit * 2 // 3]}...<{len(text) - limit} characters cut>...{text[-limit // 3:]}"
 
 
 def _check(name: str, value: Any, tp: Any) -> Any:
@@ -42,19 +51,20 @@ def _check(name: str, value: Any, tp: Any) -> Any:
         return tuple(_check(f"{name}[{i}]", v, item_tp) for i, v in enumerate(value))
     if origin is typing.Literal:
         if value not in typing.get_args(tp):
-            raise ConfigError(f"{name}: must be one of {typing.get_args(tp)}, got {value!r}")
+            raise ConfigError(f"{name}: must be one of {typing.get_args(tp)}, got {clip(repr(value))}")
         return value
     if tp is bool:
         if not isinstance(value, bool):
-            raise ConfigError(f"{name}: expected true/false, got {value!r}")
+            raise ConfigError(f"{name}: expected true/false, got {clip(repr(value))}")
         return value
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int) or abs(value) > _MAX_INT:
-            raise ConfigError(f"{name}: expected an integer below 2**31, got {value!r}")
+            raise ConfigError(f"{name}: expected an integer below 2**31, got {clip(repr(value))}")
         return value
     if tp is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-            raise ConfigError(f"{name}: expected a finite number, got {value!r}")
+        # abs() <= max also refuses NaN, and ints too large for a float (where isfinite raises)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not abs(value) <= _MAX_FLOAT:
+            raise ConfigError(f"{name}: expected a finite number, got {clip(repr(value))}")
         return float(value)
     if tp is str:
         if not isinstance(value, str) or len(value) > 4096:
@@ -91,7 +101,8 @@ class AdapterConfig:
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - names)
         if unknown:
-            raise ConfigError(f"{cls.__name__}: unknown field(s) {unknown}; known: {sorted(names)}")
+            raise ConfigError(f"{cls.__name__}: unknown field(s) {clip(str(unknown))}; "
+                              f"known: {sorted(names)}")
         try:
             return cls(**data)
         except TypeError as e:  # a required field is missing

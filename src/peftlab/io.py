@@ -23,6 +23,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from peftlab.config import clip
 from peftlab.errors import AdapterLoadError, AdapterSaveError, ConfigError, PeftlabError
 
 if TYPE_CHECKING:
@@ -122,7 +123,9 @@ def read_config(path: Path) -> dict[str, Any]:
         raise AdapterLoadError(f"{file} is larger than {MAX_CONFIG_BYTES} bytes; not an adapter config")
     try:
         data = json.loads(file.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+    except OSError as e:  # e.g. a link to /proc/self/mem
+        raise AdapterLoadError(f"cannot read {file}: {e}") from None
+    except (ValueError, RecursionError) as e:  # ValueError: bad UTF-8, bad JSON, a 5000-digit number
         raise AdapterLoadError(f"{file} is not valid JSON: {e}") from None
     if not isinstance(data, dict):
         raise AdapterLoadError(f"{file} must hold a JSON object")
@@ -142,7 +145,7 @@ def read_tensors(path: Path, expected: dict[str, tuple[int, ...]]) -> dict[str, 
             if missing or extra:
                 raise AdapterLoadError(
                     f"{file} does not match the adapter's config: missing {missing[:5]}"
-                    f"{'...' if len(missing) > 5 else ''}, unexpected {extra[:5]}"
+                    f"{'...' if len(missing) > 5 else ''}, unexpected {clip(str(extra[:5]))}"
                     f"{'...' if len(extra) > 5 else ''}")
             out = {}
             for key, shape in expected.items():
@@ -161,7 +164,7 @@ def read_tensors(path: Path, expected: dict[str, tuple[int, ...]]) -> dict[str, 
     except PeftlabError:
         raise
     except Exception as e:  # safetensors reports corrupt files with several exception types
-        raise AdapterLoadError(f"{file} is not a valid safetensors file: {e}") from None
+        raise AdapterLoadError(f"{file} is not a valid safetensors file: {clip(str(e))}") from None
 
 
 # ---- peftlab's own format ---------------------------------------------------------------------
@@ -209,6 +212,8 @@ def save_adapter(adapters: AdapterSet, name: str, path: Path, extras: tuple[str,
         "target_modules": [s.module for s in adapter.sites],
         "extra_modules": list(extras),
     }
+    if adapter.members:  # a fusion: its members are separate adapters, loaded before it
+        config["members"] = list(adapter.members)
     blob = json.dumps(config, indent=2).encode()
     weights = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
     return write_dir_atomic(path, {CONFIG_FILE: blob, WEIGHTS_FILE: weights})
@@ -224,29 +229,39 @@ def load_adapter(adapters: AdapterSet, path: Path, name: str | None) -> str:
         raise AdapterLoadError(f"{path} is not a peftlab adapter{hint}")
     version = data.get("format_version")
     if not isinstance(version, int) or isinstance(version, bool) or version > FORMAT_VERSION:
-        raise AdapterLoadError(f"{path} has format version {version!r}; this peftlab reads "
+        raise AdapterLoadError(f"{path} has format version {clip(repr(version))}; this peftlab reads "
                                f"versions up to {FORMAT_VERSION}: upgrade peftlab")
     try:
         name = check_name(data.get("name") if name is None else name)
-        method = method_for(data.get("method"))
+        if not isinstance(data.get("method"), str):
+            raise ConfigError(f"method must be a method name, got {clip(repr(data.get('method')))}")
+        method = method_for(data["method"])
         config = method.config.from_dict(data.get("config"))
-    except (ConfigError, PeftlabError) as e:
-        raise AdapterLoadError(f"{path}: {e}") from None
+    except PeftlabError as e:
+        raise AdapterLoadError(f"{path}: {clip(str(e), 500)}") from None
     if name in adapters:
         raise AdapterLoadError(f"an adapter named {name!r} is already attached; pass name=...")
     base = data.get("base_model") if isinstance(data.get("base_model"), dict) else {}
     model_type = getattr(getattr(adapters.model, "config", None), "model_type", None)
     if base.get("model_type") != model_type:
-        raise AdapterLoadError(f"{path} was trained on a {base.get('model_type')!r} model, "
+        raise AdapterLoadError(f"{path} was trained on a {clip(repr(base.get('model_type')))} model, "
                                f"this model is {model_type!r}")
     extras = data.get("extra_modules", [])
     if not isinstance(extras, list) or not all(isinstance(e, str) for e in extras):
         raise AdapterLoadError(f"{path}: extra_modules must be a list of module names")
+    members = data.get("members", [])
+    if not isinstance(members, list) or not all(isinstance(m, str) for m in members):
+        raise AdapterLoadError(f"{path}: members must be a list of adapter names")
+    missing = [m for m in members if m not in adapters]
+    if missing:
+        raise AdapterLoadError(f"{path} is a fusion of {str(members)[:200]}; load its members "
+                               f"{str(missing)[:200]} before it")
     try:
-        built = adapters._build(config)
+        built = adapters._build(config, tuple(members))
         extra_modules = {e: adapters.model.get_submodule(e) for e in extras}
-    except (PeftlabError, AttributeError) as e:
-        raise AdapterLoadError(f"{path} does not fit this model: {e}") from None
+    # OverflowError, RecursionError: re.compile on absurd target regexes ("a{99999999999}", "((((...")
+    except (PeftlabError, AttributeError, OverflowError, RecursionError) as e:
+        raise AdapterLoadError(f"{path} does not fit this model: {clip(str(e), 500)}") from None
     recorded = data.get("target_modules")
     if recorded != [s.module for s in built.sites]:
         raise AdapterLoadError(f"{path} targets modules {str(recorded)[:200]}, but on this model "

@@ -1,20 +1,29 @@
 """The wrapped layer: one base projection plus the named adapter pieces that act on it.
 
 Every targeted module is wrapped once, however many adapters use it. A piece is one adapter's part
-at one layer and is one of three kinds, applied in this fixed order::
+at one layer and is one of four kinds, applied in this fixed order::
 
     y = l_out ⊙ base(l_in ⊙ x)            "scale" pieces ((IA)³): vectors folded into the weight
     y = y + Σ s·B·A·(l_in ⊙ x)            "delta" pieces (LoRA): low-rank updates of the weight
-    y = post_k(... post_1(y))             "post" pieces (bottleneck, Compacter, fusion), in
+    y = post_k(... post_1(y))             "post" pieces (bottleneck, Compacter), in
                                            activation order, each seeing the previous one's output
+    y = fusion(y, [z_1 … z_N])            "fusion" pieces: z_n is y with member piece n applied
+                                           (see :mod:`peftlab.methods.fusion`)
 
 Scale and delta pieces change the linear map itself, so they can be merged into the weight;
-post pieces cannot.
+post and fusion pieces cannot.
+
+Per-example routing (:meth:`AdapterSet.route`) is a per-thread plan, looked up by the layer in
+forward: it splits the batch into groups of examples that use the same pieces here and runs each
+group with its own pieces. Being thread-local, two threads can route one model differently.
 """
 
 from __future__ import annotations
 
-from typing import ClassVar, Literal
+import contextlib
+import threading
+from collections.abc import Iterator
+from typing import ClassVar, Literal, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -23,7 +32,7 @@ from transformers.pytorch_utils import Conv1D
 
 from peftlab.errors import AdapterStateError
 
-PieceKind = Literal["scale", "delta", "post"]
+PieceKind = Literal["scale", "delta", "post", "fusion"]
 
 
 def is_linear_like(module: nn.Module) -> bool:
@@ -38,7 +47,8 @@ def weight_out_in(module: nn.Module) -> torch.Tensor:
 
 class Piece(nn.Module):
     """One adapter's part at one wrapped layer. Subclasses set ``kind`` and implement the hook
-    of that kind: ``scales`` (scale), ``add_delta`` (delta) or ``forward`` (post)."""
+    of that kind: ``scales`` (scale), ``add_delta`` (delta), ``forward(y)`` (post) or
+    ``forward(h, z)`` (fusion, with ``members`` naming the adapters it fuses)."""
 
     kind: ClassVar[PieceKind] = "post"
 
@@ -49,6 +59,10 @@ class Piece(nn.Module):
     def add_delta(self, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """``y`` plus this piece's update computed from the layer input ``x``."""
         raise NotImplementedError
+
+    def fused_linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None):
+        """Optional: the frozen projection and this delta in one step, or ``None``."""
+        return None
 
     def merge_into(self, weight: torch.Tensor, bias: torch.Tensor | None, sign: int) -> None:
         """Add (sign=1) or remove (sign=-1) this piece from ``weight [out, in]`` in place."""
@@ -120,6 +134,7 @@ class AdaptedLayer(nn.Module):
         self._scale: tuple[Piece, ...] = ()
         self._delta: tuple[Piece, ...] = ()
         self._post: tuple[Piece, ...] = ()
+        self._fusion: tuple[tuple[Piece, tuple[Piece | None, ...]], ...] = ()
 
     # Model code sometimes reads a projection's weight directly (T5 checks ``wo.weight.dtype``).
     @property
@@ -140,36 +155,107 @@ class AdaptedLayer(nn.Module):
 
     def set_active(self, names: tuple[str, ...]) -> None:
         """Run these adapters (in this order) in forward; merged ones are already in the weight."""
-        pieces = [self.adapters[n] for n in names if n in self.adapters and n not in self.merged]
-        self._scale = tuple(p for p in pieces if p.kind == "scale")
-        self._delta = tuple(p for p in pieces if p.kind == "delta")
-        self._post = tuple(p for p in pieces if p.kind == "post")
+        self._scale, self._delta, self._post, self._fusion = self.resolve(names)
+
+    def resolve(self, names: tuple[str, ...]) -> Active:
+        """The pieces that run here when ``names`` are active. Members of an active fusion run
+        inside it only; a member with no piece here is ``None`` (its output is the input)."""
+        live = [self.adapters[n] for n in names if n in self.adapters and n not in self.merged]
+        fused = {self.adapters[m] for p in live if p.kind == "fusion" for m in p.members
+                 if m in self.adapters}
+        pieces = [p for p in live if p not in fused]
+        return Active(
+            tuple(p for p in pieces if p.kind == "scale"),
+            tuple(p for p in pieces if p.kind == "delta"),
+            tuple(p for p in pieces if p.kind == "post"),
+            tuple((p, tuple(self.adapters[m] if m in self.adapters else None for m in p.members))
+                  for p in pieces if p.kind == "fusion"),
+        )
 
     @property
     def active_pieces(self) -> tuple[Piece, ...]:
-        return self._scale + self._delta + self._post
+        return self._scale + self._delta + self._post + tuple(f for f, _ in self._fusion)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        plan = getattr(_ROUTES, "plans", {}).get(id(self))
+        if plan is not None:
+            return self._routed(x, plan)
+        return self._run(x, self._scale, self._delta, self._post, self._fusion)
+
+    def _run(self, x, scale, delta, post, fusion) -> torch.Tensor:
         l_in = l_out = None
-        if self._scale:
-            ins, outs = zip(*(p.scales() for p in self._scale))
+        if scale:
+            ins, outs = zip(*(p.scales() for p in scale))
             l_in = _product([v for v in ins if v is not None])
             l_out = _product([v for v in outs if v is not None])
             y = self._scaled(x, l_in, l_out)
         else:
+            # One LoRA alone on a frozen projection: base and update in one autograd node.
+            y = (delta[0].fused_linear(x, weight_out_in(self.base), self.base.bias)
+                 if len(delta) == 1 and not fusion and self._fast_path() else None)
+            if y is not None:
+                return self._post_pieces(y, post)
             y = self.base(x)
-        if self._delta:
+        base_out = y
+        if delta:
             xs = x if l_in is None else x * l_in
-            for p in self._delta:
+            for p in delta:
                 y = p.add_delta(y, xs)
-        for p in self._post:
+        y = self._post_pieces(y, post)
+        for f, members in fusion:
+            z = [self._member_output(m, y, x, l_in, l_out, base_out) for m in members]
+            y = f(y, torch.stack(z, dim=-2))
+        return y
+
+    def _member_output(self, m: Piece | None, h, x, l_in, l_out, base_out) -> torch.Tensor:
+        """``h`` with the fusion member ``m`` applied (``h`` itself when it has no piece here)."""
+        if m is None:
+            return h
+        if m.kind == "post":
+            return m(h)
+        if m.kind == "delta":
+            return m.add_delta(h, x if l_in is None else x * l_in)
+        m_in, m_out = m.scales()  # the member's vectors join the active ones
+        scaled = self._scaled(x, _product([v for v in (l_in, m_in) if v is not None]),
+                              _product([v for v in (l_out, m_out) if v is not None]))
+        # h + (what the member changes); when nothing else changed the output, exactly ``scaled``
+        return scaled if h is base_out else h + (scaled - base_out)
+
+    def plan_route(self, entries: list[tuple[str, ...]], device: torch.device) -> RoutePlan:
+        """Group the examples (one tuple of adapter names each) by the pieces they run here."""
+        groups: dict[Active, list[int]] = {}
+        for i, names in enumerate(entries):
+            groups.setdefault(self.resolve(names), []).append(i)
+        if len(groups) == 1:
+            return RoutePlan(len(entries), ((None, next(iter(groups))),), None)
+        index = [torch.tensor(ix, device=device) for ix in groups.values()]
+        order = torch.cat(index).argsort()
+        return RoutePlan(len(entries), tuple(zip(index, groups)), order)
+
+    def _routed(self, x: torch.Tensor, plan: RoutePlan) -> torch.Tensor:
+        if x.shape[0] != plan.batch:
+            raise AdapterStateError(
+                f"routing was set for {plan.batch} examples, but a layer got a batch of "
+                f"{x.shape[0]} (the model must keep the batch as the first dimension)")
+        outs = [self._run(x if ix is None else x.index_select(0, ix), *active)
+                for ix, active in plan.groups]
+        return outs[0] if plan.order is None else torch.cat(outs).index_select(0, plan.order)
+
+    @staticmethod
+    def _post_pieces(y: torch.Tensor, post: tuple[Piece, ...]) -> torch.Tensor:
+        for p in post:
             y = p(y)
         return y
 
+    def _fast_path(self) -> bool:
+        """Whether the custom autograd functions apply: a frozen Linear/Conv1D, no autocast
+        (they compute in the input's dtype)."""
+        return (is_linear_like(self.base) and not self.base.weight.requires_grad
+                and not torch.is_autocast_enabled(self.base.weight.device.type))
+
     def _scaled(self, x, l_in, l_out):
-        weight = weight_out_in(self.base)
-        if is_linear_like(self.base) and not weight.requires_grad:
-            return _ScaledLinear.apply(x, weight, self.base.bias, l_in, l_out)
+        if self._fast_path():
+            return _ScaledLinear.apply(x, weight_out_in(self.base), self.base.bias, l_in, l_out)
         y = self.base(x if l_in is None else x * l_in)  # trainable or unusual base: plain autograd
         return y if l_out is None else y * l_out
 
@@ -189,3 +275,35 @@ class AdaptedLayer(nn.Module):
         with torch.no_grad():
             self.adapters[name].merge_into(weight_out_in(self.base), self.base.bias, -1)
         self.merged.pop()
+
+
+class Active(NamedTuple):
+    """The pieces a layer runs, by kind; fusions come with their members' pieces here."""
+
+    scale: tuple[Piece, ...] = ()
+    delta: tuple[Piece, ...] = ()
+    post: tuple[Piece, ...] = ()
+    fusion: tuple[tuple[Piece, tuple[Piece | None, ...]], ...] = ()
+
+
+class RoutePlan(NamedTuple):
+    """One layer's routing: groups of examples (``None``: all of them) and the pieces each runs;
+    ``order`` puts the concatenated group outputs back in batch order."""
+
+    batch: int
+    groups: tuple[tuple[torch.Tensor | None, Active], ...]
+    order: torch.Tensor | None
+
+
+_ROUTES = threading.local()
+
+
+@contextlib.contextmanager
+def routing(plans: dict[int, RoutePlan]) -> Iterator[None]:
+    """Route this thread's forwards through ``plans`` (by ``id`` of the layer) while inside."""
+    previous = getattr(_ROUTES, "plans", {})
+    _ROUTES.plans = {**previous, **plans}
+    try:
+        yield
+    finally:
+        _ROUTES.plans = previous

@@ -30,6 +30,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import sys
 from collections import Counter
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -39,6 +40,7 @@ from safetensors import safe_open
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from peftlab.config import clip
 from peftlab.errors import AdapterLoadError, ConfigError, PeftlabError
 from peftlab.io import CONFIG_FILE, FORMAT, WEIGHTS_FILE, read_config, read_tensors, write_dir_atomic
 from peftlab.layer import AdaptedLayer, weight_out_in
@@ -229,8 +231,8 @@ def import_peft(adapters: AdapterSet, path: Path, name: str) -> str:
     peft_type = data.get("peft_type")
     if not isinstance(peft_type, str) or peft_type not in _KNOWN_KEYS:
         hint = " (this is a peftlab adapter: use load)" if data.get("format") == FORMAT else ""
-        raise AdapterLoadError(f"{path}: peft_type {peft_type!r} is not supported; import_peft reads "
-                               f"{sorted(_KNOWN_KEYS)} adapters{hint}")
+        raise AdapterLoadError(f"{path}: peft_type {clip(repr(peft_type))} is not supported; import_peft "
+                               f"reads {sorted(_KNOWN_KEYS)} adapters{hint}")
     _refuse_unsupported(data, path)
     shapes = _tensor_shapes(path)
     suffixes = (LORA_A, LORA_B) if peft_type == "LORA" else (IA3_L,)
@@ -241,7 +243,7 @@ def import_peft(adapters: AdapterSet, path: Path, name: str) -> str:
     unknown = [m for m in modules if m not in linear]
     if unknown:
         raise AdapterLoadError(f"{path} adapts modules this model has no Linear/Conv1D module for: "
-                               f"{unknown[:5]}{'...' if len(unknown) > 5 else ''}")
+                               f"{clip(str(unknown[:5]))}{'...' if len(unknown) > 5 else ''}")
     modules = [m for m in linear if m in modules]  # model order, like the sites
     try:
         if peft_type == "LORA":
@@ -279,13 +281,13 @@ def _refuse_unsupported(data: dict[str, Any], path: Path) -> None:
     used = sorted(k for k, v in data.items() if k not in known and v not in (None, False, {}, [], ""))
     if used:
         raise AdapterLoadError(f"{path} uses peft features peftlab cannot import: "
-                               f"{', '.join(f'{k}={data[k]!r}' for k in used)}")
+                               f"{', '.join(clip(f'{k}={data[k]!r}', 100) for k in used[:5])}")
     if data.get("bias", "none") != "none":
-        raise AdapterLoadError(f"{path} trains biases (bias={data['bias']!r}); import_peft supports "
-                               "bias='none' only")
+        raise AdapterLoadError(f"{path} trains biases (bias={clip(repr(data['bias']))}); import_peft "
+                               "supports bias='none' only")
     init = data.get("init_lora_weights", True)
     if not any(init is p if isinstance(p, bool) else init == p for p in _PLAIN_INITS):
-        raise AdapterLoadError(f"{path} was initialised with init_lora_weights={init!r}, which "
+        raise AdapterLoadError(f"{path} was initialised with init_lora_weights={clip(repr(init))}, which "
                                "rewrites the base weights; peftlab imports adapters of an unchanged base")
 
 
@@ -302,7 +304,7 @@ def _tensor_shapes(path: Path) -> dict[str, tuple[int, ...]]:
         with safe_open(str(file), framework="pt") as f:
             return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
     except Exception as e:  # safetensors reports corrupt files with several exception types
-        raise AdapterLoadError(f"{file} is not a valid safetensors file: {e}") from None
+        raise AdapterLoadError(f"{file} is not a valid safetensors file: {clip(str(e))}") from None
 
 
 def _split_keys(shapes: dict[str, tuple[int, ...]], suffixes: tuple[str, ...], path: Path):
@@ -311,8 +313,8 @@ def _split_keys(shapes: dict[str, tuple[int, ...]], suffixes: tuple[str, ...], p
     others: list[str] = []
     for key in shapes:
         if not key.startswith(PREFIX):
-            raise AdapterLoadError(f"{path}: tensor {key!r} does not start with {PREFIX!r}; this is not "
-                                   "a file written by peft's save_pretrained")
+            raise AdapterLoadError(f"{path}: tensor {clip(repr(key))} does not start with {PREFIX!r}; this "
+                                   "is not a file written by peft's save_pretrained")
         rest = key[len(PREFIX):]
         suffix = next((s for s in suffixes if rest.endswith(s)), None)
         if suffix is None:
@@ -384,8 +386,8 @@ def _extra_modules(model: nn.Module, data: dict[str, Any], others: list[str], pa
                       if rest.startswith(n + ".") and rest[len(n) + 1:] in sd), None)
         if owner is None:
             raise AdapterLoadError(
-                f"{path}: unexpected tensor {PREFIX + rest!r}: neither an adapter tensor nor part of "
-                f"a module in modules_to_save {wanted}")
+                f"{path}: unexpected tensor {clip(repr(PREFIX + rest))}: neither an adapter tensor nor part "
+                f"of a module in modules_to_save {clip(str(wanted))}")
         found.setdefault(owner, model.get_submodule(owner))
     return {n: found[n] for n, _, _ in candidates if n in found}
 
@@ -402,31 +404,34 @@ def _typed(what: str, value: Any, tp: type) -> Any:
     elif tp is int:
         ok = isinstance(value, int) and not isinstance(value, bool)
     else:
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        # abs() <= max also refuses NaN, and ints too large for a float (where isfinite raises)
+        ok = (isinstance(value, (int, float)) and not isinstance(value, bool)
+              and abs(value) <= sys.float_info.max)
     if not ok:
-        raise ConfigError(f"{what} must be a {tp.__name__}, got {value!r}")
+        raise ConfigError(f"{what} must be a {tp.__name__}, got {clip(repr(value))}")
     return tp(value)
 
 
-def _patterns(data: dict[str, Any], key: str, tp: type) -> dict[str, Any]:
+def _patterns(data: dict[str, Any], key: str, tp: type) -> dict[re.Pattern[str], Any]:
+    """Each key as the regex peft matches it with (the end of a module name, after a dot)."""
     patterns = data.get(key) or {}
     if not isinstance(patterns, dict):
         raise ConfigError(f"{key} must be an object of module pattern -> value")
-    return {_regex(k, key).pattern: _typed(f"{key}[{k!r}]", v, tp) for k, v in patterns.items()}
+    # Non-capturing, so that the key's own \1, \2 keep their groups; compiled here, so that a key
+    # valid alone but not inside the suffix rule ("(?i)query") fails as a ConfigError.
+    return {_regex(rf"(?:.*\.)?(?:{_regex(k, key).pattern})$", key): _typed(f"{key}[{clip(repr(k))}]", v, tp)
+            for k, v in patterns.items()}
 
 
-def _pattern_value(patterns: dict[str, Any], module: str, default: Any) -> Any:
+def _pattern_value(patterns: dict[re.Pattern[str], Any], module: str, default: Any) -> Any:
     """peft's rule: the first key that matches the end of the name (after a dot) wins."""
-    for key, value in patterns.items():
-        if re.match(rf"(.*\.)?({key})$", module):
-            return value
-    return default
+    return next((value for rule, value in patterns.items() if rule.match(module)), default)
 
 
 def _regex(pattern: str, what: str) -> re.Pattern[str]:
     if not isinstance(pattern, str) or len(pattern) > 4096:
-        raise ConfigError(f"{what}: expected a regex string, got {pattern!r}")
+        raise ConfigError(f"{what}: expected a regex string, got {clip(repr(pattern))}")
     try:
         return re.compile(pattern)
-    except re.error as e:
-        raise ConfigError(f"{what}: {pattern!r} is not a valid regular expression: {e}") from None
+    except (re.error, OverflowError, RecursionError) as e:  # the last two: "a{99999999999}", "((((..."
+        raise ConfigError(f"{what}: {clip(repr(pattern))} is not a valid regular expression: {e}") from None

@@ -15,7 +15,7 @@ from torch import nn
 from peftlab.config import AdapterConfig
 from peftlab.errors import ConfigError
 from peftlab.layer import Piece
-from peftlab.methods import bottleneck, compacter, ia3, lora
+from peftlab.methods import bottleneck, compacter, fusion, ia3, lora
 from peftlab.sites import Site
 
 
@@ -33,6 +33,7 @@ METHODS: dict[str, Method] = {
     "ia3": Method(ia3.IA3Config, ia3.build),
     "bottleneck": Method(bottleneck.BottleneckConfig, bottleneck.build),
     "compacter": Method(compacter.CompacterConfig, compacter.build, compacter.make_shared),
+    "fusion": Method(fusion.FusionConfig, fusion.build),  # built by AdapterSet.add_fusion
 }
 
 

@@ -91,12 +91,50 @@ class LoRA(Piece):
                           self.full_B().t(), alpha=self.scaling)
         return out.view(y.shape)
 
+    def fused_linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None):
+        """``x·Wᵀ + b`` plus this update in one autograd node, for a frozen ``weight [out, in]``;
+        ``None`` when adapter dropout is on (the update then sees another input than ``W``)."""
+        if self.dropout and self.training:
+            return None
+        return _LoRALinear.apply(x, weight, bias, self.lora_A, self.full_B(), self.scaling)
+
     def delta_weight(self) -> torch.Tensor:
         """``s·B·A`` as ``[out, in]``."""
         return self.full_B() @ self.lora_A * self.scaling
 
     def merge_into(self, weight: torch.Tensor, bias: torch.Tensor | None, sign: int) -> None:
         weight.add_(self.delta_weight().to(weight.dtype), alpha=sign)
+
+
+class _LoRALinear(torch.autograd.Function):
+    """``y = x·Wᵀ + b + s·(x·Aᵀ)·Bᵀ`` with ``W`` frozen. Same saved tensors as plain autograd
+    (``x`` and the rank-r ``x·Aᵀ``), fewer passes over the activations: the update is added in
+    place, the input gradient of ``W`` and of the update share one buffer, and ``∂B`` is taken
+    as ``((x·Aᵀ)ᵀ·g)ᵀ``, which is several times faster on CPU than ``gᵀ·(x·Aᵀ)``."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, A, B, s):  # type: ignore[override]
+        x2 = x.reshape(-1, x.shape[-1])
+        xa = F.linear(x2, A)
+        y = F.linear(x2, weight, bias).addmm_(xa, B.t(), alpha=s)
+        ctx.save_for_backward(x, xa, weight, A, B)
+        ctx.s = s
+        return y.view(*x.shape[:-1], y.shape[-1])
+
+    @staticmethod
+    def backward(ctx, g):  # type: ignore[override]
+        x, xa, weight, A, B = ctx.saved_tensors
+        need_x, _, _, need_A, need_B, _ = ctx.needs_input_grad
+        g2 = g.reshape(-1, g.shape[-1])
+        gb = (g2 @ B).mul_(ctx.s)  # ∂(x·Aᵀ), scaled
+        grad_x = grad_A = grad_B = None
+        if need_x:
+            grad_x = (g2 @ weight).addmm_(gb, A).view(x.shape)
+        if need_A:
+            grad_A = gb.t() @ x.reshape(-1, x.shape[-1])
+        if need_B:
+            grad_B = (xa.t() @ g2).t().mul_(ctx.s)
+        return grad_x, None, None, grad_A, grad_B, None
 
 
 def build(config: LoRAConfig, site: Site, shared: nn.Module | None = None) -> LoRA:

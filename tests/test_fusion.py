@@ -1,0 +1,314 @@
+"""AdapterFusion over any adapter kind, the two-stage multi-task recipe, per-example routing."""
+
+from __future__ import annotations
+
+import json
+import threading
+
+import pytest
+import torch
+from conftest import output_of, randomize, tiny_inputs, tiny_model
+
+import peftlab
+from peftlab.multitask import MultiTaskModel, train_adapter, train_fusion
+
+# The tiny models are 32 wide: reduction 8 gives bottlenecks of 4 (divisible by phm_dim 4).
+PFEIFFER = peftlab.BottleneckConfig.pfeiffer(reduction=8)
+COMPACTER_PP = peftlab.CompacterConfig.plus_plus(reduction=8)
+LORA_FFN = peftlab.LoRAConfig(r=2, targets=("ffn_down",))
+IA3 = peftlab.IA3Config()
+EXACT_V = peftlab.FusionConfig(value_noise=0.0)
+
+
+def _with_members(model, **configs):
+    adapters = peftlab.attach(model)
+    for name, config in configs.items():
+        adapters.add(name, config)
+        randomize(adapters.parameters(name), seed=len(adapters.names))
+    return adapters
+
+
+def _snapshot(adapters, *names):
+    return {(n, i): p.detach().clone() for n in names for i, p in enumerate(adapters.parameters(n))}
+
+
+def _mixed(family):
+    model = tiny_model(family)
+    return model, _with_members(model, pfeiffer=PFEIFFER, compacter=COMPACTER_PP, lora=LORA_FFN)
+
+
+# ---- the mechanism ----------------------------------------------------------------------------
+@pytest.mark.parametrize("config", [PFEIFFER, COMPACTER_PP, LORA_FFN, IA3], ids=lambda c: c.method)
+def test_a_one_member_fusion_with_identity_value_is_that_member_exactly(bert, config):
+    inputs = tiny_inputs("bert")
+    adapters = _with_members(bert, member=config)
+    adapters.activate("member")
+    alone = output_of(bert, inputs)
+    adapters.add_fusion("fusion", ["member"], EXACT_V)
+    adapters.activate("fusion")
+    assert torch.equal(output_of(bert, inputs), alone)  # softmax over one member is exactly 1
+    assert torch.equal(adapters.fusion_weights("fusion"), torch.ones(len(adapters["fusion"].sites), 1))
+
+
+def test_a_fusion_layer_equals_the_papers_formula(bert):
+    adapters = _with_members(bert, houlsby=peftlab.BottleneckConfig.houlsby(reduction=8),
+                             pfeiffer=PFEIFFER, lora=LORA_FFN)
+    adapters.add_fusion("f", ["houlsby", "pfeiffer", "lora"], peftlab.FusionConfig(temperature=2.0))
+    randomize(adapters.parameters("f"), seed=7)
+    adapters.activate("f")
+    layer = bert.get_submodule("encoder.layer.0.output.dense")
+    fusion, members = layer.adapters["f"], [layer.adapters[n] for n in ("houlsby", "pfeiffer", "lora")]
+    x = torch.randn(3, 5, layer.in_features)
+    h = layer.base(x)
+    z = torch.stack([members[0](h), members[1](h), members[2].add_delta(h, x)])  # [N, ..., d]
+    q = fusion.query(h)
+    s = torch.softmax((q * fusion.key(z)).sum(-1) / 2.0, dim=0)  # (hᵀQ)·(z_nᵀK) / T over n
+    expected = (s.unsqueeze(-1) * fusion.value(z)).sum(0)  # Σ s_n·(z_nᵀV)
+    assert torch.allclose(layer(x), expected, atol=1e-5)
+
+
+def test_an_absent_member_counts_as_the_unchanged_output(bert):
+    # Houlsby acts at attn_out and ffn_down, Pfeiffer at ffn_down only: at attn_out the fusion
+    # chooses between Houlsby's output and the plain one.
+    adapters = _with_members(bert, houlsby=peftlab.BottleneckConfig.houlsby(reduction=8), pfeiffer=PFEIFFER)
+    adapters.add_fusion("f", ["houlsby", "pfeiffer"])
+    randomize(adapters.parameters("f"), seed=7)
+    adapters.activate("f")
+    layer = bert.get_submodule("encoder.layer.0.attention.output.dense")
+    x = torch.randn(2, 4, layer.in_features)
+    h = layer.base(x)
+    z = torch.stack([layer.adapters["houlsby"](h), h], dim=-2)
+    assert torch.allclose(layer(x), layer.adapters["f"](h, z))
+    assert len(adapters["f"].sites) == 4  # 2 blocks × (attn_out, ffn_down)
+
+
+def test_members_run_only_inside_an_active_fusion(bert):
+    inputs = tiny_inputs("bert")
+    adapters = _with_members(bert, a=PFEIFFER, b=LORA_FFN)
+    adapters.add_fusion("f", ["a", "b"])
+    adapters.activate("f")
+    fused = output_of(bert, inputs)
+    adapters.activate("a", "f", "b")
+    assert torch.equal(output_of(bert, inputs), fused)
+
+
+def test_fusion_weights_are_the_mean_attention_per_module_and_member(bert):
+    adapters = _with_members(bert, a=PFEIFFER, b=COMPACTER_PP, c=LORA_FFN)
+    adapters.add_fusion("f", ["a", "b", "c"])
+    randomize(adapters.parameters("f"), scale=0.5, seed=3)
+    adapters.activate("f")
+    output_of(bert, tiny_inputs("bert"))
+    weights = adapters.fusion_weights("f")
+    assert weights.shape == (2, 3)  # ffn_down of the 2 blocks × 3 members
+    assert torch.allclose(weights.sum(1), torch.ones(2))
+    assert not torch.allclose(weights, torch.full((2, 3), 1 / 3), atol=1e-3)
+
+
+def test_the_value_penalty_pulls_toward_the_identity(bert):
+    adapters = _with_members(bert, a=PFEIFFER, b=LORA_FFN)
+    adapters.add_fusion("f", ["a", "b"], peftlab.FusionConfig(value_noise=0.0, value_identity_penalty=0.5))
+    assert adapters.fusion_penalty("f").item() == 0.0
+    values = [p.value.weight for p in adapters["f"].pieces.values()]
+    with torch.no_grad():
+        values[0][0, 1] += 2.0
+    assert adapters.fusion_penalty("f").item() == pytest.approx(0.5 * 4.0)
+
+
+def test_fusion_params_per_module_are_three_squares_plus_the_query_bias(bert):
+    adapters = _with_members(bert, a=PFEIFFER, b=LORA_FFN)
+    adapters.add_fusion("f", ["a", "b"])
+    assert adapters.summary()["f"].parameters == 2 * (3 * 32**2 + 32)
+
+
+# ---- any kind, any family ---------------------------------------------------------------------
+@pytest.mark.parametrize("family", ["bert", "gpt2", "llama"])
+def test_a_mixed_kind_fusion_trains_only_itself(family):
+    model, adapters = _mixed(family)
+    inputs = tiny_inputs(family)
+    adapters.add_fusion("mixed", ["pfeiffer", "compacter", "lora"])
+    adapters.activate("mixed")
+    trainable = adapters.train("mixed")
+    assert {id(p) for p in trainable} == {id(p) for p in adapters.parameters("mixed")}
+    (output_of(model, inputs).pow(2).mean() + adapters.fusion_penalty("mixed")).backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in trainable)
+    for member in ("pfeiffer", "compacter", "lora"):
+        assert all(p.grad is None and not p.requires_grad for p in adapters.parameters(member))
+
+
+def test_members_are_bit_identical_after_stage_two(bert):
+    model = MultiTaskModel(bert, {"a": 2, "b": 3})
+    adapters = _with_members(model, a=PFEIFFER, b=LORA_FFN)  # stage 1 done (already attached)
+    before = _snapshot(adapters, "a", "b")
+    heads = {k: v.clone() for k, v in model.heads.state_dict().items()}
+    batches = [{**tiny_inputs("bert", batch=4, seed=s), "labels": torch.tensor([0, 1, 1, 0])}
+               for s in range(3)]
+    result = train_fusion(model, {"a": batches, "b": batches}, target="a", fusion_lr=1e-2)
+    assert result.fusion == "fusion-a" and list(result.losses) == ["fusion-a"]
+    after = _snapshot(adapters, "a", "b")
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert all(torch.equal(heads[k], model.heads.state_dict()[k]) for k in heads)  # stage-1 heads
+    assert not torch.equal(model.heads["fusion-a"].weight, model.heads["a"].weight)
+    assert adapters.active == ("fusion-a",)
+
+
+def test_both_stages_from_scratch_with_a_head_per_task():
+    backbone = tiny_model("bert")
+    model = MultiTaskModel(backbone, {"sst2": 2, "rte": 2, "stsb": 1}, pooling="first")
+    batch = {**tiny_inputs("bert", batch=4)}
+    tasks = {"sst2": [{**batch, "labels": torch.tensor([0, 1, 0, 1])}] * 4,
+             "rte": [{**batch, "labels": torch.tensor([1, 1, 0, 0])}] * 4,
+             "stsb": [{**batch, "labels": torch.tensor([0.5, 2.0, 4.0, 1.0])}] * 4}
+    configs = {"sst2": PFEIFFER, "rte": LORA_FFN, "stsb": COMPACTER_PP}
+    result = train_fusion(model, tasks, target="rte", adapter_config=configs, lr=1e-2, fusion_lr=1e-2)
+    assert list(result.losses) == ["sst2", "rte", "stsb", "fusion-rte"]
+    for losses in result.losses.values():
+        assert losses[-1] < losses[0]
+    out = model(**batch)
+    assert out.logits["stsb"].shape == (4, 1) and out.logits["fusion-rte"].shape == (4, 2)
+
+
+# ---- files ------------------------------------------------------------------------------------
+def test_a_fusion_saves_its_own_weights_and_records_its_members(tmp_path):
+    model, adapters = _mixed("bert")
+    inputs = tiny_inputs("bert")
+    adapters.add_fusion("mixed", ["pfeiffer", "compacter", "lora"])
+    randomize(adapters.parameters("mixed"), seed=9)
+    adapters.activate("mixed")
+    expected = output_of(model, inputs)
+    for name in ("pfeiffer", "compacter", "lora", "mixed"):
+        adapters.save(name, tmp_path / name)
+    saved = json.loads((tmp_path / "mixed" / "adapter_config.json").read_text())
+    assert saved["method"] == "fusion" and saved["members"] == ["pfeiffer", "compacter", "lora"]
+
+    fresh = tiny_model("bert")
+    loaded = peftlab.attach(fresh)
+    with pytest.raises(peftlab.AdapterLoadError, match="load its members"):
+        loaded.load(tmp_path / "mixed")
+    for name in ("pfeiffer", "compacter", "lora", "mixed"):
+        loaded.load(tmp_path / name)
+    loaded.activate("mixed")
+    assert torch.equal(output_of(fresh, inputs), expected)
+
+
+# ---- per-example routing ----------------------------------------------------------------------
+ROUTE = ["lora", "ia3", None, "pfeiffer", "fusion", "lora", ("lora", "ia3")]
+
+
+def _routable(family):
+    model = tiny_model(family)
+    adapters = _with_members(model, lora=peftlab.LoRAConfig(r=2, targets=("query", "value", "ffn_down")),
+                             ia3=IA3, pfeiffer=PFEIFFER)
+    adapters.add_fusion("fusion", ["lora", "ia3", "pfeiffer"])
+    randomize(adapters.parameters("fusion"), seed=5)
+    return model, adapters
+
+
+def _one_by_one(model, adapters, inputs, route):
+    rows = []
+    for i, entry in enumerate(route):
+        adapters.activate(*(() if entry is None else (entry,) if isinstance(entry, str) else entry))
+        rows.append(output_of(model, {k: v[i:i + 1] for k, v in inputs.items()}))
+    return torch.cat(rows)
+
+
+@pytest.mark.parametrize("family", ["bert", "gpt2", "llama"])
+def test_routing_equals_running_each_example_with_its_adapter(family):
+    model, adapters = _routable(family)
+    inputs = tiny_inputs(family, batch=len(ROUTE))
+    adapters.activate("pfeiffer")
+    plain = output_of(model, inputs)
+    with torch.no_grad(), adapters.route(ROUTE):
+        routed = output_of(model, inputs)
+    assert torch.equal(output_of(model, inputs), plain)  # after the block, activate() rules again
+    assert not torch.allclose(routed, plain, atol=1e-3)
+    assert torch.allclose(routed, _one_by_one(model, adapters, inputs, ROUTE), atol=1e-5, rtol=0)
+
+
+def test_routing_is_per_thread():
+    model, adapters = _routable("bert")
+    inputs = tiny_inputs("bert", batch=4)
+    routes = [["lora", None, "fusion", "ia3"], ["fusion", "pfeiffer", "lora", None]]
+    with torch.no_grad():
+        sequential = []
+        for route in routes:
+            with adapters.route(route):
+                sequential.append(output_of(model, inputs))
+        adapters.activate()
+        plain = output_of(model, inputs)
+        results: dict[int, list[torch.Tensor]] = {0: [], 1: []}
+        start = threading.Barrier(2)
+
+        def worker(i):
+            start.wait()
+            for _ in range(8):
+                with adapters.route(routes[i]):
+                    results[i].append(output_of(model, inputs))
+
+        threads = [threading.Thread(target=worker, args=(i,)) for i in (0, 1)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert torch.equal(output_of(model, inputs), plain)  # the main thread was never routed
+    for i in (0, 1):
+        assert len(results[i]) == 8
+        assert all(torch.allclose(r, sequential[i], atol=1e-6, rtol=0) for r in results[i])
+
+
+# ---- errors -----------------------------------------------------------------------------------
+def test_fusion_errors_are_clear(bert, tmp_path):
+    adapters = _with_members(bert, q=peftlab.LoRAConfig(targets=("query",)), a=PFEIFFER, b=LORA_FFN)
+    with pytest.raises(peftlab.TargetError, match="no common module"):
+        adapters.add_fusion("f", ["q", "a"])
+    with pytest.raises(peftlab.AdapterNameError, match="no adapter named"):
+        adapters.add_fusion("f", ["a", "missing"])
+    with pytest.raises(peftlab.AdapterNameError, match="named twice"):
+        adapters.add_fusion("f", ["a", "a"])
+    with pytest.raises(peftlab.ConfigError, match="list of adapter names"):
+        adapters.add_fusion("f", "a")
+    with pytest.raises(peftlab.ConfigError, match="add_fusion"):
+        adapters.add("f", peftlab.FusionConfig())
+    with pytest.raises(peftlab.ConfigError, match="temperature"):
+        peftlab.FusionConfig(temperature=0.0)
+    adapters.add_fusion("f", ["a", "b"])
+    with pytest.raises(peftlab.AdapterStateError, match="has not run yet"):
+        adapters.fusion_weights("f")
+    with pytest.raises(peftlab.AdapterNameError, match="not a fusion"):
+        adapters.fusion_weights("a")
+    with pytest.raises(peftlab.ConfigError, match="plain adapters"):
+        adapters.add_fusion("g", ["f", "a"])
+    with pytest.raises(peftlab.AdapterStateError, match="member of fusion"):
+        adapters.remove("b")
+    adapters.activate("b")
+    with pytest.raises(peftlab.AdapterStateError, match="member of fusion"):
+        adapters.merge("b")
+    adapters.activate("f")
+    with pytest.raises(peftlab.AdapterStateError, match="cannot be merged"):
+        adapters.merge("f")
+    adapters.remove("f")
+    adapters.remove("b")  # free once its fusion is gone
+
+
+def test_routing_errors_are_clear(bert):
+    adapters = _with_members(bert, a=LORA_FFN)
+    with pytest.raises(peftlab.AdapterNameError, match="no adapter named"), adapters.route(["a", "nope"]):
+        pass
+    with pytest.raises(peftlab.AdapterStateError, match="one adapter name"), adapters.route("a"):
+        pass
+    too_few = tiny_inputs("bert", batch=2)
+    with pytest.raises(peftlab.AdapterStateError, match="set for 3"), adapters.route(["a", None, "a"]):
+        output_of(bert, too_few)
+    adapters.activate("a")
+    adapters.merge("a")
+    with pytest.raises(peftlab.AdapterStateError, match="merged"), adapters.route(["a", None]):
+        pass
+
+
+def test_a_head_for_labels_must_be_named(bert):
+    model = MultiTaskModel(bert, {"a": 2})
+    _with_members(model, a=PFEIFFER)
+    with pytest.raises(peftlab.AdapterNameError, match="head="):
+        model(**tiny_inputs("bert"), labels=torch.tensor([0, 1]))
+    with pytest.raises(peftlab.ConfigError, match="no head"):
+        train_fusion(model, {"a": [], "b": []}, target="a")
+    assert train_adapter(model, "a", []) == []
