@@ -14,6 +14,11 @@ frozen weights at the training peak. It is exact and repeatable, unlike process 
 
     python benchmarks/speed.py                      # all methods, 10 rounds
     python benchmarks/speed.py --methods lora,ia3 --rounds 20 --json out.json
+
+With ``--adapterhub``, AdapterHub's own presets of the same methods join the run (ratios
+peftlab/AH); they need its venv (transformers 4.57): ``bash benchmarks/adapterhub_venv.sh``, then
+``/tmp/peftlab-ah/bin/python benchmarks/speed.py --adapterhub --fusion``. ``--fusion`` adds a
+fusion of 3 Pfeiffer adapters (members frozen, the fusion trained).
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import logging
 import platform
 import statistics
 import time
@@ -64,6 +70,48 @@ def peft_model(base: torch.nn.Module, method: str) -> torch.nn.Module | None:
     else:
         return None
     return peft.get_peft_model(copy.deepcopy(base), config)
+
+
+FUSION_MEMBERS = ("a", "b", "c")
+
+
+def peftlab_fusion(base: torch.nn.Module) -> torch.nn.Module | None:
+    """A fusion of 3 Pfeiffer adapters set up for training, or None if peftlab lacks fusion."""
+    if not hasattr(peftlab, "FusionConfig"):
+        return None
+    model = copy.deepcopy(base)
+    adapters = peftlab.attach(model)
+    for name in FUSION_MEMBERS:
+        adapters.add(name, peftlab.BottleneckConfig.pfeiffer())
+    adapters.add_fusion("fusion", FUSION_MEMBERS, peftlab.FusionConfig())
+    adapters.activate("fusion")
+    adapters.train("fusion")
+    return model
+
+
+def adapterhub_model(base: torch.nn.Module, method: str) -> torch.nn.Module | None:
+    """The method built with AdapterHub's preset config and set up for training, or None if
+    AdapterHub lacks it. Its Pfeiffer and Compacter++ presets feed the adapter the sub-layer's
+    LayerNorm'd output (``original_ln_before``) and so compute one LayerNorm more per block
+    than peftlab's; see benchmarks/parity_adapterhub.py."""
+    import adapters as ah
+
+    presets = {"pfeiffer": ah.SeqBnConfig, "houlsby": ah.DoubleSeqBnConfig,
+               "compacter": ah.CompacterConfig, "compacter++": ah.CompacterPlusPlusConfig}
+    if method not in presets and method != "fusion":
+        return None
+    logging.getLogger("adapters").setLevel(logging.ERROR)  # "none are activated" while adding
+    model = copy.deepcopy(base)
+    ah.init(model)
+    if method == "fusion":
+        for name in FUSION_MEMBERS:
+            model.add_adapter(name, config=ah.SeqBnConfig())
+        model.add_adapter_fusion(ah.Fuse(*FUSION_MEMBERS))  # "dynamic": Q, K and V, as peftlab's
+        model.train_adapter_fusion(ah.Fuse(*FUSION_MEMBERS))
+    else:
+        model.add_adapter(method, config=presets[method]())
+        model.train_adapter(method)
+    return model
 
 
 class SavedBytes:
@@ -123,6 +171,12 @@ class Variant:
         return saved.total + state
 
 
+def vs(figures: dict[str, float], name: str, tool: str) -> str:
+    """``name``'s figure over that of its peer built with ``tool`` (peft, adapterhub), or blank."""
+    peer = name.replace("peftlab:", f"{tool}:")
+    return f"{figures[name] / figures[peer]:8.3f}" if peer != name and peer in figures else f"{'':>8}"
+
+
 def timed(fn: Callable[[], object]) -> float:
     t0 = time.perf_counter()
     fn()
@@ -136,10 +190,19 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--dropout", type=float, default=None, help="override the model's dropout (0.1)")
     ap.add_argument("--no-peft", action="store_true", help="skip the HF peft side")
+    ap.add_argument("--adapterhub", action="store_true", help="add AdapterHub's versions (its venv)")
+    ap.add_argument("--fusion", action="store_true", help="add a fusion of 3 Pfeiffer adapters")
     ap.add_argument("--json", default=None, help="write all figures here")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
+    if args.adapterhub:
+        try:
+            import adapters  # noqa: F401
+        except ImportError:
+            print("--adapterhub: `adapters` is not installed here (see benchmarks/adapterhub_venv.sh); "
+                  "running without it")
+            args.adapterhub = False
 
     extra = {} if args.dropout is None else {"hidden_dropout_prob": args.dropout,
                                              "attention_probs_dropout_prob": args.dropout}
@@ -173,6 +236,14 @@ def main() -> None:
             merged = peft_model(base, m)
             merged.merge_adapter()
             infer[f"peft:{m}:merged"] = merged.eval()
+    added = {"peftlab:fusion": peftlab_fusion(base)} if args.fusion else {}
+    if args.adapterhub:
+        for m in methods + (["fusion"] if args.fusion else []):
+            added[f"adapterhub:{m}"] = adapterhub_model(base, m)
+    for name, model in added.items():
+        if model is not None:
+            train.append(Variant(name, model))
+            infer[name] = model
 
     params = {v.name: sum(p.numel() for p in v.params) for v in train}
     memory = {v.name: v.memory(batch) for v in train}
@@ -197,18 +268,16 @@ def main() -> None:
           f"batch 16x128, dropout {0.1 if args.dropout is None else args.dropout}, {args.rounds} rounds")
     print(f"base forward {base_fwd * 1e3:.1f} ms; frozen-backbone bound {bound * 1e3:.1f} ms "
           f"({bound / base_fwd:.2f}x the forward)\n")
-    print(f"{'train step':<22}{'ms':>9}{'/bound':>9}{'/peft':>8}{'params':>10}{'memory MB':>11}{'/peft':>8}")
+    print(f"{'train step':<24}{'ms':>9}{'/bound':>9}{'/peft':>8}{'/AH':>8}{'params':>10}{'memory MB':>11}"
+          f"{'/peft':>8}{'/AH':>8}")
     for v in train:
-        peer = v.name.replace("peftlab:", "peft:")
-        vs = f"{med[v.name] / med[peer]:8.3f}" if peer != v.name and peer in med else f"{'':>8}"
-        ms = f"{memory[v.name] / memory[peer]:8.3f}" if peer != v.name and peer in memory else f"{'':>8}"
-        print(f"{v.name:<22}{med[v.name] * 1e3:9.1f}{med[v.name] / bound:9.3f}{vs}{params[v.name]:>10,}"
-              f"{memory[v.name] / 2**20:11.1f}{ms}")
-    print(f"\n{'inference':<22}{'ms':>9}{'/base':>9}{'/peft':>8}")
+        print(f"{v.name:<24}{med[v.name] * 1e3:9.1f}{med[v.name] / bound:9.3f}{vs(med, v.name, 'peft')}"
+              f"{vs(med, v.name, 'adapterhub')}{params[v.name]:>10,}{memory[v.name] / 2**20:11.1f}"
+              f"{vs(memory, v.name, 'peft')}{vs(memory, v.name, 'adapterhub')}")
+    print(f"\n{'inference':<24}{'ms':>9}{'/base':>9}{'/peft':>8}{'/AH':>8}")
     for k in infer:
-        peer = k.replace("peftlab:", "peft:")
-        vs = f"{imed[k] / imed[peer]:8.3f}" if peer != k and peer in imed else ""
-        print(f"{k:<22}{imed[k] * 1e3:9.1f}{imed[k] / base_fwd:9.3f}{vs}")
+        print(f"{k:<24}{imed[k] * 1e3:9.1f}{imed[k] / base_fwd:9.3f}{vs(imed, k, 'peft')}"
+              f"{vs(imed, k, 'adapterhub')}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"versions": {"torch": torch.__version__, "transformers": T.__version__,
