@@ -92,7 +92,7 @@ def find_sites(model: nn.Module, targets: tuple[str, ...], role_map: RoleMap | N
         pattern, select = _pattern(model, target, role_map)
         try:
             regex = re.compile(pattern)
-        except re.error as e:
+        except (re.error, OverflowError, RecursionError) as e:
             raise TargetError(f"target {target!r} is not a valid regular expression: {e}") from None
         hits = [name for name in modules if regex.search(name)]
         if not hits:
