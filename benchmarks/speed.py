@@ -36,6 +36,7 @@ import torch
 import transformers as T
 
 import peftlab
+from peftlab.measure import SavedBytes
 
 MINILM = dict(hidden_size=384, num_hidden_layers=6, num_attention_heads=12, intermediate_size=1536,
               vocab_size=30522, num_labels=2)
@@ -112,24 +113,6 @@ def adapterhub_model(base: torch.nn.Module, method: str) -> torch.nn.Module | No
         model.add_adapter(method, config=presets[method]())
         model.train_adapter(method)
     return model
-
-
-class SavedBytes:
-    """Bytes of distinct non-parameter storages that autograd saves for backward."""
-
-    def __init__(self, model: torch.nn.Module) -> None:
-        self.params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-        self.storages: dict[int, int] = {}
-
-    def pack(self, t: torch.Tensor) -> torch.Tensor:
-        s = t.untyped_storage()
-        if s.data_ptr() not in self.params:
-            self.storages[s.data_ptr()] = s.nbytes()
-        return t
-
-    @property
-    def total(self) -> int:
-        return sum(self.storages.values())
 
 
 def make_batch(seed: int = 0) -> dict[str, torch.Tensor]:

@@ -1,0 +1,137 @@
+"""GLUE-small: ``peftlab compare`` on the packaged MiniLM-L6 over five GLUE tasks.
+
+Every method (LoRA, (IA)3, Houlsby, Pfeiffer, Compacter, Compacter++), full fine-tuning and
+AdapterFusion, on SST-2, MRPC, RTE, CoLA and STS-B from ``../shared/data`` (JSONL, see its
+README), at most 2,000 training examples per task, max length 128, seeds 0, 1, 2. CoLA is judged
+by Matthews correlation and STS-B by Pearson correlation, as GLUE does; the others by accuracy
+(every metric is in ``report.json``). Afterwards ``targets.md`` checks the report against the
+issue's targets: every method's average within 1.0 point of full fine-tuning, Fusion above
+single-task Pfeiffer on RTE and MRPC, and the everyday run in under 20 minutes.
+
+    python benchmarks/glue_small.py                         # the full run (hours on 2 cores)
+    python benchmarks/glue_small.py --preset everyday       # 3 tasks x 5 methods x 1 seed x 1,000
+    python benchmarks/glue_small.py --preset smoke          # 2 tasks x 2 methods x 64 examples
+    python benchmarks/glue_small.py --tasks rte,mrpc --methods pfeiffer,fusion --seeds 0,1
+
+Writes ``report.md``, ``report.json``, the plots, ``runs/`` and ``targets.md`` to ``--out``
+(default ``benchmarks/results/glue_small[_<preset>]``; it must be new or empty).
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+DEFAULT_DATA = HERE.parent.parent / "shared" / "data"
+TASKS = ("sst2", "mrpc", "rte", "cola", "stsb")
+METRICS = {"cola": "matthews"}  # GLUE's metric; the others keep accuracy (STS-B: Pearson)
+PRESETS: dict[str, dict[str, Any]] = {
+    "full": {"tasks": TASKS, "methods": "lora,ia3,houlsby,pfeiffer,compacter,compacter++,fusion,full",
+             "seeds": "0,1,2", "max_train_samples": 2000, "epochs": 3.0},
+    # The issue's speed target: 3 tasks x 5 methods x 1 seed at <= 1,000 examples, < 20 min.
+    "everyday": {"tasks": ("sst2", "mrpc", "rte"), "methods": "lora,ia3,pfeiffer,compacter++,full",
+                 "seeds": "0", "max_train_samples": 1000, "epochs": 1.0},
+    "smoke": {"tasks": ("sst2", "rte"), "methods": "lora,ia3", "seeds": "0", "max_train_samples": 64,
+              "epochs": 1.0, "max_eval_samples": 64},
+}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--preset", choices=sorted(PRESETS), default="full")
+    ap.add_argument("--data-dir", type=Path, default=DEFAULT_DATA)
+    ap.add_argument("--tasks", help="comma list (default: the preset's)")
+    ap.add_argument("--methods", help="comma list (default: the preset's)")
+    ap.add_argument("--seeds", help="comma list (default: the preset's)")
+    ap.add_argument("--max-train-samples", type=int)
+    ap.add_argument("--max-eval-samples", type=int)
+    ap.add_argument("--epochs", type=float)
+    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--max-length", type=int, default=128)
+    ap.add_argument("--fusion-lr", type=float, default=5e-5)
+    ap.add_argument("--time-budget", type=float, help="minutes")
+    ap.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
+    ap.add_argument("--out", type=Path)
+    args = ap.parse_args()
+    preset = PRESETS[args.preset]
+
+    import torch
+
+    from peftlab.cli import demo_model_dir
+    from peftlab.compare import CompareOptions, run_compare
+    from peftlab.errors import PeftlabError
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    tasks = args.tasks.split(",") if args.tasks else list(preset["tasks"])
+    missing = [t for t in tasks if not (args.data_dir / t).is_dir()]
+    if missing:
+        print(f"error: no task folders {missing} in {args.data_dir}; pass --data-dir", file=sys.stderr)
+        return 2
+    name = "glue_small" if args.preset == "full" else f"glue_small_{args.preset}"
+    out = args.out or HERE / "results" / name
+    opts = CompareOptions(
+        model=str(demo_model_dir()), data=tuple(str(args.data_dir / t) for t in tasks), out=out,
+        methods=tuple((args.methods or preset["methods"]).split(",")),
+        epochs=args.epochs or preset["epochs"], batch_size=args.batch_size, max_length=args.max_length,
+        seeds=tuple(int(s) for s in (args.seeds or preset["seeds"]).split(",")),
+        max_train_samples=args.max_train_samples or preset["max_train_samples"],
+        max_eval_samples=args.max_eval_samples or preset.get("max_eval_samples"),
+        time_budget=args.time_budget, metrics={t: m for t, m in METRICS.items() if t in tasks},
+        fusion_lr=args.fusion_lr)
+    started = time.perf_counter()
+    try:
+        report = run_compare(opts)
+    except PeftlabError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    seconds = time.perf_counter() - started
+    command = shlex.join(["python", "benchmarks/glue_small.py", *sys.argv[1:]])
+    (out / "targets.md").write_text(targets(report, command, seconds, args.preset))
+    print(f"wall time {seconds / 60:.1f} min; targets: {out / 'targets.md'}")
+    return 0
+
+
+def targets(report: dict[str, Any], command: str, seconds: float, preset: str) -> str:
+    """The issue's targets against this report, with the numbers."""
+    scores = report["summary"]["scores"]
+    lines = ["# GLUE-small targets", "", "```", command, "```", "",
+             f"Wall time: {seconds / 60:.1f} min ({report['machine'].get('torch_threads')} torch threads, "
+             f"{report['machine'].get('cpu_count')} CPUs). Equivalent: `{report['command']}`.", ""]
+    full = scores.get("full", {}).get("average")
+    if full is not None:
+        lines.append(f"Full fine-tuning average: {100 * full:.1f}.")
+        for method, s in scores.items():
+            if method == "full" or s.get("average") is None:
+                continue
+            gap = 100 * (s["average"] - full)
+            lines.append(f"- {method}: average {100 * s['average']:.1f} ({gap:+.1f}): "
+                         + ("within 1.0 point: met" if gap >= -1.0 else "more than 1.0 below: MISSED"))
+    else:
+        lines.append("Average vs full fine-tuning: not measured (full fine-tuning missing or incomplete).")
+    for task, paper in (("rte", "71.0 -> 76.8"), ("mrpc", "85.2 -> 90.3")):
+        pf = scores.get("pfeiffer", {}).get("tasks", {}).get(task)
+        fu = scores.get("fusion", {}).get("tasks", {}).get(task)
+        if pf and fu:
+            gain = 100 * (fu["mean"] - pf["mean"])
+            lines.append(f"- Fusion vs single-task Pfeiffer on {task}: {100 * pf['mean']:.1f} -> "
+                         f"{100 * fu['mean']:.1f} ({gain:+.1f}; paper, BERT-base: {paper}): "
+                         + ("met" if gain > 0 else "MISSED"))
+        else:
+            lines.append(f"- Fusion vs single-task Pfeiffer on {task}: not measured")
+    if preset == "everyday":
+        lines.append(f"- Everyday run under 20 minutes: {seconds / 60:.1f} min: "
+                     + ("met" if seconds < 20 * 60 else "MISSED"))
+    if report.get("skipped"):
+        lines.append(f"\n{len(report['skipped'])} run(s) skipped; see report.md.")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
+

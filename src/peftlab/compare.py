@@ -1,0 +1,546 @@
+"""``peftlab compare``: every method on the user's model and tasks, measured in one run.
+
+For each method the run records its costs (:mod:`peftlab.measure`: parameters, file size,
+training memory, train-step time, inference latency unmerged and merged) and, for each task and
+seed, its validation score after training with exactly what ``peftlab train`` does
+(:func:`peftlab.train.run_training`: same presets, learning rates, schedule and head).
+
+Fusion follows the AdapterFusion paper's two stages (Pfeiffer et al. 2021, arXiv 2005.00247):
+stage 1 is the single-task Pfeiffer adapter of every task (the ``pfeiffer`` runs, trained even if
+``pfeiffer`` is not asked for); stage 2, for each target task, loads all tasks' stage-1 adapters
+(the target's own and the others') into a fresh model, starts the head from the target's
+stage-1 head, and trains only the fusion and the head on the target task, with the same
+schedule as the other runs (AdamW, 6% warm-up then linear decay, clipping at 1.0) and the
+paper's learning rate 5e-5, the loss including the fusion's ``V ≈ I`` penalty. The multi-task
+column is the fusion's score minus the stage-1 adapter's on the same task and seed.
+
+Runs go seed by seed (every task and method of seed 0 before seed 1), so a run cut short by
+``time_budget`` or by a crash still holds whole seeds; ``report.json`` and ``report.md`` are
+rewritten after every run (the plots at the end). A run starts only if the time spent so far plus the expected
+duration of that run (the mean of the same method's earlier runs, else of all runs) fits in the
+budget; skipped runs are listed in the report, and so is a run whose training diverged (NaN or
+infinite loss), which does not stop the others.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import platform
+import shlex
+import shutil
+import statistics
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.console import Console
+
+from peftlab.data import TaskData, load_task
+from peftlab.measure import FULL, FUSION, FUSION_MEMBER_METHOD, Measurement, data_batch, peak_rss_bytes
+from peftlab.metrics import PRIMARY
+from peftlab.train import NonFiniteLossError, UsageError
+
+ALL_METHODS = ("lora", "ia3", "houlsby", "pfeiffer", "compacter", "compacter++", FUSION, FULL)
+#: AdapterFusion's learning rate for stage 2 (the paper's setting).
+FUSION_LR = 5e-5
+#: Metrics a run can be judged by (higher is better).
+METRICS = {"classification": ("accuracy", "f1", "matthews"), "regression": ("pearson", "spearman")}
+REPORT_JSON = "report.json"
+
+
+@dataclasses.dataclass
+class CompareOptions:
+    """Everything ``peftlab compare`` takes. ``data``: task folders (each as for ``peftlab train``;
+    the task is named after its folder); ``metrics``: task -> metric to rank by (default:
+    accuracy for classification, Pearson for regression); ``time_budget`` in minutes."""
+
+    model: str
+    data: tuple[str, ...]
+    out: Path
+    methods: tuple[str, ...] = ALL_METHODS
+    epochs: float = 3.0
+    batch_size: int = 16
+    max_length: int = 128
+    seeds: tuple[int, ...] = (0,)
+    max_train_samples: int | None = None
+    max_eval_samples: int | None = None
+    time_budget: float | None = None
+    metrics: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    fusion_lr: float = FUSION_LR
+    measure_steps: int = 5
+    quiet: bool = False
+
+    def task_names(self) -> list[str]:
+        return [Path(d).expanduser().resolve().name for d in self.data]
+
+    def command(self) -> str:
+        """The ``peftlab compare`` command line that repeats this run."""
+        args = ["peftlab", "compare", "--model", self.model, "--data", ",".join(self.data),
+                "--methods", ",".join(self.methods), "--out", str(self.out), "--epochs", f"{self.epochs:g}",
+                "--batch-size", str(self.batch_size), "--max-length", str(self.max_length),
+                "--seeds", ",".join(map(str, self.seeds))]
+        for flag, value in (("--max-train-samples", self.max_train_samples),
+                            ("--max-eval-samples", self.max_eval_samples),
+                            ("--time-budget", self.time_budget)):
+            if value is not None:
+                args += [flag, f"{value:g}" if isinstance(value, float) else str(value)]
+        for task, metric in self.metrics.items():
+            args += ["--metric", f"{task}={metric}"]
+        if self.fusion_lr != FUSION_LR:
+            args += ["--fusion-lr", f"{self.fusion_lr:g}"]
+        return shlex.join(args)
+
+    def check(self) -> None:
+        from peftlab.adapter_set import check_name
+        from peftlab.errors import AdapterNameError
+        from peftlab.train import available_methods
+
+        if not self.data:
+            raise UsageError("--data: give at least one task folder")
+        names = self.task_names()
+        twice = sorted({n for n in names if names.count(n) > 1})
+        if twice:
+            raise UsageError(f"--data: tasks are named after their folders, and {twice} appear twice; "
+                             "give each task its own folder name")
+        for n in names:
+            try:
+                check_name(n)
+            except AdapterNameError:
+                raise UsageError(f"--data: task folder name {n!r} cannot name an adapter; rename the "
+                                 "folder (letters, digits, '_', '.', '-')") from None
+        unknown = [m for m in self.methods if m not in ALL_METHODS]
+        if unknown or not self.methods:
+            raise UsageError(f"--methods: unknown {unknown}; choose from {', '.join(ALL_METHODS)}")
+        missing = [m for m in self.methods if m not in (FUSION, *available_methods())]
+        if missing:
+            raise UsageError(f"--methods: {missing} are not available in this peftlab installation")
+        if len(set(self.methods)) != len(self.methods):
+            raise UsageError(f"--methods names a method twice: {list(self.methods)}")
+        if not self.seeds or len(set(self.seeds)) != len(self.seeds):
+            raise UsageError(f"--seeds: give distinct seeds, got {list(self.seeds)}")
+        for flag, v in (("--epochs", self.epochs), ("--fusion-lr", self.fusion_lr)):
+            if not (math.isfinite(v) and v > 0):
+                raise UsageError(f"{flag} must be positive, got {v}")
+        for flag, n in (("--batch-size", self.batch_size), ("--max-train-samples", self.max_train_samples),
+                        ("--max-eval-samples", self.max_eval_samples), ("measure_steps", self.measure_steps)):
+            if n is not None and n < 1:
+                raise UsageError(f"{flag} must be positive, got {n}")
+        if self.max_length < 2:
+            raise UsageError(f"--max-length must be at least 2, got {self.max_length}")
+        if self.time_budget is not None and not (math.isfinite(self.time_budget) and self.time_budget > 0):
+            raise UsageError(f"--time-budget is in minutes and must be positive, got {self.time_budget}")
+        bad = sorted(set(self.metrics) - set(names))
+        if bad:
+            raise UsageError(f"--metric names tasks {bad} that are not in --data ({names})")
+
+
+def parse_metrics(items: list[str] | tuple[str, ...]) -> dict[str, str]:
+    """``["cola=matthews", ...]`` as a dict."""
+    out = {}
+    for item in items:
+        task, eq, metric = item.partition("=")
+        if not eq or not task.strip() or not metric.strip():
+            raise UsageError(f"--metric {item!r}: write it as task=metric, e.g. cola=matthews")
+        out[task.strip()] = metric.strip()
+    return out
+
+
+# ---- the run ----------------------------------------------------------------------------------
+class _Budget:
+    """Seconds spent, and whether a run of a given method is expected to fit in the budget."""
+
+    def __init__(self, minutes: float | None) -> None:
+        self.start = time.perf_counter()
+        self.limit = None if minutes is None else minutes * 60.0
+        self.durations: dict[str, list[float]] = {}
+
+    @property
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.start
+
+    def fits(self, method: str) -> bool:
+        if self.limit is None:
+            return True
+        same = self.durations.get(method)
+        every = [d for ds in self.durations.values() for d in ds]
+        expected = statistics.mean(same) if same else (statistics.mean(every) if every else 0.0)
+        return self.elapsed + expected <= self.limit
+
+    def record(self, method: str, seconds: float) -> None:
+        self.durations.setdefault(method, []).append(seconds)
+
+
+def _load_tasks(opts: CompareOptions) -> dict[str, dict[str, Any]]:
+    tasks: dict[str, dict[str, Any]] = {}
+    for name, folder in zip(opts.task_names(), opts.data):
+        data = load_task(folder, max_samples={"train": opts.max_train_samples,
+                                              "validation": opts.max_eval_samples})
+        if data.task not in METRICS:
+            raise UsageError(f"--data {folder}: compare needs classification or regression labels")
+        metric = opts.metrics.get(name, PRIMARY[data.task])
+        if metric not in METRICS[data.task]:
+            raise UsageError(f"--metric {name}={metric}: a {data.task} task is judged by one of "
+                             f"{', '.join(METRICS[data.task])}")
+        tasks[name] = {"folder": str(Path(folder).expanduser().resolve()), "data": data, "metric": metric}
+    return tasks
+
+
+def _check_out(out: Path) -> None:
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise UsageError(f"--out {out} exists and is not empty; choose a new or empty directory")
+
+
+def machine_info() -> dict[str, Any]:
+    """Where the numbers were measured."""
+    import os
+
+    info: dict[str, Any] = {
+        "platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+    }
+    try:
+        info["cpu_affinity"] = len(os.sched_getaffinity(0))
+    except AttributeError:
+        pass
+    return info
+
+
+def versions() -> dict[str, str]:
+    import numpy
+    import transformers
+
+    import peftlab
+
+    return {"python": platform.python_version(), "torch": torch.__version__,
+            "transformers": transformers.__version__, "numpy": numpy.__version__,
+            "peftlab": peftlab.__version__}
+
+
+def run_compare(opts: CompareOptions, console: Console | None = None,
+                on_update: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+    """Run the comparison; writes ``report.json``, ``report.md`` and the plots to ``opts.out``
+    (after every run) and returns the report. Bad input raises :class:`UsageError` before
+    anything is written.
+
+    The report holds ``command`` (the CLI line that repeats the run), ``tasks``, ``settings``,
+    ``machine``, ``versions``, ``measurements`` (method -> :class:`Measurement` fields),
+    ``runs`` (one per task, method and seed: score, all metrics, timing, run directory),
+    ``fusion`` (target -> seed -> attention per module and member), ``skipped``, ``summary``
+    (:func:`summarize`), ``wall_seconds`` and ``peak_rss_bytes``."""
+    from peftlab import report as reporting
+    from peftlab.measure import measure_methods
+    from peftlab.train import load_model
+
+    console = console or Console(stderr=True)
+    opts.check()
+    out = Path(opts.out)
+    _check_out(out)
+    tasks = _load_tasks(opts)
+    names = list(tasks)
+    fusion = FUSION in opts.methods and len(names) >= 2
+    singles = [m for m in opts.methods if m != FUSION]
+    stage1 = singles + ([FUSION_MEMBER_METHOD] if fusion and FUSION_MEMBER_METHOD not in singles else [])
+    skipped: list[dict[str, Any]] = []
+    if FUSION in opts.methods and not fusion:
+        skipped.append({"method": FUSION, "task": None, "seed": None,
+                        "reason": "fusion needs at least 2 tasks to fuse (give several --data folders)"})
+    budget = _Budget(opts.time_budget)
+    first = tasks[names[0]]["data"]
+    base, tokenizer, heads = load_model(opts.model, first.task, first.num_labels)
+    limit = getattr(base.config, "max_position_embeddings", None)
+    if isinstance(limit, int) and opts.max_length > limit:
+        raise UsageError(f"--max-length {opts.max_length} is longer than the model's {limit} positions")
+
+    out.mkdir(parents=True, exist_ok=True)
+    report: dict[str, Any] = {
+        "peftlab_compare": 1, "command": opts.command(), "model": opts.model,
+        "tasks": {n: {"data": t["folder"], "task": t["data"].task, "num_labels": t["data"].num_labels,
+                      "metric": t["metric"], "train_examples": len(t["data"]["train"]),
+                      "eval_examples": len(t["data"]["validation"])} for n, t in tasks.items()},
+        "methods": list(opts.methods), "settings": {
+            "epochs": opts.epochs, "batch_size": opts.batch_size, "max_length": opts.max_length,
+            "seeds": list(opts.seeds), "max_train_samples": opts.max_train_samples,
+            "max_eval_samples": opts.max_eval_samples, "time_budget_minutes": opts.time_budget,
+            "fusion_lr": opts.fusion_lr, "fusion_members": FUSION_MEMBER_METHOD,
+            "measured_on": names[0]},
+        "machine": machine_info(), "versions": versions(), "measurements": {}, "runs": [],
+        "fusion": {}, "skipped": skipped, "wall_seconds": 0.0,
+    }
+
+    def save(plots: bool = False) -> None:
+        report["wall_seconds"] = budget.elapsed
+        report["peak_rss_bytes"] = peak_rss_bytes()
+        report["summary"] = summarize(report)
+        reporting.write_report(out, report, plots=plots)
+        if on_update is not None:
+            on_update(report)
+
+    plan: list[tuple[int, str, str]] = []
+    for seed in opts.seeds:
+        plan += [(seed, t, m) for t in names for m in stage1]
+        plan += [(seed, t, FUSION) for t in names] if fusion else []
+    measured = [m for m in opts.methods if m != FUSION or fusion]
+    progress = _progress(console, opts.quiet)
+
+    def say(message: str) -> None:
+        if not opts.quiet:
+            progress.console.print(message)
+
+    warned: set[str] = set()
+    with progress:
+        job = progress.add_task("measuring", total=len(measured) + len(plan))
+
+        def measured_one(m: Measurement) -> None:
+            report["measurements"][m.method] = m.to_dict()
+            say(f"measured {m.method}: {m.trainable_parameters:,} params, step "
+                f"{m.step_seconds * 1e3:.0f} ms, train memory {m.train_memory_bytes / 2**20:.0f} MiB")
+            progress.advance(job)
+
+        batch = data_batch(first["train"].rows, tokenizer, opts.batch_size, opts.max_length)
+        measure_methods(base, measured, batch, heads, members=len(names), steps=opts.measure_steps,
+                        on_done=measured_one)
+        del base
+        save()
+        for seed, task, method in plan:
+            progress.update(job, description=f"seed {seed} · {task} · {method}")
+            reason = None
+            if not budget.fits(method):
+                reason = f"time budget of {opts.time_budget:g} min reached"
+            elif method == FUSION:
+                done = {(r["task"], r["seed"]) for r in report["runs"] if r["method"] == FUSION_MEMBER_METHOD}
+                lacking = [t for t in names if (t, seed) not in done]
+                if lacking:
+                    reason = f"stage-1 {FUSION_MEMBER_METHOD} adapters missing for {lacking}"
+            if reason is not None:
+                skipped.append({"method": method, "task": task, "seed": seed, "reason": reason})
+                progress.advance(job)
+                continue
+            started = time.perf_counter()
+            try:
+                if method == FUSION:
+                    run = _fusion_run(opts, tasks, task, seed, out, console)
+                else:
+                    run = _single_run(opts, tasks, task, method, seed, out, console)
+            except NonFiniteLossError as e:  # one diverged run should not end a long comparison
+                skipped.append({"method": method, "task": task, "seed": seed, "reason": f"diverged: {e}"})
+                say(f"[red]seed {seed} · {task} · {method} diverged[/]: {e}")
+                progress.advance(job)
+                save()
+                continue
+            if method == FUSION:
+                report["fusion"].setdefault(task, {})[str(seed)] = run.pop("fusion_weights")
+            else:
+                cut = run.get("truncated", 0)
+                if cut and task not in warned:
+                    warned.add(task)
+                    say(f"[yellow]warning:[/] {cut} {task} training examples are longer than "
+                        f"--max-length {opts.max_length} and were truncated")
+            seconds = time.perf_counter() - started
+            budget.record(method, seconds)
+            run["wall_seconds"] = seconds
+            report["runs"].append(run)
+            say(f"seed {seed} · {task} · {method}: {tasks[task]['metric']} {_pct(run['score'])} "
+                f"({seconds:.0f} s)")
+            progress.advance(job)
+            save()
+    save(plots=True)
+    if not opts.quiet:
+        Console().print(reporting.terminal_table(report))
+        console.print(f"report: {out / 'report.md'} ({budget.elapsed / 60:.1f} min)")
+    return report
+
+
+def _pct(x: float | None) -> str:
+    return "n/a" if x is None or not math.isfinite(x) else f"{100 * x:.1f}"
+
+
+def _progress(console: Console, quiet: bool) -> Any:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    return Progress(TextColumn("[bold]compare[/] {task.description}"), BarColumn(), MofNCompleteColumn(),
+                    TimeElapsedColumn(), console=console, disable=quiet)
+
+
+def _run_dir(out: Path, seed: int, task: str, method: str) -> Path:
+    return out / "runs" / f"seed{seed}" / task / method
+
+
+def _single_run(opts: CompareOptions, tasks: dict[str, dict[str, Any]], task: str, method: str,
+                seed: int, out: Path, console: Console) -> dict[str, Any]:
+    from peftlab.train import MODEL_DIR, TrainOptions, run_training
+
+    t = tasks[task]
+    folder = _run_dir(out, seed, task, method)
+    result = run_training(TrainOptions(
+        model=opts.model, data=t["folder"], method=method, out=folder, epochs=opts.epochs,
+        batch_size=opts.batch_size, max_length=opts.max_length, seed=seed,
+        max_train_samples=opts.max_train_samples, max_eval_samples=opts.max_eval_samples,
+        name=method, checkpoints=False, quiet=True), console, data=t["data"])
+    if method == FULL:
+        # A full copy of the model per task and seed fills disks fast; the scores are the point.
+        shutil.rmtree(folder / MODEL_DIR, ignore_errors=True)
+    record = _record(task, method, seed, t["metric"], result["eval"], result["timing"]["train_seconds"],
+                     result["steps"], result["train_examples"], opts.epochs, folder)
+    record["truncated"] = result["truncated"]["train"]
+    return record
+
+
+def _record(task: str, method: str, seed: int, metric: str, metrics: dict[str, float], seconds: float,
+            steps: int, examples: int, epochs: float, folder: Path) -> dict[str, Any]:
+    score = metrics.get(metric)
+    return {"task": task, "method": method, "seed": seed, "metric": metric,
+            "score": float(score) if score is not None else math.nan, "metrics": metrics,
+            "train_seconds": seconds, "steps": steps,
+            "train_examples_per_second": examples * epochs / seconds if seconds > 0 else math.nan,
+            "run_dir": str(folder)}
+
+
+# ---- fusion (stage 2) -------------------------------------------------------------------------
+def _load_member(adapters: Any, path: Path, name: str) -> None:
+    """Load a stage-1 adapter without its head: other tasks' heads may not fit this model's."""
+    from safetensors.torch import load_file
+
+    from peftlab.io import WEIGHTS_FILE, adapter_tensors, read_config
+    from peftlab.methods import method_for
+
+    data = read_config(path)
+    adapters.add(name, method_for(data["method"]).config.from_dict(data["config"]))
+    stored = load_file(str(path / WEIGHTS_FILE))
+    with torch.no_grad():
+        for key, t in adapter_tensors(adapters, name).items():
+            t.copy_(stored[key])
+
+
+def _fusion_run(opts: CompareOptions, tasks: dict[str, dict[str, Any]], target: str, seed: int,
+                out: Path, console: Console) -> dict[str, Any]:
+    from transformers import get_linear_schedule_with_warmup, set_seed
+
+    from peftlab.adapter_set import attach
+    from peftlab.data import tokenize
+    from peftlab.train import (
+        ADAPTER_DIR,
+        collator,
+        evaluate,
+        json_bytes,
+        load_model,
+        write_atomic,
+    )
+
+    data: TaskData = tasks[target]["data"]
+    set_seed(seed)
+    model, tokenizer, heads = load_model(opts.model, data.task, data.num_labels)
+    adapters = attach(model)
+    for task in tasks:
+        path = _run_dir(out, seed, task, FUSION_MEMBER_METHOD) / ADAPTER_DIR
+        if task == target:
+            adapters.load(path, name=task)  # with its head: the fusion's head starts from it
+        else:
+            _load_member(adapters, path, task)
+    name = f"{FUSION}-{target}"
+    adapters.add_fusion(name, list(tasks))
+    adapters.activate(name)
+    params = adapters.train(name, also=heads)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model.to(device)
+
+    train_set, _ = tokenize(data["train"], tokenizer, data.task, opts.max_length)
+    eval_set, _ = tokenize(data["validation"], tokenizer, data.task, opts.max_length)
+    collate = collator(tokenizer, data.task)
+    loader = torch.utils.data.DataLoader(train_set, batch_size=opts.batch_size, shuffle=True,
+                                         collate_fn=collate,
+                                         generator=torch.Generator().manual_seed(seed))
+    total = max(1, math.ceil(len(loader) * opts.epochs))
+    optimizer = torch.optim.AdamW(params, lr=opts.fusion_lr, weight_decay=0.0)
+    schedule = get_linear_schedule_with_warmup(optimizer, math.ceil(0.06 * total), total)
+    started = time.perf_counter()
+    step = 0
+    model.train()
+    while step < total:
+        for batch in loader:
+            batch = {k: v.to(device) for k, v in batch.items()}
+            loss = model(**batch).loss + adapters.fusion_penalty(name)
+            if not bool(torch.isfinite(loss.detach())):
+                raise NonFiniteLossError(f"fusion training loss is {loss.item()} at step {step + 1} "
+                                         f"({target}, seed {seed})", step + 1)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            optimizer.step()
+            schedule.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            if step >= total:
+                break
+    seconds = time.perf_counter() - started
+    metrics = evaluate(model, eval_set, collate, data.task, batch_size=max(opts.batch_size, 32))
+    weights = _mean_fusion_weights(model, adapters, name, eval_set, collate, device)
+    folder = _run_dir(out, seed, target, FUSION)
+    folder.mkdir(parents=True, exist_ok=True)
+    adapters.save(name, folder / ADAPTER_DIR)
+    record = _record(target, FUSION, seed, tasks[target]["metric"], metrics, seconds, step,
+                     len(train_set), opts.epochs, folder)
+    record["members"] = list(tasks)
+    write_atomic(folder / "metrics.json", json_bytes(record))
+    record["fusion_weights"] = weights
+    return record
+
+
+@torch.no_grad()
+def _mean_fusion_weights(model: Any, adapters: Any, name: str, dataset: Any, collate: Any,
+                         device: torch.device, max_batches: int = 8) -> dict[str, Any]:
+    """The fusion's attention over its members, per module, averaged over validation batches."""
+    model.eval()
+    loader = torch.utils.data.DataLoader(dataset, batch_size=32, collate_fn=collate)
+    total = None
+    n = 0
+    for i, batch in enumerate(loader):
+        if i >= max_batches:
+            break
+        model(**{k: v.to(device) for k, v in batch.items()})
+        w = adapters.fusion_weights(name).float().cpu()
+        total = w if total is None else total + w
+        n += 1
+    assert total is not None
+    return {"modules": [s.module for s in adapters[name].sites], "members": list(adapters[name].members),
+            "weights": (total / n).tolist()}
+
+
+# ---- aggregation ------------------------------------------------------------------------------
+def summarize(report: dict[str, Any]) -> dict[str, Any]:
+    """Scores per method and task (mean, std over seeds, n), each method's average over tasks
+    (only when it has every task), and fusion minus its stage-1 adapter per task."""
+    by: dict[str, dict[str, list[float]]] = {}
+    for r in report["runs"]:
+        by.setdefault(r["method"], {}).setdefault(r["task"], []).append(r["score"])
+    tasks = list(report["tasks"])
+    scores: dict[str, Any] = {}
+    for method, per_task in by.items():
+        cells = {t: _stats(v) for t, v in per_task.items()}
+        complete = all(t in cells for t in tasks)
+        scores[method] = {"tasks": cells,
+                          "average": statistics.mean(cells[t]["mean"] for t in tasks) if complete else None}
+    gains = {}
+    single = scores.get(FUSION_MEMBER_METHOD, {}).get("tasks", {})
+    for task, cell in scores.get(FUSION, {}).get("tasks", {}).items():
+        if task in single:
+            gains[task] = cell["mean"] - single[task]["mean"]
+    return {"scores": scores, "fusion_gain": gains,
+            "fusion_gain_mean": statistics.mean(gains.values()) if gains else None}
+
+
+def _stats(values: list[float]) -> dict[str, Any]:
+    finite = [v for v in values if v is not None and math.isfinite(v)]
+    if not finite:
+        return {"mean": math.nan, "std": math.nan, "n": 0}
+    return {"mean": statistics.mean(finite), "std": statistics.stdev(finite) if len(finite) > 1 else 0.0,
+            "n": len(finite)}
+
+
+def load_report(out: Path) -> dict[str, Any]:
+    """A compare report read back from its directory (e.g. to redraw the plots)."""
+    import json
+
+    return json.loads((Path(out) / REPORT_JSON).read_text())

@@ -1,0 +1,257 @@
+"""``peftlab recommend``: which method to use, ranked from costs measured on the user's model.
+
+:func:`profile` measures every method quickly on the model (:mod:`peftlab.measure`: parameters,
+file size, training memory, step time, inference latency and merge ability; no training).
+:func:`rank` turns the measurements and the user's constraints into a ranking. It is a small
+pure function, so every rule below can be tested on its own.
+
+Hard constraints make a method *unfit* (it is still listed, below every fit one, with why):
+
+* ``memory_budget``: its measured training memory exceeds the budget;
+* ``storage_per_task``: its file per task exceeds the limit;
+* ``latency_critical``: it adds inference latency it cannot merge away (full fine-tuning is a
+  plain model and fits);
+* ``compose``: only AdapterFusion combines several tasks' adapters; without ``compose`` a fusion
+  has nothing to fuse and is unfit.
+
+Fit methods are ordered by a score in validation points, higher is better::
+
+    score = quality
+            − 3   · max(0, inference latency as served − 1)      (0.3 points per +10%)
+            − 0.5 · log2(training memory / the least measured)   (0.5 points per doubling)
+            − 0.5 · log2(train step time / the fastest measured)
+            − 1   · tasks · file per task / base model bytes     (1 point per model-sized copy)
+
+``quality`` is a prior in points relative to full fine-tuning (:data:`QUALITY_PRIOR`), read from
+the papers collected in the project's notes, or measured scores when the caller has them
+(``peftlab recommend --data D --train-minutes M`` trains each method briefly). The priors encode
+the seed's rules: LoRA is the general-purpose choice (near full fine-tuning and mergeable);
+(IA)³ trains the fewest tensors and keeps the smallest memory and files but loses some quality;
+Compacter keeps more quality than (IA)³ at nearly its memory; AdapterFusion adds the gain of
+composing tasks (+1.3 points on average in its paper) on top of its Pfeiffer members.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from collections.abc import Mapping
+from typing import Any
+
+from peftlab.measure import FULL, FUSION, FUSION_MEMBER_METHOD, Measurement
+from peftlab.train import UsageError
+
+#: Expected validation points relative to full fine-tuning, before any measurement. Sources
+#: (project notes, PAPERS.md): LoRA within ±0.8 of full fine-tuning on GLUE (LoRA paper, RoBERTa;
+#: He et al. 2022 SST-2 −0.4; AdapterHub library paper +0.3); bottleneck adapters −0.4 (Houlsby
+#: et al.; AdapterHub +0.8); Compacter on par with full fine-tuning in its own paper but −2.9 in
+#: AdapterHub's; (IA)³ −1.4 in AdapterHub's. Rounded, and ordered as the seed's rules say.
+QUALITY_PRIOR: dict[str, float] = {
+    FULL: 0.0, "lora": -0.3, "houlsby": -0.4, "pfeiffer": -0.4,
+    "compacter": -1.0, "compacter++": -1.2, "ia3": -1.5,
+}
+#: AdapterFusion over single-task adapters, BERT-base, 16 tasks: 76.05 -> 77.33 (arXiv 2005.00247).
+FUSION_GAIN = 1.28
+LATENCY_WEIGHT = 3.0
+MEMORY_WEIGHT = 0.5
+STEP_WEIGHT = 0.5
+STORAGE_WEIGHT = 1.0
+
+RULES = {
+    "lora": "general-purpose: near full fine-tuning, mergeable",
+    "ia3": "ultra-low memory and tiny files, some quality lost",
+    "compacter": "extreme memory limits when quality still matters",
+    "compacter++": "extreme memory limits when quality still matters (FFN-only, smaller)",
+    "houlsby": "bottleneck adapters in every sub-layer: strong quality, not mergeable",
+    "pfeiffer": "one bottleneck adapter per block: strong quality, the usual fusion member",
+    FUSION: "AdapterFusion: combines several tasks' adapters",
+    FULL: "the quality reference; a full model copy per task",
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Constraints:
+    """What the user needs; sizes in bytes (see :func:`parse_size`)."""
+
+    memory_budget: int | None = None
+    tasks: int = 1
+    compose: bool = False
+    latency_critical: bool = False
+    storage_per_task: int | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Recommendation:
+    """One method's place: ``fit`` (meets every constraint), ``score`` in points, ``reason``."""
+
+    method: str
+    fit: bool
+    score: float
+    reason: str
+    parts: dict[str, float]
+
+
+_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+def parse_size(text: str | int, flag: str = "size") -> int:
+    """``"4GB"`` (4·10⁹), ``"4GiB"`` (4·2³⁰), ``"1.5MB"``, ``"512"`` (bytes) as bytes."""
+    if isinstance(text, int):
+        return text
+    hit = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*", str(text))
+    unit = hit.group(2).lower() if hit else ""
+    if hit is None or unit not in _UNITS:
+        raise UsageError(f"{flag} {text!r}: write a size such as 4GB, 512MB or 1.5GiB")
+    value = float(hit.group(1)) * _UNITS[unit]
+    if value <= 0:
+        raise UsageError(f"{flag} must be positive, got {text!r}")
+    return int(value)
+
+
+def _size(n: float) -> str:
+    """Decimal units, as users write budgets (``--memory-budget 4GB``)."""
+    for unit, scale in (("GB", 10**9), ("MB", 10**6), ("kB", 10**3)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{n:.0f} B"
+
+
+def _quality(measurements: Mapping[str, Measurement], scores: Mapping[str, float] | None,
+             constraints: Constraints) -> dict[str, float]:
+    """Priors, replaced by measured scores (0..1) where given: the measured ones are shifted so
+    that their mean equals the mean of their priors, which keeps both on one scale."""
+    q = {m: QUALITY_PRIOR.get(m, QUALITY_PRIOR[FUSION_MEMBER_METHOD]) for m in measurements}
+    if FUSION in q:
+        q[FUSION] = QUALITY_PRIOR[FUSION_MEMBER_METHOD] + (FUSION_GAIN if constraints.compose else 0.0)
+    measured = {m: 100.0 * s for m, s in (scores or {}).items()
+                if m in q and m != FUSION and math.isfinite(s)}
+    if len(measured) >= 2:
+        shift = sum(q[m] for m in measured) / len(measured) - sum(measured.values()) / len(measured)
+        q.update({m: v + shift for m, v in measured.items()})
+    return q
+
+
+def rank(measurements: Mapping[str, Measurement], constraints: Constraints,
+         scores: Mapping[str, float] | None = None) -> list[Recommendation]:
+    """Methods best first: those meeting every constraint, by score, then the others, by score.
+    ``scores``: measured validation scores (0..1) by method, replacing the quality priors."""
+    if constraints.tasks < 1:
+        raise UsageError(f"--tasks must be at least 1, got {constraints.tasks}")
+    if not measurements:
+        return []
+    quality = _quality(measurements, scores, constraints)
+    least_memory = min(m.train_memory_bytes for m in measurements.values())
+    fastest = min(m.step_seconds for m in measurements.values())
+    tasks = max(constraints.tasks, 2) if constraints.compose else constraints.tasks
+    out = []
+    for name, m in measurements.items():
+        # A fusion per task also needs its members' files (one member adapter per task).
+        member = measurements.get(FUSION_MEMBER_METHOD)
+        files = m.file_bytes + (member.file_bytes if name == FUSION and member is not None else 0)
+        served = 1.0 if name == FULL else m.deploy_latency_ratio
+        parts = {
+            "quality": quality[name],
+            "latency": -LATENCY_WEIGHT * max(0.0, served - 1.0),
+            "memory": -MEMORY_WEIGHT * math.log2(m.train_memory_bytes / least_memory),
+            "step": -STEP_WEIGHT * math.log2(m.step_seconds / fastest),
+            "storage": -STORAGE_WEIGHT * tasks * files / m.base_bytes,
+        }
+        unfit = _unfit(name, m, files, constraints)
+        facts = _facts(m, files, (scores or {}).get(name))
+        reason = ("; ".join(unfit) + " — " if unfit else "") + f"{RULES.get(name, name)} — {facts}"
+        out.append(Recommendation(name, not unfit, sum(parts.values()), reason, parts))
+    out.sort(key=lambda r: (not r.fit, -r.score))
+    return out
+
+
+def _unfit(name: str, m: Measurement, files: int, c: Constraints) -> list[str]:
+    """Why ``name`` misses the hard constraints (empty when it meets them all)."""
+    why = []
+    if c.memory_budget is not None and m.train_memory_bytes > c.memory_budget:
+        why.append(f"needs {_size(m.train_memory_bytes)} to train, over the {_size(c.memory_budget)} budget")
+    if c.storage_per_task is not None and files > c.storage_per_task:
+        why.append(f"{_size(files)} per task, over the {_size(c.storage_per_task)} limit")
+    if c.latency_critical and name != FULL and not m.mergeable:
+        why.append(f"adds {m.latency_ratio:.2f}× inference time and cannot merge it away")
+    if name == FUSION and not c.compose:
+        why.append("nothing to compose (fusion needs --compose and several tasks)")
+    if c.compose and name != FUSION:
+        why.append("cannot combine several tasks' adapters on its own (a possible fusion member)")
+    return why
+
+
+def _facts(m: Measurement, files: int, score: float | None) -> str:
+    merged = f" ({m.merged_latency_ratio:.2f}× merged)" if m.merged_latency_ratio is not None else ""
+    measured = f", validation score {100 * score:.1f} (measured)" if score is not None and math.isfinite(
+        score) else ""
+    return (f"{m.trainable_parameters:,} params ({m.percent_of_base:.3g}%), {_size(files)}/task, "
+            f"train memory {_size(m.train_memory_bytes)}, step {m.step_seconds * 1e3:.0f} ms, "
+            f"inference {m.latency_ratio:.2f}×{merged}{measured}")
+
+
+# ---- profiling the user's model ----------------------------------------------------------------
+def profile(model: str, methods: tuple[str, ...] | None = None, data: str | None = None,
+            batch_size: int = 16, max_length: int = 128, members: int = 2, steps: int = 3,
+            forwards: int = 5, on_done: Any = None) -> dict[str, Measurement]:
+    """Measure each method on ``model`` (a local folder or Hub id) at ``batch_size × max_length``:
+    on real examples from ``data`` (a task folder) when given, else on random tokens."""
+    from peftlab.data import load_task
+    from peftlab.measure import data_batch, measure_methods, synthetic_batch
+    from peftlab.train import available_methods, load_model
+
+    if methods is None:
+        methods = (*[m for m in available_methods() if m != FULL], FUSION, FULL)
+    if batch_size < 1 or max_length < 2:
+        raise UsageError(f"--batch-size must be >= 1 and --max-length >= 2, got {batch_size}, {max_length}")
+    task = load_task(data, splits=("train",), max_samples={"train": 4 * batch_size}) if data else None
+    if task is not None and task.task == "causal-lm":
+        raise UsageError("recommend profiles classification or regression heads; --data has no labels")
+    model_, tokenizer, heads = load_model(model, task.task if task else "classification",
+                                          task.num_labels if task else 2)
+    limit = getattr(model_.config, "max_position_embeddings", None)
+    if isinstance(limit, int) and max_length > limit:
+        raise UsageError(f"--max-length {max_length} is longer than the model's {limit} positions")
+    if task is not None:
+        batch = data_batch(task["train"].rows, tokenizer, batch_size, max_length)
+    else:
+        batch = synthetic_batch(model_.config.vocab_size, batch_size, max_length)
+    return measure_methods(model_, methods, batch, heads, members=members, steps=steps,
+                           forwards=forwards, on_done=on_done)
+
+
+def recommend(model: str, constraints: Constraints, data: str | None = None, train_minutes: float = 0.0,
+              batch_size: int = 16, max_length: int = 128, work_dir: Any = None,
+              on_done: Any = None) -> tuple[list[Recommendation], dict[str, Measurement], dict[str, float]]:
+    """Profile, optionally train briefly, and rank. With ``data`` and ``train_minutes``, each
+    method is trained for one epoch on at most 512 examples of ``data`` (one seed, by
+    ``peftlab compare`` into ``work_dir``, within the time budget) and the scores replace the
+    quality priors; the costs then come from that run's measurements. Returns the ranking, the
+    measurements and the measured scores."""
+    import tempfile
+    from pathlib import Path
+
+    from peftlab.train import available_methods
+
+    members = max(constraints.tasks, 2)
+    singles = tuple(available_methods())
+    scores: dict[str, float] = {}
+    if data is not None and train_minutes > 0:
+        from peftlab.compare import CompareOptions, run_compare
+
+        with tempfile.TemporaryDirectory(prefix="peftlab-recommend-") as tmp:
+            report = run_compare(CompareOptions(
+                model=model, data=(data,), out=Path(work_dir or tmp) / "compare", methods=singles,
+                epochs=1.0, batch_size=batch_size, max_length=max_length, max_train_samples=512,
+                max_eval_samples=512, time_budget=train_minutes, measure_steps=2, quiet=True))
+        measurements = {m: Measurement.from_dict(d) for m, d in report["measurements"].items()}
+        task = next(iter(report["tasks"]))
+        scores = {m: s["tasks"][task]["mean"] for m, s in report["summary"]["scores"].items()
+                  if task in s["tasks"]}
+        if constraints.compose:
+            measurements.update(profile(model, (FUSION,), data, batch_size, max_length, members))
+    else:
+        methods = singles + ((FUSION,) if constraints.compose else ())
+        measurements = profile(model, methods, data, batch_size, max_length, members, on_done=on_done)
+    return rank(measurements, constraints, scores), measurements, scores

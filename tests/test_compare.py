@@ -1,0 +1,308 @@
+"""`peftlab compare` end to end on a tiny BERT and tiny data, and `peftlab recommend`'s ranking.
+
+The ranking tests feed :func:`peftlab.recommend.rank` measurements shaped like MiniLM-L6's
+(batch 16 × 128 on CPU) and check that each constraint puts the method the seed's rules name on
+top, and that the ranking moves when the numbers do.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import random
+from pathlib import Path
+
+import pytest
+import torch
+import transformers as T
+from typer.testing import CliRunner
+
+import peftlab
+from peftlab.cli import app
+from peftlab.measure import Measurement
+from peftlab.recommend import Constraints, parse_size, rank
+from peftlab.train import UsageError
+
+WORDS = ("good great fine lovely superb bad awful poor dull boring the a movie film meal book "
+         "was is very not really quite").split()
+SPECIAL = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+PNG = b"\x89PNG\r\n\x1a\n"
+runner = CliRunner()
+
+
+# ---- fixtures: a tiny BERT and two tiny tasks on disk --------------------------------------------
+def _save_bert(path: Path) -> Path:
+    # hidden 128: Compacter's bottleneck (128 / 32 = 4) must divide by its phm_dim 4.
+    torch.manual_seed(0)
+    config = T.BertConfig(vocab_size=len(SPECIAL) + len(WORDS), hidden_size=128, num_hidden_layers=2,
+                          num_attention_heads=2, intermediate_size=256, max_position_embeddings=64)
+    T.BertForSequenceClassification(config).save_pretrained(path)
+    T.BertTokenizer(vocab={w: i for i, w in enumerate(SPECIAL + WORDS)}).save_pretrained(path)
+    return path
+
+
+def _task(folder: Path, seed: int, pair: bool = False) -> Path:
+    folder.mkdir(parents=True)
+    rng = random.Random(seed)
+    for split, n in (("train", 24), ("validation", 16)):
+        rows = []
+        for i in range(n):
+            word = rng.choice(WORDS[:5] if i % 2 else WORDS[5:10])
+            row = {"text": f"the {rng.choice(['movie', 'meal'])} was {word}", "label": i % 2}
+            if pair:
+                row["text_pair"] = f"a {rng.choice(['book', 'film'])} is {rng.choice(WORDS[:10])}"
+            rows.append(row)
+        (folder / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return folder
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    # Tiny models run several times faster on one thread when the CPU is shared.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory):
+    root = tmp_path_factory.mktemp("compare")
+    return {"root": root, "bert": _save_bert(root / "bert"), "sent": _task(root / "sent", 0),
+            "pairs": _task(root / "pairs", 1, pair=True)}
+
+
+@pytest.fixture(scope="module")
+def compared(work):
+    """One compare over two tasks: a mergeable method, fusion (which brings Pfeiffer) and full."""
+    out = work["root"] / "report"
+    result = runner.invoke(app, [
+        "compare", "--model", str(work["bert"]), "--data", f"{work['sent']},{work['pairs']}",
+        "--methods", "ia3,fusion,full", "--out", str(out), "--epochs", "1", "--batch-size", "8",
+        "--max-length", "16", "--seeds", "0", "--quiet"])
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    return out, json.loads((out / "report.json").read_text())
+
+
+# ---- compare ------------------------------------------------------------------------------------
+def test_compare_writes_report_files_and_plots(compared):
+    out, _ = compared
+    for plot in ("score_vs_params.png", "memory_vs_step.png", "fusion_attention.png"):
+        assert (out / plot).read_bytes()[:8] == PNG
+    md = (out / "report.md").read_text()
+    assert "| Method | Trainable parameters | Memory efficiency | Modularity | Multi-task learning |" in md
+    assert "--methods ia3,fusion,full" in md and "--seeds 0" in md  # the exact command
+    assert (out / "runs" / "seed0" / "sent" / "ia3" / "adapter" / "adapter_config.json").is_file()
+    assert (out / "runs" / "seed0" / "pairs" / "fusion" / "adapter" / "adapter_config.json").is_file()
+
+
+def test_every_measured_column_is_a_finite_number(compared):
+    _, report = compared
+    meas = report["measurements"]
+    assert set(meas) == {"ia3", "fusion", "full"}
+    for method, m in meas.items():
+        for key in ("trainable_parameters", "base_parameters", "file_bytes", "train_memory_bytes",
+                    "memory_increase_bytes", "step_seconds", "examples_per_second", "latency_ratio",
+                    "base_forward_seconds"):
+            assert isinstance(m[key], (int, float)) and math.isfinite(m[key]) and m[key] > 0, (method, key)
+        # merged latency exists exactly for the methods that can merge
+        assert (m["merged_latency_ratio"] is not None) == (method == "ia3")
+    assert meas["ia3"]["merged_latency_ratio"] > 0
+    assert meas["fusion"]["members"] == 2
+    assert meas["full"]["trainable_parameters"] == meas["full"]["base_parameters"]
+    # Full fine-tuning keeps gradients and AdamW moments of every weight: it needs the most.
+    assert meas["full"]["train_memory_bytes"] > meas["ia3"]["train_memory_bytes"]
+    scores = report["summary"]["scores"]
+    for method in ("ia3", "fusion", "full", "pfeiffer"):  # pfeiffer: fusion's stage 1
+        for task in ("sent", "pairs"):
+            cell = scores[method]["tasks"][task]
+            assert 0.0 <= cell["mean"] <= 1.0 and cell["n"] == 1 and cell["std"] == 0.0
+        assert math.isfinite(scores[method]["average"])
+    for task in ("sent", "pairs"):
+        assert math.isfinite(report["summary"]["fusion_gain"][task])
+    assert report["versions"]["peftlab"] == peftlab.__version__ and report["machine"]["cpu_count"]
+
+
+def test_measured_parameters_and_file_size_match_the_adapter(work, compared):
+    _, report = compared
+    model = T.AutoModelForSequenceClassification.from_pretrained(work["bert"])
+    adapters = peftlab.attach(model)
+    adapters.add("ia3", peftlab.IA3Config())
+    assert report["measurements"]["ia3"]["trainable_parameters"] == adapters.summary()["ia3"].parameters
+    saved = adapters.save("ia3", work["root"] / "ia3_size", extras=())
+    assert report["measurements"]["ia3"]["file_bytes"] == sum(f.stat().st_size for f in saved.iterdir())
+
+
+def test_fusion_attention_is_recorded_per_layer_and_member(compared):
+    _, report = compared
+    for target in ("sent", "pairs"):
+        run = report["fusion"][target]["0"]
+        assert run["members"] == ["sent", "pairs"]
+        weights = torch.tensor(run["weights"])
+        assert weights.shape == (2, 2)  # 2 layers (Pfeiffer: one adapter per block) x 2 members
+        assert torch.allclose(weights.sum(-1), torch.ones(2), atol=1e-4)
+
+
+def test_time_budget_skips_runs_that_do_not_fit(work):
+    out = work["root"] / "budget"
+    result = runner.invoke(app, [
+        "compare", "--model", str(work["bert"]), "--data", str(work["sent"]), "--methods", "ia3",
+        "--out", str(out), "--epochs", "1", "--batch-size", "8", "--max-length", "16",
+        "--seeds", "0,1", "--time-budget", "0.0001", "--quiet"])
+    assert result.exit_code == 0, result.output
+    report = json.loads((out / "report.json").read_text())
+    assert report["runs"] == [] and "ia3" in report["measurements"]
+    assert len(report["skipped"]) == 2 and all("time budget" in s["reason"] for s in report["skipped"])
+    assert "time budget" in (out / "report.md").read_text()
+
+
+def test_compare_bad_input_is_a_one_line_error(work):
+    busy = work["root"] / "busy"
+    busy.mkdir()
+    (busy / "keep.txt").write_text("mine")
+    cases = [
+        (["--methods", "lora,dora"], "unknown ['dora']"),
+        (["--out", str(busy)], "not empty"),
+        (["--seeds", "0,x"], "--seeds"),
+        (["--metric", "nosuch=accuracy"], "not in --data"),
+        (["--metric", "sent=pearson"], "judged by one of"),
+    ]
+    for extra, message in cases:
+        args = ["compare", "--model", str(work["bert"]), "--data", str(work["sent"]),
+                "--out", str(work["root"] / "never"), *extra]
+        result = runner.invoke(app, args)
+        assert result.exit_code == 2, (extra, result.output)
+        assert message in result.output and result.output.startswith("error:"), result.output
+    assert not (work["root"] / "never").exists()
+    assert (busy / "keep.txt").read_text() == "mine"
+
+
+# ---- recommend: the ranking ---------------------------------------------------------------------
+MB = 10**6
+BASE = 22_713_986
+
+
+def _m(method: str, params: int, file_kb: float, memory_mb: float, step_ms: float, latency: float,
+       merged: float | None = None) -> Measurement:
+    return Measurement(
+        method=method, trainable_parameters=params, head_parameters=148_226, base_parameters=BASE,
+        base_bytes=4 * BASE, file_bytes=int(file_kb * 1000), weight_bytes=4 * (BASE + params),
+        train_memory_bytes=int(memory_mb * MB), memory_increase_bytes=int((memory_mb - 91) * MB),
+        step_seconds=step_ms / 1e3, examples_per_second=16e3 / step_ms, latency_ratio=latency,
+        merged_latency_ratio=merged, mergeable=merged is not None, base_forward_seconds=0.4,
+        batch_size=16, length=128, memory_source="autograd accounting",
+        members=3 if method == "fusion" else 0)
+
+
+# MiniLM-L6 at batch 16 x 128: parameters, file sizes and training memory (CPU accounting) as
+# measured by peftlab.measure; step times and latencies are round illustrative values (a shared
+# CPU made the measured ones noisy). Note the activations: (IA)3 saves the FFN's hidden input for
+# its l_ff gradient, so it needs MORE training memory than LoRA here, not less.
+MINILM = {m.method: m for m in [
+    _m("lora", 73_728, 298.7, 547.9, 1300, 1.08, 1.00),
+    _m("ia3", 13_824, 58.5, 640.5, 1250, 1.05, 1.00),
+    _m("houlsby", 226_080, 910.7, 529.1, 1450, 1.10),
+    _m("pfeiffer", 113_040, 455.5, 485.9, 1350, 1.05),
+    _m("compacter", 14_320, 66.5, 523.9, 1500, 1.09),
+    _m("compacter++", 7_192, 33.5, 484.5, 1400, 1.05),
+    _m("full", BASE, 90_856, 939.4, 1900, 1.00),
+    _m("fusion", 2_660_000, 10_650, 700, 2300, 1.40),
+]}
+
+
+def _top(constraints: Constraints, measurements=MINILM, **kw) -> str:
+    ranking = rank(measurements, constraints, **kw)
+    assert ranking[0].fit, ranking[0].reason
+    return ranking[0].method
+
+
+def test_without_constraints_lora_is_the_general_purpose_choice():
+    ranking = rank(MINILM, Constraints())
+    assert ranking[0].method == "lora"
+    assert "general-purpose" in ranking[0].reason and "1.00× merged" in ranking[0].reason
+    fusion = next(r for r in ranking if r.method == "fusion")
+    assert not fusion.fit and "nothing to compose" in fusion.reason
+    assert ranking[-1].method == "fusion"  # unfit methods come last
+
+
+def test_memory_budget_rules_methods_out_with_the_measured_numbers():
+    ranking = rank(MINILM, Constraints(memory_budget=600 * MB))
+    assert ranking[0].method == "lora"
+    unfit = {r.method: r.reason for r in ranking if not r.fit}
+    assert set(unfit) == {"ia3", "full", "fusion"}
+    assert unfit["full"].startswith("needs 939.4 MB to train, over the 600.0 MB budget")
+
+
+def test_ultra_low_memory_picks_ia3_when_it_is_the_lightest_to_train():
+    light = {**MINILM, "ia3": dataclasses.replace(MINILM["ia3"], train_memory_bytes=450 * MB)}
+    ranking = rank(light, Constraints(memory_budget=470 * MB))
+    assert [r.method for r in ranking if r.fit] == ["ia3"]
+
+
+def test_tiny_files_with_no_inference_cost_pick_ia3():
+    # 70 kB per task leaves (IA)3 and the Compacters; only (IA)3 merges away.
+    assert _top(Constraints(storage_per_task=70_000, latency_critical=True)) == "ia3"
+
+
+def test_tiny_files_where_quality_matters_pick_compacter():
+    ranking = [r.method for r in rank(MINILM, Constraints(storage_per_task=70_000)) if r.fit]
+    assert set(ranking[:2]) == {"compacter", "compacter++"} and ranking[2] == "ia3"
+
+
+def test_composing_several_tasks_picks_fusion():
+    ranking = rank(MINILM, Constraints(tasks=3, compose=True))
+    assert ranking[0].method == "fusion" and ranking[0].fit
+    assert all(not r.fit for r in ranking[1:])
+
+
+def test_latency_critical_picks_a_mergeable_method():
+    ranking = rank(MINILM, Constraints(latency_critical=True))
+    assert ranking[0].method == "lora" and MINILM["lora"].mergeable
+    assert {r.method for r in ranking if r.fit} == {"lora", "ia3", "full"}
+    houlsby = next(r for r in ranking if r.method == "houlsby")
+    assert "adds 1.10× inference time and cannot merge it away" in houlsby.reason
+
+
+def test_ranking_follows_the_numbers():
+    # A LoRA that cannot be served merged and trains three times slower loses its place.
+    slow = {**MINILM, "lora": dataclasses.replace(MINILM["lora"], step_seconds=3.9, mergeable=False,
+                                                   merged_latency_ratio=None, latency_ratio=1.3)}
+    assert _top(Constraints(), slow) != "lora"
+    # Many tasks make full copies of the model expensive to store.
+    few = rank(MINILM, Constraints(tasks=1))
+    many = rank(MINILM, Constraints(tasks=20))
+    score = {n: {r.method: r.score for r in ranking} for n, ranking in (("few", few), ("many", many))}
+    assert score["many"]["full"] < score["few"]["full"] - 10
+    # Measured scores replace the priors: (IA)3 measured far ahead wins.
+    measured = {"lora": 0.80, "ia3": 0.86, "pfeiffer": 0.80, "full": 0.81}
+    assert _top(Constraints(), scores=measured) == "ia3"
+
+
+def test_no_method_fits_says_so():
+    ranking = rank(MINILM, Constraints(memory_budget=100 * MB))
+    assert not any(r.fit for r in ranking)
+    assert all("over the 100.0 MB budget" in r.reason for r in ranking)
+
+
+def test_parse_size():
+    assert parse_size("4GB") == 4 * 10**9
+    assert parse_size("1MB") == 10**6
+    assert parse_size("1.5GiB") == int(1.5 * 2**30)
+    assert parse_size("512") == 512
+    for bad in ("lots", "-1GB", "4 parsecs", "0"):
+        with pytest.raises(UsageError):
+            parse_size(bad)
+
+
+def test_recommend_command_profiles_the_model_and_ranks(work):
+    result = runner.invoke(app, ["recommend", "--model", str(work["bert"]), "--batch-size", "4",
+                                 "--max-length", "16", "--tasks", "3", "--compose", "--json"])
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    ranking = json.loads(result.stdout)["ranking"]
+    assert ranking[0]["method"] == "fusion" and ranking[0]["fit"]
+    assert {r["method"] for r in ranking} >= {"lora", "ia3", "pfeiffer", "compacter", "full", "fusion"}
+    assert all(r["reason"] and math.isfinite(r["score"]) for r in ranking)
+
+    bad = runner.invoke(app, ["recommend", "--model", str(work["bert"]), "--memory-budget", "lots"])
+    assert bad.exit_code == 2 and bad.output.startswith("error:")
