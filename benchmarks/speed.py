@@ -28,6 +28,7 @@ import copy
 import json
 import logging
 import platform
+import random
 import statistics
 import time
 from collections.abc import Callable
@@ -234,12 +235,14 @@ def main() -> None:
         v.step(batch)
     infer_times: dict[str, list[float]] = {k: [] for k in infer}
     for r in range(args.rounds):
-        for v in train:
+        # A new order each round, so that no variant always runs first (or right after training).
+        order = random.Random(r)
+        for v in order.sample(train, len(train)):
             v.times.append(timed(lambda v=v: v.step(batch)))
         with torch.no_grad():
-            for k, model in infer.items():
-                model.eval()
-                infer_times[k].append(timed(lambda model=model: model(**batch)))
+            for k in order.sample(list(infer), len(infer)):
+                infer[k].eval()
+                infer_times[k].append(timed(lambda model=infer[k]: model(**batch)))
         for v in train:
             v.model.train()
         print(f"round {r + 1}/{args.rounds} done", flush=True)
