@@ -196,7 +196,8 @@ def profile(model: str, methods: tuple[str, ...] | None = None, data: str | None
             batch_size: int = 16, max_length: int = 128, members: int = 2, steps: int = 3,
             forwards: int = 5, on_done: Any = None) -> dict[str, Measurement]:
     """Measure each method on ``model`` (a local folder or Hub id) at ``batch_size × max_length``:
-    on real examples from ``data`` (a task folder) when given, else on random tokens."""
+    on real examples from ``data`` (a task folder) when given, else on random tokens. Methods
+    that cannot be attached to this model are left out."""
     from peftlab.data import load_task
     from peftlab.measure import data_batch, measure_methods, synthetic_batch
     from peftlab.train import available_methods, load_model
@@ -213,12 +214,38 @@ def profile(model: str, methods: tuple[str, ...] | None = None, data: str | None
     limit = getattr(model_.config, "max_position_embeddings", None)
     if isinstance(limit, int) and max_length > limit:
         raise UsageError(f"--max-length {max_length} is longer than the model's {limit} positions")
+    # Methods whose sizes do not fit this model (e.g. tiny widths) are left out of the ranking.
+    methods = tuple(m for m in methods if _fits(model_, FUSION_MEMBER_METHOD if m == FUSION else m))
     if task is not None:
         batch = data_batch(task["train"].rows, tokenizer, batch_size, max_length)
     else:
         batch = synthetic_batch(model_.config.vocab_size, batch_size, max_length)
     return measure_methods(model_, methods, batch, heads, members=members, steps=steps,
                            forwards=forwards, on_done=on_done)
+
+
+def _fits(model: Any, method: str) -> bool:
+    """Whether ``method``'s preset can be attached to ``model`` (e.g. Compacter needs widths
+    divisible by its PHM dimension); tried on the model and removed again."""
+    from peftlab.adapter_set import attach, detach
+    from peftlab.errors import PeftlabError
+    from peftlab.train import method_config
+
+    config = method_config(method)
+    if config is None:
+        return True
+    fresh = "_peftlab_adapters" not in model.__dict__
+    adapters = attach(model)
+    try:
+        adapters.add("fit-probe", config)
+    except PeftlabError:
+        return False
+    else:
+        adapters.remove("fit-probe")
+        return True
+    finally:
+        if fresh:
+            detach(model)
 
 
 def recommend(model: str, constraints: Constraints, data: str | None = None, train_minutes: float = 0.0,
