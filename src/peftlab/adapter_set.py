@@ -18,7 +18,7 @@ from torch import nn
 from peftlab.config import AdapterConfig
 from peftlab.errors import AdapterNameError, AdapterStateError, ConfigError, TargetError
 from peftlab.layer import AdaptedLayer, Piece, routing
-from peftlab.methods import method_for
+from peftlab.methods import METHODS, method_for
 from peftlab.roles import RoleMap, role_map_for
 from peftlab.sites import Site, find_sites
 
@@ -334,7 +334,8 @@ class AdapterSet:
         if not adapter.config.mergeable:
             raise AdapterStateError(
                 f"{adapter.config.method} adapters cannot be merged into the weights (they add a "
-                "nonlinear module); mergeable methods: lora, ia3")
+                "nonlinear module); mergeable methods: "
+                f"{', '.join(n for n, m in METHODS.items() if m.config.mergeable)}")
         if adapter.merged:
             raise AdapterStateError(f"adapter {name!r} is already merged")
         self._refuse_if_fused(name, "merging")
