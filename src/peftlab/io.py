@@ -27,7 +27,7 @@ from peftlab.config import clip
 from peftlab.errors import AdapterLoadError, AdapterSaveError, ConfigError, PeftlabError
 
 if TYPE_CHECKING:
-    from peftlab.adapter_set import AdapterSet
+    from peftlab.adapter_set import Adapter, AdapterSet
 
 FORMAT = "peftlab-adapter"
 FORMAT_VERSION = 1
@@ -184,7 +184,11 @@ def fingerprint(model: torch.nn.Module, adapters: AdapterSet) -> dict[str, Any]:
 
 def adapter_tensors(adapters: AdapterSet, name: str) -> dict[str, torch.Tensor]:
     """Tensors of adapter ``name`` keyed ``<module>.<param>``; shared ones as ``shared.<param>``."""
-    adapter = adapters[name]
+    return _piece_tensors(adapters[name])
+
+
+def _piece_tensors(adapter: Adapter) -> dict[str, torch.Tensor]:
+    # state_dict() tensors share storage with the parameters, so loading can copy into them.
     out: dict[str, torch.Tensor] = {}
     for module, piece in adapter.pieces.items():
         for key, t in piece.state_dict().items():
@@ -267,18 +271,14 @@ def load_adapter(adapters: AdapterSet, path: Path, name: str | None) -> str:
         raise AdapterLoadError(f"{path} targets modules {str(recorded)[:200]}, but on this model "
                                f"its config resolves to {[s.module for s in built.sites][:5]}...")
     # Fill a scratch set of pieces first, so the model is touched only once all is checked.
-    expected = {}
-    for module, piece in built.pieces.items():
-        for key, t in piece.state_dict().items():
-            expected[key if key.startswith("shared.") else f"{module}.{key}"] = tuple(t.shape)
+    expected = {key: tuple(t.shape) for key, t in _piece_tensors(built).items()}
     for module, m in extra_modules.items():
         for key, t in m.state_dict().items():
             expected[f"extra.{module}.{key}"] = tuple(t.shape)
     tensors = read_tensors(path, expected)
     with torch.no_grad():
-        for module, piece in built.pieces.items():
-            for key, t in piece.state_dict().items():
-                t.copy_(tensors[key if key.startswith("shared.") else f"{module}.{key}"])
+        for key, t in _piece_tensors(built).items():
+            t.copy_(tensors[key])
     for module, m in extra_modules.items():
         m.load_state_dict({k[len(f"extra.{module}."):]: v for k, v in tensors.items()
                            if k.startswith(f"extra.{module}.")})
