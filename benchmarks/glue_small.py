@@ -54,16 +54,23 @@ def main() -> int:
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--max-length", type=int, default=128)
     ap.add_argument("--fusion-lr", type=float, default=5e-5)
+    ap.add_argument("--lr", action="append", default=[],
+                    help="method=rate (default: the method's); repeatable")
     ap.add_argument("--time-budget", type=float, help="minutes")
+    ap.add_argument("--no-group-by-length", dest="group_by_length", action="store_false",
+                    help="plain random batches (default: batches of similar length)")
     ap.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
     ap.add_argument("--out", type=Path)
+    ap.add_argument("--full-from", type=Path, metavar="DIR",
+                    help="another run's report dir (e.g. full fine-tuning at another --lr): its full "
+                         "fine-tuning scores are a second baseline in targets.md")
     args = ap.parse_args()
     preset = PRESETS[args.preset]
 
     import torch
 
     from peftlab.cli import demo_model_dir
-    from peftlab.compare import CompareOptions, run_compare
+    from peftlab.compare import CompareOptions, load_report, parse_lrs, run_compare
     from peftlab.errors import PeftlabError
 
     if args.threads:
@@ -75,6 +82,11 @@ def main() -> int:
         return 2
     name = "glue_small" if args.preset == "full" else f"glue_small_{args.preset}"
     out = args.out or HERE / "results" / name
+    try:
+        lrs = parse_lrs(args.lr)
+    except PeftlabError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     opts = CompareOptions(
         model=str(demo_model_dir()), data=tuple(str(args.data_dir / t) for t in tasks), out=out,
         methods=tuple((args.methods or preset["methods"]).split(",")),
@@ -83,7 +95,7 @@ def main() -> int:
         max_train_samples=args.max_train_samples or preset["max_train_samples"],
         max_eval_samples=args.max_eval_samples or preset.get("max_eval_samples"),
         time_budget=args.time_budget, metrics={t: m for t, m in METRICS.items() if t in tasks},
-        fusion_lr=args.fusion_lr)
+        fusion_lr=args.fusion_lr, lrs=lrs, group_by_length=args.group_by_length)
     started = time.perf_counter()
     try:
         report = run_compare(opts)
@@ -92,28 +104,39 @@ def main() -> int:
         return 2
     seconds = time.perf_counter() - started
     command = shlex.join(["python", "benchmarks/glue_small.py", *sys.argv[1:]])
-    (out / "targets.md").write_text(targets(report, command, seconds, args.preset))
+    other = load_report(args.full_from) if args.full_from else None
+    (out / "targets.md").write_text(targets(report, command, seconds, args.preset, other))
     print(f"wall time {seconds / 60:.1f} min; targets: {out / 'targets.md'}")
     return 0
 
 
-def targets(report: dict[str, Any], command: str, seconds: float, preset: str) -> str:
-    """The issue's targets against this report, with the numbers."""
+def targets(report: dict[str, Any], command: str, seconds: float, preset: str,
+            other: dict[str, Any] | None = None) -> str:
+    """The issue's targets against this report, with the numbers; ``other``: a second report whose
+    full fine-tuning is another baseline (same tasks)."""
     scores = report["summary"]["scores"]
     lines = ["# GLUE-small targets", "", "```", command, "```", "",
              f"Wall time: {seconds / 60:.1f} min ({report['machine'].get('torch_threads')} torch threads, "
              f"{report['machine'].get('cpu_count')} CPUs). Equivalent: `{report['command']}`.", ""]
-    full = scores.get("full", {}).get("average")
-    if full is not None:
-        lines.append(f"Full fine-tuning average: {100 * full:.1f}.")
+    baselines = [(report, "in this run")]
+    if other is not None:
+        baselines.append((other, f"from `{other['command']}`"))
+    for source, where in baselines:
+        full = source["summary"]["scores"].get("full", {}).get("average")
+        if full is None or list(source["tasks"]) != list(report["tasks"]):
+            lines.append(f"Average vs full fine-tuning {where}: not measured (missing, incomplete or "
+                         "other tasks).")
+            continue
+        lr = source["settings"].get("learning_rates", {}).get("full")
+        lines.append(f"Full fine-tuning {where} (lr {lr if lr is None else format(lr, 'g')}): "
+                     f"average {100 * full:.1f}.")
         for method, s in scores.items():
             if method == "full" or s.get("average") is None:
                 continue
             gap = 100 * (s["average"] - full)
             lines.append(f"- {method}: average {100 * s['average']:.1f} ({gap:+.1f}): "
                          + ("within 1.0 point: met" if gap >= -1.0 else "more than 1.0 below: MISSED"))
-    else:
-        lines.append("Average vs full fine-tuning: not measured (full fine-tuning missing or incomplete).")
+        lines.append("")
     for task, paper in (("rte", "71.0 -> 76.8"), ("mrpc", "85.2 -> 90.3")):
         pf = scores.get("pfeiffer", {}).get("tasks", {}).get(task)
         fu = scores.get("fusion", {}).get("tasks", {}).get(task)

@@ -6,6 +6,7 @@ the SIGKILL + --resume test and the torchrun (2 processes, gloo, CPU) test.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 import os
@@ -123,6 +124,27 @@ def test_train_writes_adapter_with_head_metrics_log_and_plot(lora_run):
     assert config["extra_modules"] == ["bert.pooler", "classifier"]
     tensors = load_file(lora_run / "adapter" / "adapter_model.safetensors")
     assert "extra.classifier.weight" in tensors and "extra.bert.pooler.dense.weight" in tensors
+
+
+def test_group_by_length_is_recorded_and_eval_order_does_not_change_the_metrics(work, tmp_path):
+    from peftlab.data import load_task, tokenize
+    from peftlab.train import collator, evaluate
+
+    out = tmp_path / "grouped"
+    _ok(_train(work, out, "--group-by-length"))
+    assert json.loads((out / "run.json").read_text())["args"]["group_by_length"] is True
+    model = T.AutoModelForSequenceClassification.from_pretrained(work["bert"])
+    data = load_task(str(work["data"]))
+    split = data["validation"]
+    rows = dataclasses.replace(split, rows=[{**r, "text": r["text"] + " very" * (i % 5)}
+                                            for i, r in enumerate(split.rows)])  # mixed lengths
+    encoded, _ = tokenize(rows, _tokenizer(), data.task, 32)
+    assert encoded.by_length().lengths() == sorted(encoded.lengths(), reverse=True)
+    collate = collator(_tokenizer(), data.task)
+    plain, grouped = (evaluate(model, d, collate, data.task, batch_size=4)
+                      for d in (encoded, encoded.by_length()))
+    assert grouped["accuracy"] == plain["accuracy"]
+    assert grouped["loss"] == pytest.approx(plain["loss"], abs=1e-6)
 
 
 def test_trained_adapter_loads_into_a_fresh_model_and_reproduces_eval(work, lora_run):

@@ -22,7 +22,7 @@ import peftlab
 from peftlab.cli import app
 from peftlab.measure import Measurement
 from peftlab.recommend import Constraints, parse_size, rank
-from peftlab.train import UsageError
+from peftlab.train import DEFAULT_LR, UsageError
 
 WORDS = ("good great fine lovely superb bad awful poor dull boring the a movie film meal book "
          "was is very not really quite").split()
@@ -80,7 +80,7 @@ def compared(work):
     result = runner.invoke(app, [
         "compare", "--model", str(work["bert"]), "--data", f"{work['sent']},{work['pairs']}",
         "--methods", "ia3,fusion,full", "--out", str(out), "--epochs", "1", "--batch-size", "8",
-        "--max-length", "16", "--seeds", "0", "--quiet"])
+        "--max-length", "16", "--seeds", "0", "--lr", "full=1e-4", "--quiet"])
     assert result.exit_code == 0, result.output + repr(result.exception)
     return out, json.loads((out / "report.json").read_text())
 
@@ -93,6 +93,7 @@ def test_compare_writes_report_files_and_plots(compared):
     md = (out / "report.md").read_text()
     assert "| Method | Trainable parameters | Memory efficiency | Modularity | Multi-task learning |" in md
     assert "--methods ia3,fusion,full" in md and "--seeds 0" in md  # the exact command
+    assert "--lr full=0.0001" in md and "full 0.0001" in md
     assert (out / "runs" / "seed0" / "sent" / "ia3" / "adapter" / "adapter_config.json").is_file()
     assert (out / "runs" / "seed0" / "pairs" / "fusion" / "adapter" / "adapter_config.json").is_file()
 
@@ -122,6 +123,15 @@ def test_every_measured_column_is_a_finite_number(compared):
     for task in ("sent", "pairs"):
         assert math.isfinite(report["summary"]["fusion_gain"][task])
     assert report["versions"]["peftlab"] == peftlab.__version__ and report["machine"]["cpu_count"]
+
+
+def test_learning_rates_are_the_defaults_unless_given_per_method(compared):
+    out, report = compared
+    rates = report["settings"]["learning_rates"]
+    assert rates == {"ia3": DEFAULT_LR["ia3"], "full": 1e-4, "pfeiffer": DEFAULT_LR["pfeiffer"]}
+    for method, lr in rates.items():
+        run = json.loads((out / "runs" / "seed0" / "sent" / method / "metrics.json").read_text())
+        assert run["lr"] == lr
 
 
 def test_measured_parameters_and_file_size_match_the_adapter(work, compared):
@@ -167,6 +177,10 @@ def test_compare_bad_input_is_a_one_line_error(work):
         (["--seeds", "0,x"], "--seeds"),
         (["--metric", "nosuch=accuracy"], "not in --data"),
         (["--metric", "sent=pearson"], "judged by one of"),
+        (["--methods", "lora", "--lr", "ia3=1e-3"], "not in --methods"),
+        (["--methods", "lora", "--lr", "lora=fast"], "must be a number"),
+        (["--methods", "lora", "--lr", "lora=-1"], "must be positive"),
+        (["--methods", "lora", "--lr", "lora"], "method=rate"),
     ]
     for extra, message in cases:
         args = ["compare", "--model", str(work["bert"]), "--data", str(work["sent"]),

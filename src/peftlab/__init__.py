@@ -7,8 +7,11 @@
     adapters.train("sst2", also=("classifier",))
 """
 
-from peftlab.adapter_set import AdapterSet, attach, detach
-from peftlab.config import AdapterConfig
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
 from peftlab.errors import (
     AdapterLoadError,
     AdapterNameError,
@@ -18,12 +21,38 @@ from peftlab.errors import (
     PeftlabError,
     TargetError,
 )
-from peftlab.methods.bottleneck import BottleneckConfig
-from peftlab.methods.compacter import CompacterConfig
-from peftlab.methods.fusion import FusionConfig
-from peftlab.methods.ia3 import IA3Config
-from peftlab.methods.lora import LoRAConfig
-from peftlab.roles import ROLE_MAPS, ROLES, Role, RoleMap
+
+if TYPE_CHECKING:
+    from peftlab.adapter_set import AdapterSet, attach, detach
+    from peftlab.config import AdapterConfig
+    from peftlab.methods.bottleneck import BottleneckConfig
+    from peftlab.methods.compacter import CompacterConfig
+    from peftlab.methods.fusion import FusionConfig
+    from peftlab.methods.ia3 import IA3Config
+    from peftlab.methods.lora import LoRAConfig
+    from peftlab.roles import ROLE_MAPS, ROLES, Role, RoleMap
+
+# Imported on first use, so that `peftlab --help` does not wait for torch and transformers.
+_LAZY = {
+    "AdapterSet": "adapter_set", "attach": "adapter_set", "detach": "adapter_set",
+    "AdapterConfig": "config", "BottleneckConfig": "methods.bottleneck",
+    "CompacterConfig": "methods.compacter", "FusionConfig": "methods.fusion", "IA3Config": "methods.ia3",
+    "LoRAConfig": "methods.lora", "ROLE_MAPS": "roles", "ROLES": "roles", "Role": "roles",
+    "RoleMap": "roles",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        value = getattr(importlib.import_module(f"peftlab.{_LAZY[name]}"), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'peftlab' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_LAZY})
+
 
 __version__ = "0.1.0"
 

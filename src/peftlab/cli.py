@@ -93,6 +93,8 @@ def train(
         help="Checkpoint every N steps (default: --eval-every, else 100).")] = None,
     max_grad_norm: Annotated[float, typer.Option(help="Gradient clipping norm; 0 turns it off.")] = 1.0,
     warmup: Annotated[float, typer.Option(help="Fraction of steps with linear lr warm-up.")] = 0.06,
+    group_by_length: Annotated[bool, typer.Option(
+        help="Random batches of similar-length examples: less padding, faster steps.")] = False,
     name: Annotated[str | None, typer.Option(help="Adapter name (default: the method).")] = None,
     resume: Annotated[bool, typer.Option(help="Continue the run in --out from its last checkpoint.")
                       ] = False,
@@ -107,7 +109,8 @@ def train(
             epochs=epochs, lr=lr, batch_size=batch_size, max_length=max_length, seed=seed,
             max_train_samples=max_train_samples, max_eval_samples=max_eval_samples,
             eval_every=eval_every, save_every=save_every, max_grad_norm=max_grad_norm,
-            warmup=warmup, name=name, resume=resume, quiet=quiet), _console())
+            warmup=warmup, group_by_length=group_by_length, name=name, resume=resume, quiet=quiet),
+            _console())
         _leave_process_group()
 
 
@@ -606,13 +609,18 @@ def compare(
     metric: Annotated[list[str] | None, typer.Option(
         "--metric", help="Metric to rank a task by, as task=metric (e.g. cola=matthews); repeatable.")
     ] = None,
+    lr: Annotated[list[str] | None, typer.Option(
+        "--lr", help="A method's learning rate as method=rate (default: the method's); repeatable.")
+    ] = None,
     fusion_lr: Annotated[float, typer.Option(help="Fusion (stage 2) learning rate.")] = 5e-5,
+    group_by_length: Annotated[bool, typer.Option(
+        help="Train on random batches of similar-length examples (less padding, faster).")] = True,
     quiet: Annotated[bool, typer.Option(help="No progress bar or table.")] = False,
 ) -> None:
     """Train and measure every method on MODEL and each task in DATA; write the comparison report.
     Fully fine-tuned model copies are deleted after evaluation; adapters are kept in runs/."""
     with _errors():
-        from peftlab.compare import CompareOptions, parse_metrics, run_compare
+        from peftlab.compare import CompareOptions, parse_lrs, parse_metrics, run_compare
         from peftlab.train import UsageError
 
         try:
@@ -624,7 +632,7 @@ def compare(
             batch_size=batch_size, max_length=max_length, seeds=seed_list,
             max_train_samples=max_train_samples, max_eval_samples=max_eval_samples,
             time_budget=time_budget, metrics=parse_metrics(metric or []), fusion_lr=fusion_lr,
-            quiet=quiet), _console())
+            lrs=parse_lrs(lr or []), group_by_length=group_by_length, quiet=quiet), _console())
 
 
 @app.command()

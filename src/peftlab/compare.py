@@ -41,7 +41,7 @@ from rich.console import Console
 from peftlab.data import TaskData, load_task
 from peftlab.measure import FULL, FUSION, FUSION_MEMBER_METHOD, Measurement, data_batch, peak_rss_bytes
 from peftlab.metrics import PRIMARY
-from peftlab.train import NonFiniteLossError, UsageError
+from peftlab.train import DEFAULT_LR, NonFiniteLossError, UsageError
 
 ALL_METHODS = ("lora", "ia3", "houlsby", "pfeiffer", "compacter", "compacter++", FUSION, FULL)
 #: AdapterFusion's learning rate for stage 2 (the paper's setting).
@@ -70,6 +70,8 @@ class CompareOptions:
     time_budget: float | None = None
     metrics: Mapping[str, str] = dataclasses.field(default_factory=dict)
     fusion_lr: float = FUSION_LR
+    lrs: Mapping[str, float] = dataclasses.field(default_factory=dict)
+    group_by_length: bool = True
     measure_steps: int = 5
     quiet: bool = False
 
@@ -89,8 +91,12 @@ class CompareOptions:
                 args += [flag, f"{value:g}" if isinstance(value, float) else str(value)]
         for task, metric in self.metrics.items():
             args += ["--metric", f"{task}={metric}"]
+        for method, lr in self.lrs.items():
+            args += ["--lr", f"{method}={lr:g}"]
         if self.fusion_lr != FUSION_LR:
             args += ["--fusion-lr", f"{self.fusion_lr:g}"]
+        if not self.group_by_length:
+            args += ["--no-group-by-length"]
         return shlex.join(args)
 
     def check(self) -> None:
@@ -132,6 +138,13 @@ class CompareOptions:
             raise UsageError(f"--max-length must be at least 2, got {self.max_length}")
         if self.time_budget is not None and not (math.isfinite(self.time_budget) and self.time_budget > 0):
             raise UsageError(f"--time-budget is in minutes and must be positive, got {self.time_budget}")
+        for method, lr in self.lrs.items():
+            if method == FUSION:
+                raise UsageError("--lr fusion=...: set the fusion's learning rate with --fusion-lr")
+            if method not in self.methods:
+                raise UsageError(f"--lr names {method!r}, which is not in --methods {list(self.methods)}")
+            if not (math.isfinite(lr) and lr > 0):
+                raise UsageError(f"--lr {method}={lr}: the learning rate must be positive")
         bad = sorted(set(self.metrics) - set(names))
         if bad:
             raise UsageError(f"--metric names tasks {bad} that are not in --data ({names})")
@@ -139,12 +152,27 @@ class CompareOptions:
 
 def parse_metrics(items: list[str] | tuple[str, ...]) -> dict[str, str]:
     """``["cola=matthews", ...]`` as a dict."""
+    return _pairs(items, "--metric", "task=metric, e.g. cola=matthews")
+
+
+def parse_lrs(items: list[str] | tuple[str, ...]) -> dict[str, float]:
+    """``["full=5e-5", ...]`` as a dict of learning rates per method."""
+    out = {}
+    for method, text in _pairs(items, "--lr", "method=rate, e.g. full=5e-5").items():
+        try:
+            out[method] = float(text)
+        except ValueError:
+            raise UsageError(f"--lr {method}={text}: the rate must be a number, e.g. {method}=5e-5") from None
+    return out
+
+
+def _pairs(items: list[str] | tuple[str, ...], flag: str, form: str) -> dict[str, str]:
     out = {}
     for item in items:
-        task, eq, metric = item.partition("=")
-        if not eq or not task.strip() or not metric.strip():
-            raise UsageError(f"--metric {item!r}: write it as task=metric, e.g. cola=matthews")
-        out[task.strip()] = metric.strip()
+        key, eq, value = item.partition("=")
+        if not eq or not key.strip() or not value.strip():
+            raise UsageError(f"{flag} {item!r}: write it as {form}")
+        out[key.strip()] = value.strip()
     return out
 
 
@@ -266,6 +294,8 @@ def run_compare(opts: CompareOptions, console: Console | None = None,
             "seeds": list(opts.seeds), "max_train_samples": opts.max_train_samples,
             "max_eval_samples": opts.max_eval_samples, "time_budget_minutes": opts.time_budget,
             "fusion_lr": opts.fusion_lr, "fusion_members": FUSION_MEMBER_METHOD,
+            "group_by_length": opts.group_by_length,
+            "learning_rates": {m: opts.lrs.get(m, DEFAULT_LR[m]) for m in stage1},
             "measured_on": names[0]},
         "machine": machine_info(), "versions": versions(), "measurements": {}, "runs": [],
         "fusion": {}, "skipped": skipped, "wall_seconds": 0.0,
@@ -379,7 +409,9 @@ def _single_run(opts: CompareOptions, tasks: dict[str, dict[str, Any]], task: st
         model=opts.model, data=t["folder"], method=method, out=folder, epochs=opts.epochs,
         batch_size=opts.batch_size, max_length=opts.max_length, seed=seed,
         max_train_samples=opts.max_train_samples, max_eval_samples=opts.max_eval_samples,
-        name=method, checkpoints=False, quiet=True), console, data=t["data"])
+        lr=opts.lrs.get(method), group_by_length=opts.group_by_length, name=method, checkpoints=False,
+        quiet=True),
+        console, data=t["data"])
     if method == FULL:
         # A full copy of the model per task and seed fills disks fast; the scores are the point.
         shutil.rmtree(folder / MODEL_DIR, ignore_errors=True)
@@ -418,6 +450,7 @@ def _load_member(adapters: Any, path: Path, name: str) -> None:
 def _fusion_run(opts: CompareOptions, tasks: dict[str, dict[str, Any]], target: str, seed: int,
                 out: Path, console: Console) -> dict[str, Any]:
     from transformers import get_linear_schedule_with_warmup, set_seed
+    from transformers.trainer_pt_utils import LengthGroupedSampler
 
     from peftlab.adapter_set import attach
     from peftlab.data import tokenize
@@ -449,10 +482,13 @@ def _fusion_run(opts: CompareOptions, tasks: dict[str, dict[str, Any]], target: 
 
     train_set, _ = tokenize(data["train"], tokenizer, data.task, opts.max_length)
     eval_set, _ = tokenize(data["validation"], tokenizer, data.task, opts.max_length)
+    eval_set = eval_set.by_length()
     collate = collator(tokenizer, data.task)
-    loader = torch.utils.data.DataLoader(train_set, batch_size=opts.batch_size, shuffle=True,
-                                         collate_fn=collate,
-                                         generator=torch.Generator().manual_seed(seed))
+    generator = torch.Generator().manual_seed(seed)
+    sampler = (LengthGroupedSampler(opts.batch_size, lengths=train_set.lengths(), generator=generator)
+               if opts.group_by_length else torch.utils.data.RandomSampler(train_set, generator=generator))
+    loader = torch.utils.data.DataLoader(train_set, batch_size=opts.batch_size, sampler=sampler,
+                                         collate_fn=collate)
     total = max(1, math.ceil(len(loader) * opts.epochs))
     optimizer = torch.optim.AdamW(params, lr=opts.fusion_lr, weight_decay=0.0)
     schedule = get_linear_schedule_with_warmup(optimizer, math.ceil(0.06 * total), total)

@@ -232,6 +232,14 @@ class Encoded(torch.utils.data.Dataset):
     def __getitem__(self, i: int) -> dict[str, Any]:
         return self.features[i]
 
+    def lengths(self) -> list[int]:
+        """Tokens per example."""
+        return [len(f["input_ids"]) for f in self.features]  # type: ignore[arg-type]
+
+    def by_length(self) -> Encoded:
+        """The same examples, longest first: batches of similar length need less padding."""
+        return Encoded(sorted(self.features, key=lambda f: -len(f["input_ids"])))  # type: ignore[arg-type]
+
 
 def tokenize(split: Split, tokenizer: Any, task: str, max_length: int) -> tuple[Encoded, int]:
     """Tokenise a split, truncating to ``max_length`` tokens. Returns the dataset and the number

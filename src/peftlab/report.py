@@ -178,6 +178,10 @@ def markdown(report: dict[str, Any], plots: list[str] | None = None) -> str:
     first = next(iter(report.get("measurements", {}).values()), None)
     machine = report.get("machine", {})
     v = report.get("versions", {})
+    lrs = dict(s.get("learning_rates", {}))
+    if "fusion" in report["methods"]:
+        lrs["fusion"] = s.get("fusion_lr")
+    rates = ", ".join(f"{m} {lr:g}" for m, lr in lrs.items()) or "the methods' defaults"
     lines = [
         "# peftlab compare",
         "",
@@ -185,7 +189,8 @@ def markdown(report: dict[str, Any], plots: list[str] | None = None) -> str:
             f"{t} ({d['train_examples']:,} train / {d['eval_examples']:,} validation, {d['metric']})"
             for t, d in tasks.items()) + ".",
         f"{s['epochs']:g} epoch(s), batch {s['batch_size']}, max length {s['max_length']}, seeds "
-        f"{', '.join(map(str, s['seeds']))}. Wall time {report.get('wall_seconds', 0) / 60:.1f} min on "
+        f"{', '.join(map(str, s['seeds']))}; learning rates {rates}. Wall time "
+        f"{report.get('wall_seconds', 0) / 60:.1f} min on "
         f"{machine.get('cuda') or machine.get('processor')} ({machine.get('torch_threads')} torch threads); "
         f"torch {v.get('torch')}, transformers {v.get('transformers')}, peftlab {v.get('peftlab')}.",
         "",
