@@ -567,6 +567,41 @@ def test_configs_that_once_crashed_loading_fail_cleanly(source, path, value, sou
     assert adapters.names == ()
 
 
+# Patterns with catastrophic backtracking: matching one module name ran for minutes before
+# peftlab.patterns refused them. SIGALRM turns a regression into a failure instead of a hang.
+BACKTRACKING = [
+    ("lora", ("config", "targets"), '["(.*)*x"]'),
+    ("ia3", ("config", "scale_input"), '["(a|ab)*c"]'),
+    ("peft_lora", ("rank_pattern",), '{"(\\\\w+\\\\s?)*$": 2}'),
+    ("peft_ia3", ("feedforward_modules",), '"(a+)+b"'),
+]
+
+
+@pytest.mark.skipif(not hasattr(signal, "SIGALRM"), reason="needs SIGALRM")
+@pytest.mark.parametrize("source, path, value", BACKTRACKING, ids=lambda v: str(v)[:24])
+def test_patterns_that_backtrack_exponentially_are_refused(source, path, value, sources, tmp_path):
+    adapters = peftlab.attach(tiny_bert())
+    case = shutil.copytree(sources[source], tmp_path / "case")
+    config = json.loads((case / CONFIG_FILE).read_text())
+    _at(config, path[:-1])[path[-1]] = Raw(value)
+    (case / CONFIG_FILE).write_bytes(dumps(config))
+
+    def hung(*_):
+        raise TimeoutError("pattern matching still running after 20 s")
+
+    previous = signal.signal(signal.SIGALRM, hung)
+    signal.alarm(20)
+    try:
+        with pytest.raises(peftlab.AdapterLoadError, match="exponential time"):
+            adapters.import_peft(case, "imported") if source.startswith("peft") else adapters.load(case)
+        with pytest.raises(peftlab.TargetError, match="exponential time"):
+            adapters.add("direct", peftlab.LoRAConfig(targets=(r"(.*)*x",)))
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+    assert adapters.names == ()
+
+
 @pytest.mark.skipif(not Path("/proc/self/mem").exists(), reason="needs Linux /proc")
 @pytest.mark.parametrize("source", ["lora", "peft_lora"])
 def test_a_config_that_cannot_be_read_is_a_load_error(source, sources, tmp_path):

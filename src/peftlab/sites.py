@@ -16,6 +16,7 @@ from torch import nn
 
 from peftlab.errors import TargetError
 from peftlab.layer import AdaptedLayer, is_linear_like
+from peftlab.patterns import compile_pattern
 from peftlab.roles import ROLES, RoleMap
 
 
@@ -90,10 +91,7 @@ def find_sites(model: nn.Module, targets: tuple[str, ...], role_map: RoleMap | N
     found: dict[str, list[Part]] = {}
     for target in targets:
         pattern, select = _pattern(model, target, role_map)
-        try:
-            regex = re.compile(pattern)
-        except (re.error, OverflowError, RecursionError) as e:
-            raise TargetError(f"target {target!r} is not a valid regular expression: {e}") from None
+        regex = compile_pattern(pattern, "target", TargetError)
         hits = [name for name in modules if regex.search(name)]
         if not hits:
             raise TargetError(

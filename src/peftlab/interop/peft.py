@@ -46,6 +46,7 @@ from peftlab.io import CONFIG_FILE, FORMAT, WEIGHTS_FILE, read_config, read_tens
 from peftlab.layer import AdaptedLayer, weight_out_in
 from peftlab.methods.ia3 import IA3Config
 from peftlab.methods.lora import LoRAConfig
+from peftlab.patterns import compile_pattern
 from peftlab.sites import linear_modules
 
 if TYPE_CHECKING:
@@ -429,9 +430,4 @@ def _pattern_value(patterns: dict[re.Pattern[str], Any], module: str, default: A
 
 
 def _regex(pattern: str, what: str) -> re.Pattern[str]:
-    if not isinstance(pattern, str) or len(pattern) > 4096:
-        raise ConfigError(f"{what}: expected a regex string, got {clip(repr(pattern))}")
-    try:
-        return re.compile(pattern)
-    except (re.error, OverflowError, RecursionError) as e:  # the last two: "a{99999999999}", "((((..."
-        raise ConfigError(f"{what}: {clip(repr(pattern))} is not a valid regular expression: {e}") from None
+    return compile_pattern(pattern, what, ConfigError)

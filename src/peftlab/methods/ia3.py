@@ -21,8 +21,9 @@ import torch
 from torch import nn
 
 from peftlab.config import AdapterConfig
-from peftlab.errors import TargetError
+from peftlab.errors import ConfigError, TargetError
 from peftlab.layer import Piece
+from peftlab.patterns import compile_pattern
 from peftlab.roles import ROLES
 from peftlab.sites import Site
 
@@ -37,6 +38,11 @@ class IA3Config(AdapterConfig):
 
     targets: tuple[str, ...] = ("key", "value", "ffn_down")
     scale_input: tuple[str, ...] = ("ffn_down",)
+
+    def validate(self) -> None:
+        for entry in self.scale_input:
+            if entry not in ROLES:
+                compile_pattern(entry, "IA3Config.scale_input", ConfigError)
 
 
 class IA3(Piece):
