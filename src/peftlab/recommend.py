@@ -39,8 +39,8 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
+from peftlab.errors import UsageError
 from peftlab.measure import FULL, FUSION, FUSION_MEMBER_METHOD, Measurement
-from peftlab.train import UsageError
 
 #: Expected validation points relative to full fine-tuning, before any measurement. Sources
 #: (project notes, PAPERS.md): LoRA within ±0.8 of full fine-tuning on GLUE (LoRA paper, RoBERTa;

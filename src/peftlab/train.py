@@ -55,22 +55,9 @@ from torch import nn
 
 from peftlab.adapter_set import attach, check_name
 from peftlab.config import AdapterConfig
-from peftlab.data import DataError, TaskData, load_task, tokenize
-from peftlab.errors import ConfigError, PeftlabError
+from peftlab.data import TaskData, load_task, tokenize
+from peftlab.errors import ConfigError, DataError, NonFiniteLossError, UsageError
 from peftlab.metrics import PRIMARY, compute, perplexity
-
-
-class UsageError(PeftlabError, ValueError):
-    """A command-line argument or output directory is unusable; nothing was written."""
-
-
-class NonFiniteLossError(PeftlabError, FloatingPointError):
-    """Training diverged: the loss or a trainable parameter became NaN or infinite."""
-
-    def __init__(self, message: str, step: int) -> None:
-        super().__init__(message)
-        self.step = step
-        self.last_checkpoint: Path | None = None
 
 
 # ---- methods ----------------------------------------------------------------------------------
