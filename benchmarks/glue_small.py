@@ -61,6 +61,8 @@ def main() -> int:
                     help="plain random batches (default: batches of similar length)")
     ap.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
     ap.add_argument("--out", type=Path)
+    ap.add_argument("--targets-only", action="store_true",
+                    help="no training: rewrite targets.md from the report already in --out")
     ap.add_argument("--full-from", type=Path, metavar="DIR",
                     help="another run's report dir (e.g. full fine-tuning at another --lr): its full "
                          "fine-tuning scores are a second baseline in targets.md")
@@ -82,6 +84,13 @@ def main() -> int:
         return 2
     name = "glue_small" if args.preset == "full" else f"glue_small_{args.preset}"
     out = args.out or HERE / "results" / name
+    command = shlex.join(["python", "benchmarks/glue_small.py", *sys.argv[1:]])
+    other = load_report(args.full_from) if args.full_from else None
+    if args.targets_only:
+        report = load_report(out)
+        (out / "targets.md").write_text(targets(report, command, report["wall_seconds"], args.preset, other))
+        print(f"targets: {out / 'targets.md'}")
+        return 0
     try:
         lrs = parse_lrs(args.lr)
     except PeftlabError as e:
@@ -103,11 +112,28 @@ def main() -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     seconds = time.perf_counter() - started
-    command = shlex.join(["python", "benchmarks/glue_small.py", *sys.argv[1:]])
-    other = load_report(args.full_from) if args.full_from else None
     (out / "targets.md").write_text(targets(report, command, seconds, args.preset, other))
     print(f"wall time {seconds / 60:.1f} min; targets: {out / 'targets.md'}")
     return 0
+
+
+def trivial_scores(report: dict[str, Any]) -> dict[str, float]:
+    """Each task's score of a constant prediction on its validation split: the majority class's
+    share for accuracy, 0 for correlations (Matthews, Pearson, Spearman)."""
+    from collections import Counter
+
+    from peftlab.data import load_task
+
+    out = {}
+    for task, info in report["tasks"].items():
+        if info["metric"] == "accuracy":
+            data = load_task(info["data"], splits=("validation",),
+                             max_samples={"validation": report["settings"]["max_eval_samples"]})
+            labels = Counter(r["label"] for r in data["validation"].rows)
+            out[task] = max(labels.values()) / sum(labels.values())
+        elif info["metric"] in ("matthews", "pearson", "spearman"):
+            out[task] = 0.0
+    return out
 
 
 def targets(report: dict[str, Any], command: str, seconds: float, preset: str,
@@ -115,9 +141,14 @@ def targets(report: dict[str, Any], command: str, seconds: float, preset: str,
     """The issue's targets against this report, with the numbers; ``other``: a second report whose
     full fine-tuning is another baseline (same tasks)."""
     scores = report["summary"]["scores"]
+    trivial = trivial_scores(report)
     lines = ["# GLUE-small targets", "", "```", command, "```", "",
              f"Wall time: {seconds / 60:.1f} min ({report['machine'].get('torch_threads')} torch threads, "
              f"{report['machine'].get('cpu_count')} CPUs). Equivalent: `{report['command']}`.", ""]
+    lines.append("A constant prediction scores " + ", ".join(f"{t} {100 * v:.1f}" for t, v in trivial.items())
+                 + " (majority class for accuracy; 0 for correlations); scores near these mean "
+                 + "the budget was too small for the task.")
+    lines.append("")
     baselines = [(report, "in this run")]
     if other is not None:
         baselines.append((other, f"from `{other['command']}`"))
@@ -142,9 +173,13 @@ def targets(report: dict[str, Any], command: str, seconds: float, preset: str,
         fu = scores.get("fusion", {}).get("tasks", {}).get(task)
         if pf and fu:
             gain = 100 * (fu["mean"] - pf["mean"])
+            floor = trivial.get(task)
+            weak = floor is not None and max(pf["mean"], fu["mean"]) <= floor + 0.02
             lines.append(f"- Fusion vs single-task Pfeiffer on {task}: {100 * pf['mean']:.1f} -> "
                          f"{100 * fu['mean']:.1f} ({gain:+.1f}; paper, BERT-base: {paper}): "
-                         + ("met" if gain > 0 else "MISSED"))
+                         + ("met" if gain > 0 else "MISSED")
+                         + (f" — but both are within 2 points of the trivial predictor ({100 * floor:.1f}): "
+                            "no evidence either way" if weak else ""))
         else:
             lines.append(f"- Fusion vs single-task Pfeiffer on {task}: not measured")
     if preset == "everyday":
