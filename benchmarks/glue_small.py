@@ -6,12 +6,17 @@ README), at most 2,000 training examples per task, max length 128, seeds 0, 1, 2
 by Matthews correlation and STS-B by Pearson correlation, as GLUE does; the others by accuracy
 (every metric is in ``report.json``). Afterwards ``targets.md`` checks the report against the
 issue's targets: every method's average within 1.0 point of full fine-tuning, Fusion above
-single-task Pfeiffer on RTE and MRPC, and the everyday run in under 20 minutes.
+single-task Pfeiffer on RTE and MRPC, and the everyday run in under 20 minutes; it also prints each
+task's constant-prediction score, since a short budget can leave a task unlearned. ``--full-from``
+adds a second full fine-tuning baseline (e.g. at another ``--lr``) and ``--targets-only`` rewrites
+``targets.md`` from an existing report without training.
 
     python benchmarks/glue_small.py                         # the full run (hours on 2 cores)
     python benchmarks/glue_small.py --preset everyday       # 3 tasks x 5 methods x 1 seed x 1,000
     python benchmarks/glue_small.py --preset smoke          # 2 tasks x 2 methods x 64 examples
     python benchmarks/glue_small.py --tasks rte,mrpc --methods pfeiffer,fusion --seeds 0,1
+    python benchmarks/glue_small.py --methods full --lr full=1e-4 --epochs 1 --out /tmp/full
+    python benchmarks/glue_small.py --epochs 1 --out DIR --targets-only --full-from /tmp/full
 
 Writes ``report.md``, ``report.json``, the plots, ``runs/`` and ``targets.md`` to ``--out``
 (default ``benchmarks/results/glue_small[_<preset>]``; it must be new or empty).
