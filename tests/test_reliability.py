@@ -554,15 +554,25 @@ ONCE_CRASHED = [
 ]
 
 
-@pytest.mark.parametrize("source, path, value", ONCE_CRASHED, ids=lambda v: str(v)[:24])
-def test_configs_that_once_crashed_loading_fail_cleanly(source, path, value, sources, tmp_path):
-    adapters = peftlab.attach(tiny_bert())
+def _with_value(sources, source: str, path: tuple, value: str, tmp_path: Path) -> Path:
+    """A copy of ``source``'s saved adapter whose config has the JSON text ``value`` at ``path``."""
     case = shutil.copytree(sources[source], tmp_path / "case")
     config = json.loads((case / CONFIG_FILE).read_text())
     _at(config, path[:-1])[path[-1]] = Raw(value)
     (case / CONFIG_FILE).write_bytes(dumps(config))
+    return case
+
+
+def _load(adapters, source: str, case: Path) -> str:
+    return adapters.import_peft(case, "imported") if source.startswith("peft") else adapters.load(case)
+
+
+@pytest.mark.parametrize("source, path, value", ONCE_CRASHED, ids=lambda v: str(v)[:24])
+def test_configs_that_once_crashed_loading_fail_cleanly(source, path, value, sources, tmp_path):
+    adapters = peftlab.attach(tiny_bert())
+    case = _with_value(sources, source, path, value, tmp_path)
     with pytest.raises(peftlab.AdapterLoadError) as e:
-        adapters.import_peft(case, "imported") if source.startswith("peft") else adapters.load(case)
+        _load(adapters, source, case)
     assert _readable(str(e.value)), str(e.value)[:300]
     assert adapters.names == ()
 
@@ -581,10 +591,7 @@ BACKTRACKING = [
 @pytest.mark.parametrize("source, path, value", BACKTRACKING, ids=lambda v: str(v)[:24])
 def test_patterns_that_backtrack_exponentially_are_refused(source, path, value, sources, tmp_path):
     adapters = peftlab.attach(tiny_bert())
-    case = shutil.copytree(sources[source], tmp_path / "case")
-    config = json.loads((case / CONFIG_FILE).read_text())
-    _at(config, path[:-1])[path[-1]] = Raw(value)
-    (case / CONFIG_FILE).write_bytes(dumps(config))
+    case = _with_value(sources, source, path, value, tmp_path)
 
     def hung(*_):
         raise TimeoutError("pattern matching still running after 20 s")
@@ -593,7 +600,7 @@ def test_patterns_that_backtrack_exponentially_are_refused(source, path, value, 
     signal.alarm(20)
     try:
         with pytest.raises(peftlab.AdapterLoadError, match="exponential time"):
-            adapters.import_peft(case, "imported") if source.startswith("peft") else adapters.load(case)
+            _load(adapters, source, case)
         with pytest.raises(peftlab.TargetError, match="exponential time"):
             adapters.add("direct", peftlab.LoRAConfig(targets=(r"(.*)*x",)))
     finally:

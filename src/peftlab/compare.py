@@ -411,8 +411,7 @@ def _single_run(opts: CompareOptions, tasks: dict[str, dict[str, Any]], task: st
         batch_size=opts.batch_size, max_length=opts.max_length, seed=seed,
         max_train_samples=opts.max_train_samples, max_eval_samples=opts.max_eval_samples,
         lr=opts.lrs.get(method), group_by_length=opts.group_by_length, name=method, checkpoints=False,
-        quiet=True),
-        console, data=t["data"])
+        quiet=True), console, data=t["data"])
     if method == FULL:
         # A full copy of the model per task and seed fills disks fast; the scores are the point.
         shutil.rmtree(folder / MODEL_DIR, ignore_errors=True)
