@@ -27,6 +27,7 @@ from peftlab.errors import (
 
 if TYPE_CHECKING:
     from peftlab.adapter_set import AdapterSet, attach, detach
+    from peftlab.checkpoints import adapter_checkpoints
     from peftlab.config import AdapterConfig
     from peftlab.methods.bottleneck import BottleneckConfig
     from peftlab.methods.compacter import CompacterConfig
@@ -38,6 +39,7 @@ if TYPE_CHECKING:
 # Imported on first use, so that `peftlab --help` does not wait for torch and transformers.
 _LAZY = {
     "AdapterSet": "adapter_set", "attach": "adapter_set", "detach": "adapter_set",
+    "adapter_checkpoints": "checkpoints",
     "AdapterConfig": "config", "BottleneckConfig": "methods.bottleneck",
     "CompacterConfig": "methods.compacter", "FusionConfig": "methods.fusion", "IA3Config": "methods.ia3",
     "LoRAConfig": "methods.lora", "ROLE_MAPS": "roles", "ROLES": "roles", "Role": "roles",
@@ -63,5 +65,5 @@ __all__ = [
     "ROLES", "ROLE_MAPS", "AdapterConfig", "AdapterLoadError", "AdapterNameError",
     "AdapterSaveError", "AdapterSet", "AdapterStateError", "BottleneckConfig", "CompacterConfig",
     "ConfigError", "DataError", "FusionConfig", "IA3Config", "LoRAConfig", "NonFiniteLossError",
-    "PeftlabError", "Role", "RoleMap", "TargetError", "UsageError", "attach", "detach",
+    "PeftlabError", "Role", "RoleMap", "TargetError", "UsageError", "adapter_checkpoints", "attach", "detach",
 ]

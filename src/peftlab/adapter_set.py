@@ -9,12 +9,15 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import re
+import types
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 
+from peftlab import ties
 from peftlab.config import AdapterConfig
 from peftlab.errors import AdapterNameError, AdapterStateError, ConfigError, TargetError
 from peftlab.layer import AdaptedLayer, Piece, routing
@@ -106,6 +109,7 @@ class AdapterSet:
         self.role_map = role_map if role_map is not None else role_map_for(model)
         self._adapters: dict[str, Adapter] = {}
         self._active: tuple[str, ...] = ()
+        self._untied: dict[str, ties.Untied] = {}  # module -> its tie, undone for a merge
 
     # ---- inspection -------------------------------------------------------------------------
     @property
@@ -211,7 +215,11 @@ class AdapterSet:
 
     def _install(self, name: str, adapter: Adapter) -> None:
         for module_name, piece in adapter.pieces.items():
-            self._wrap(module_name).adapters[name] = piece
+            layer = self._wrap(module_name)
+            layer.adapters[name] = piece
+            # A new piece is in training mode (nn.Module's default); it must follow the model it
+            # joins, or an adapter added to a model in eval mode would run its dropout at inference.
+            piece.train(layer.training)
         self._adapters[name] = adapter
         self._refresh()
 
@@ -349,10 +357,25 @@ class AdapterSet:
                 raise AdapterStateError(
                     f"cannot merge {name!r}: at {module_name} it composes with active unmerged "
                     f"adapter(s) {clash}; merge or deactivate them first")
+            problem = piece.merge_problem()
+            if problem:
+                raise AdapterStateError(f"cannot merge {name!r} at {module_name}: {problem}")
+        self._untie_for_merge(adapter)
         for module_name in adapter.pieces:
             self._layer(module_name).merge(name)
         adapter.merged = True
         self._refresh()
+
+    def _untie_for_merge(self, adapter: Adapter) -> None:
+        """Give each layer about to take the merge its own weight where it is tied to the input
+        embeddings (see :mod:`peftlab.ties`); every layer is checked before any is changed."""
+        shared = ties.shared_parameters(self.model)
+        if not shared:
+            return
+        todo = [m for m in adapter.pieces if m not in self._untied and ties.check_untie(
+            self.model, m, self._layer(m), self._layer(m).base, shared)]
+        for module_name in todo:
+            self._untied[module_name] = ties.untie(self.model, self._layer(module_name).base)
 
     def unmerge(self, name: str) -> None:
         """Take a merged adapter back out of the weights."""
@@ -365,7 +388,10 @@ class AdapterSet:
                 raise AdapterStateError(f"unmerge {merged[merged.index(name) + 1:]} before {name!r}"
                                         " (reverse order of merging)")
         for module_name in adapter.pieces:
-            self._layer(module_name).unmerge(name)
+            layer = self._layer(module_name)
+            layer.unmerge(name)
+            if not layer.merged and module_name in self._untied:
+                ties.retie(self.model, self._untied.pop(module_name))
         adapter.merged = False
         self._refresh()
 
@@ -410,6 +436,7 @@ class AdapterSet:
         if isinstance(module, AdaptedLayer):
             return module
         layer = AdaptedLayer(module)
+        layer.train(module.training)  # the wrapper follows the mode of what it wraps
         self._set_module(module_name, layer)
         return layer
 
@@ -417,29 +444,75 @@ class AdapterSet:
         parent, _, child = module_name.rpartition(".")
         setattr(self.model.get_submodule(parent) if parent else self.model, child, module)
 
+    def plain_state_dict(self, state_dict: dict[str, Any]) -> dict[str, Any]:
+        """``state_dict`` of the wrapped model keyed as the plain model: ``<layer>.base.<p>`` ->
+        ``<layer>.<p>``, adapter tensors left out."""
+        layers = [name + "." for name, _ in self.layers()]
+        out = {}
+        for key, value in state_dict.items():
+            layer = next((p for p in layers if key.startswith(p)), None)
+            if layer is None:
+                out[key] = value
+            elif key.startswith(layer + "base."):
+                out[layer + key[len(layer) + 5:]] = value
+        return out
+
     def _unwrap_all(self) -> None:
         for name, layer in list(self.layers()):
             self._set_module(name, layer.base)
 
 
+def attached(model: nn.Module) -> AdapterSet | None:
+    """The model's :class:`AdapterSet` if :func:`attach` was called on it, else ``None``."""
+    return model.__dict__.get(_ATTR)
+
+
 def attach(model: nn.Module, role_map: RoleMap | None = None) -> AdapterSet:
     """The model's :class:`AdapterSet`, created on first call; the same object afterwards.
-    ``role_map`` says where the roles are for a model peftlab has no built-in map for."""
-    existing = model.__dict__.get(_ATTR)
+    ``role_map`` says where the roles are for a model peftlab has no built-in map for.
+
+    While attached, the model's ``save_pretrained`` writes the plain model (original module
+    names, merged adapters in the weights) and refuses while an adapter is not merged, since
+    ``from_pretrained`` could not load the wrapped layout."""
+    existing = attached(model)
     if existing is not None:
         if role_map is not None and role_map is not existing.role_map:
             raise AdapterStateError("this model is attached with another role map; detach first")
         return existing
     adapters = AdapterSet(model, role_map)
     object.__setattr__(model, _ATTR, adapters)
+    if callable(getattr(model, "save_pretrained", None)):
+        object.__setattr__(model, "save_pretrained", types.MethodType(_save_pretrained, model))
     return adapters
+
+
+def _save_pretrained(model: nn.Module, *args: Any, **kwargs: Any) -> Any:
+    """``save_pretrained`` of an attached model: the plain model with merged adapters, never the
+    wrapped layout (``query.base.weight``) that ``from_pretrained`` would silently re-initialise."""
+    adapters: AdapterSet = model.__dict__[_ATTR]
+    unmerged = [n for n in adapters.names if not adapters[n].merged]
+    if unmerged:
+        raise AdapterStateError(
+            f"model.save_pretrained would drop the unmerged adapter(s) {unmerged}. Save an adapter "
+            "with adapters.save(name, dir); or merge it and save the model; or "
+            "peftlab.detach(model, keep_merged=True) first. For HF Trainer checkpoints, use "
+            "trainer = peftlab.adapter_checkpoints(trainer)")
+    if kwargs.get("state_dict") is not None:
+        kwargs["state_dict"] = adapters.plain_state_dict(kwargs["state_dict"])
+    layers = list(adapters.layers())
+    adapters._unwrap_all()
+    try:
+        return type(model).save_pretrained(model, *args, **kwargs)
+    finally:
+        for name, layer in layers:
+            adapters._set_module(name, layer)
 
 
 def detach(model: nn.Module, keep_merged: bool = False) -> nn.Module:
     """Remove every adapter and wrapper; the model's modules and state dict are the original.
     With merged adapters, pass ``keep_merged=True`` to keep them in the weights
     (merge-and-unload); otherwise this refuses."""
-    adapters = model.__dict__.get(_ATTR)
+    adapters = attached(model)
     if adapters is None:
         return model
     merged = [n for n in adapters.names if adapters[n].merged]
@@ -448,6 +521,5 @@ def detach(model: nn.Module, keep_merged: bool = False) -> nn.Module:
                                 "pass keep_merged=True to keep them there")
     adapters._unwrap_all()
     del model.__dict__[_ATTR]
+    model.__dict__.pop("save_pretrained", None)
     return model
-
-

@@ -3,7 +3,9 @@
 Each split is ``<split>.jsonl`` (one JSON object a line), ``<split>.json`` (the same) or
 ``<split>.csv`` (a header row). Fields: ``text``, optional ``text_pair``, and ``label``.
 Integer labels make a classification task with classes ``0..K-1``; float labels a regression
-task. ``causal-lm`` uses ``text`` only and learns to predict it.
+task. ``causal-lm`` uses ``text`` only and learns to predict it, up to an eos token; a
+``text_pair`` or ``label`` there is an error, never silently dropped. Other fields (an ``idx``)
+are listed as unused when training starts.
 
 Everything is checked when read, and every problem raises :class:`DataError` naming the file, the
 line and the fix. Tokenising truncates to ``max_length`` and reports how many examples were cut.
@@ -24,6 +26,7 @@ import torch
 from peftlab.errors import DataError
 
 TASKS = ("classification", "regression", "causal-lm")
+FIELDS = ("text", "text_pair", "label")
 EXTENSIONS = (".jsonl", ".json", ".csv")
 _MAX_FILE_BYTES = 2 << 30
 
@@ -35,6 +38,7 @@ class Split:
     name: str
     path: Path
     rows: list[dict[str, Any]]
+    ignored: tuple[str, ...] = ()  # fields of the file that no task uses (e.g. an ``idx``)
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -128,6 +132,11 @@ def _clean(path: Path, raw: list[dict[str, Any]], task: str | None) -> list[dict
             raise DataError(f"{where}: 'text_pair' must be a string (got {type(pair).__name__})")
         label = row.get("label")
         if task == "causal-lm":
+            unused = [k for k, v in (("text_pair", pair), ("label", label)) if v not in (None, "")]
+            if unused:
+                raise DataError(f"{where}: causal-lm learns only 'text', but the row also has "
+                                f"{unused}, which would be ignored. Put everything the model should "
+                                "learn into 'text', or drop those fields (or pick another --task)")
             rows.append({"text": text, "text_pair": None, "label": None})
             continue
         if label is None or label == "":
@@ -155,13 +164,15 @@ def load_split(folder: Path, split: str, task: str | None,
     """Read and validate one split. ``max_samples`` keeps a fixed random subset (seed 0, original
     order) so that runs with different training seeds see the same data."""
     path = split_file(folder, split)
-    rows = _clean(path, read_rows(path), task)
+    raw = read_rows(path)
+    rows = _clean(path, raw, task)
+    ignored = tuple(sorted({k for r in raw for k in r} - {*FIELDS, "_line"}))
     if not rows:
         raise DataError(f"{path} holds no examples; add rows with 'text' and 'label'")
     if max_samples is not None and len(rows) > max_samples:
         keep = sorted(random.Random(0).sample(range(len(rows)), max_samples))
         rows = [rows[i] for i in keep]
-    return Split(split, path, rows)
+    return Split(split, path, rows, ignored)
 
 
 def load_task(folder: str | Path, splits: tuple[str, ...] = ("train", "validation"),
@@ -240,6 +251,8 @@ class Encoded(torch.utils.data.Dataset):
 def tokenize(split: Split, tokenizer: Any, task: str, max_length: int) -> tuple[Encoded, int]:
     """Tokenise a split, truncating to ``max_length`` tokens. Returns the dataset and the number
     of examples that were truncated (the caller warns about them)."""
+    if task == "causal-lm":
+        return _tokenize_causal(split, tokenizer, max_length)
     texts = [r["text"] for r in split.rows]
     pairs = [r["text_pair"] for r in split.rows]
     pair_args = (pairs,) if pairs[0] is not None else ()
@@ -247,10 +260,20 @@ def tokenize(split: Split, tokenizer: Any, task: str, max_length: int) -> tuple[
     truncated = sum(len(ids) > max_length for ids in full)
     enc = tokenizer(texts, *pair_args, truncation=True, max_length=max_length)
     keys = [k for k in ("input_ids", "attention_mask", "token_type_ids") if k in enc]
-    features = []
-    for i, row in enumerate(split.rows):
-        f: dict[str, Any] = {k: enc[k][i] for k in keys}
-        if task != "causal-lm":
-            f["labels"] = row["label"]
-        features.append(f)
+    features = [{**{k: enc[k][i] for k in keys}, "labels": row["label"]}
+                for i, row in enumerate(split.rows)]
+    return Encoded(features), truncated
+
+
+def _tokenize_causal(split: Split, tokenizer: Any, max_length: int) -> tuple[Encoded, int]:
+    """Each text ends with the tokenizer's eos token (added where the tokenizer does not add it
+    itself), so that the model learns where a text stops. A text cut at ``max_length`` loses it:
+    it did not end there."""
+    eos = tokenizer.eos_token_id
+    features, truncated = [], 0
+    for ids in tokenizer([r["text"] for r in split.rows], verbose=False)["input_ids"]:
+        if eos is not None and (not ids or ids[-1] != eos):
+            ids = [*ids, eos]
+        truncated += len(ids) > max_length
+        features.append({"input_ids": ids[:max_length]})
     return Encoded(features), truncated

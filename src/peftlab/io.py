@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import save, save_file
 
 from peftlab.config import clip
 from peftlab.errors import AdapterLoadError, AdapterSaveError, ConfigError, PeftlabError
@@ -36,7 +36,22 @@ WEIGHTS_FILE = "adapter_model.safetensors"
 MAX_CONFIG_BYTES = 1 << 20
 
 
-# ---- atomic directory writes ------------------------------------------------------------------
+# ---- atomic writes ----------------------------------------------------------------------------
+def write_atomic(path: Path, data: bytes) -> None:
+    """Write a file through a temporary sibling and a rename: readers never see half of it."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
 def _fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -196,7 +211,9 @@ def _piece_tensors(adapter: Adapter) -> dict[str, torch.Tensor]:
     return out
 
 
-def save_adapter(adapters: AdapterSet, name: str, path: Path, extras: tuple[str, ...] | None) -> Path:
+def adapter_files(adapters: AdapterSet, name: str,
+                  extras: tuple[str, ...] | None) -> dict[str, bytes | dict[str, torch.Tensor]]:
+    """The two files of adapter ``name``: its config as JSON bytes and its tensors."""
     from peftlab import __version__
 
     adapter = adapters[name]
@@ -219,8 +236,41 @@ def save_adapter(adapters: AdapterSet, name: str, path: Path, extras: tuple[str,
     if adapter.members:  # a fusion: its members are separate adapters, loaded before it
         config["members"] = list(adapter.members)
     blob = json.dumps(config, indent=2).encode()
-    weights = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
-    return write_dir_atomic(path, {CONFIG_FILE: blob, WEIGHTS_FILE: weights})
+    return {CONFIG_FILE: blob, WEIGHTS_FILE: {k: v.detach().contiguous().cpu() for k, v in tensors.items()}}
+
+
+def save_adapter(adapters: AdapterSet, name: str, path: Path, extras: tuple[str, ...] | None) -> Path:
+    return write_dir_atomic(path, adapter_files(adapters, name, extras))
+
+
+def write_files_into(folder: Path, files: dict[str, bytes | dict[str, torch.Tensor]]) -> None:
+    """Write ``files`` into an existing folder that holds other files too (a Trainer checkpoint),
+    each through a temporary sibling and a rename."""
+    for file_name, content in files.items():
+        write_atomic(Path(folder) / file_name, content if isinstance(content, bytes) else save(content))
+
+
+def restore_adapter(adapters: AdapterSet, name: str, path: Path) -> None:
+    """Copy the tensors saved in ``path`` into the attached adapter ``name`` in place (resuming a
+    training run). The file must be of the same method, config, targets and extra modules;
+    everything is checked before any tensor is copied."""
+    adapter = adapters[name]
+    data = read_config(path)
+    recorded = (data.get("format"), data.get("method"), data.get("config"), data.get("target_modules"),
+                data.get("extra_modules"))
+    expected = (FORMAT, adapter.config.method, adapter.config.to_dict(),
+                [s.module for s in adapter.sites], list(adapter.extras))
+    if recorded != expected:
+        raise AdapterLoadError(f"{path} holds another adapter than {name!r} (format, method, config, "
+                               "targets or extra modules differ); resume with the same adapter")
+    current = adapter_tensors(adapters, name)
+    for module in adapter.extras:
+        for key, t in adapters.model.get_submodule(module).state_dict().items():
+            current[f"extra.{module}.{key}"] = t
+    tensors = read_tensors(path, {k: tuple(t.shape) for k, t in current.items()})
+    with torch.no_grad():
+        for key, t in current.items():
+            t.copy_(tensors[key])
 
 
 def load_adapter(adapters: AdapterSet, path: Path, name: str | None) -> str:

@@ -68,6 +68,10 @@ class Piece(nn.Module):
         """Add (sign=1) or remove (sign=-1) this piece from ``weight [out, in]`` in place."""
         raise AdapterStateError(f"{type(self).__name__} cannot be merged into the weights")
 
+    def merge_problem(self) -> str | None:
+        """Why merging this piece now could not be undone exactly, or ``None`` when it can."""
+        return None
+
 
 class _ScaledLinear(torch.autograd.Function):
     """``y = l_out ⊙ (W·(l_in ⊙ x) + b)`` with a frozen ``W``, computed as one GEMM with a scaled

@@ -81,7 +81,7 @@ class MultiTaskModel(nn.Module):
         head = nn.Linear(self.config.hidden_size, num_labels).to(ref.device, ref.dtype)
         if like is not None:
             head.load_state_dict(self.heads[like].state_dict())
-        self.heads[name] = head
+        self.heads[name] = head.train(self.training)
 
     def forward(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
                 labels: torch.Tensor | None = None, head: str | None = None,

@@ -55,8 +55,9 @@ from torch import nn
 
 from peftlab.adapter_set import attach, check_name
 from peftlab.config import AdapterConfig
-from peftlab.data import TaskData, load_task, tokenize
+from peftlab.data import FIELDS, TaskData, load_task, tokenize
 from peftlab.errors import ConfigError, DataError, NonFiniteLossError, UsageError
+from peftlab.io import write_atomic
 from peftlab.metrics import PRIMARY, compute, perplexity
 
 
@@ -270,21 +271,6 @@ TRAINABLE_FILE = "trainable.safetensors"
 _RESUME_KEYS = ("model", "data", "method", "sets", "task", "epochs", "lr", "batch_size", "max_length",
                 "seed", "max_train_samples", "max_eval_samples", "eval_every", "save_every",
                 "max_grad_norm", "warmup", "name")
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write a file through a temporary sibling and a rename: readers never see half of it."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def json_bytes(obj: Any) -> bytes:
@@ -622,11 +608,33 @@ def save_model_atomic(model: nn.Module, tokenizer: Any, path: Path) -> None:
 
 # ---- training ---------------------------------------------------------------------------------
 def collator(tokenizer: Any, task: str) -> Callable[..., Any]:
-    from transformers import DataCollatorForLanguageModeling, DataCollatorWithPadding
+    from transformers import DataCollatorWithPadding
 
     if task == "causal-lm":
-        return DataCollatorForLanguageModeling(tokenizer, mlm=False)
+        return CausalLMCollator(tokenizer.pad_token_id, tokenizer.padding_side)
     return DataCollatorWithPadding(tokenizer)
+
+
+@dataclasses.dataclass(frozen=True)
+class CausalLMCollator:
+    """Pads causal-LM examples; ``labels`` are the input ids with the *padded positions* set to
+    -100. Padding is found by position, not by token id: many tokenizers pad with their eos
+    token, and masking by id would hide every eos from the loss, so the model never learns to
+    stop (transformers' ``DataCollatorForLanguageModeling`` does that)."""
+
+    pad_id: int
+    padding_side: str = "right"
+
+    def __call__(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        longest = max(len(f["input_ids"]) for f in features)
+        ids = torch.full((len(features), longest), self.pad_id, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for i, f in enumerate(features):
+            n = len(f["input_ids"])
+            where = slice(longest - n, longest) if self.padding_side == "left" else slice(0, n)
+            ids[i, where] = torch.tensor(f["input_ids"])
+            mask[i, where] = 1
+        return {"input_ids": ids, "attention_mask": mask, "labels": ids.masked_fill(mask == 0, -100)}
 
 
 def resolve_max_length(asked: int | None, model: nn.Module) -> int:
@@ -713,6 +721,9 @@ def run_training(opts: TrainOptions, console: Console | None = None,
     eval_set, cut_eval = tokenize(data["validation"], tokenizer, data.task, max_length)
     eval_set = eval_set.by_length()  # less padding; the metrics do not depend on the order
     for split, cut in (("train", cut_train), ("validation", cut_eval)):
+        if data[split].ignored:
+            _say(console, opts.quiet, f"note: {data[split].path} has field(s) "
+                 f"{list(data[split].ignored)} that peftlab does not use (it reads {list(FIELDS)})")
         if cut:
             _say(console, opts.quiet, f"[yellow]warning:[/] {cut} of {len(data[split])} {split} examples "
                  f"are longer than --max-length {max_length} tokens and were truncated")

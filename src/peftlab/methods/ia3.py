@@ -5,7 +5,8 @@
 
 All vectors start at ones, so a new adapter leaves the model unchanged. Parameters per block:
 ``d_k + d_v + d_ff`` (55,296 on bert-base). Mergeable: ``l ⊙ (W·x + b) = (diag(l)·W)·x + l ⊙ b``
-and ``W·(l ⊙ a) = (W·diag(l))·a``; unmerging divides by ``l``.
+and ``W·(l ⊙ a) = (W·diag(l))·a``; unmerging divides by ``l``, so a vector with a zero is never
+merged (the erased weights could not come back).
 
 We follow the paper: the FFN vector scales the activation *after* the nonlinearity (the down
 projection's input). AdapterHub scales the up projection's output, before the nonlinearity.
@@ -70,6 +71,15 @@ class IA3(Piece):
 
     def scales(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         return (self.ia3_l, None) if self.scale_input else (None, self._full(self.ia3_l, 1.0))
+
+    def merge_problem(self) -> str | None:
+        # Unmerging divides by l: a zero (or subnormal, whose inverse overflows) erases the rows.
+        tiny = torch.finfo(self.ia3_l.dtype).tiny
+        zeros = int((self.ia3_l.abs() < tiny).sum())
+        if zeros:
+            return (f"{zeros} (IA)³ scale(s) are 0, which would erase those weights for good "
+                    "(unmerge divides by the scale); keep this adapter unmerged")
+        return None
 
     def merge_into(self, weight: torch.Tensor, bias: torch.Tensor | None, sign: int) -> None:
         v = (self.ia3_l if sign > 0 else 1.0 / self.ia3_l).to(weight.dtype)
