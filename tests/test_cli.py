@@ -403,7 +403,7 @@ def test_nan_loss_stops_with_exit_code_3_and_keeps_the_checkpoint(work, tmp_path
     kept = sorted(p.name for p in (out / "checkpoints").iterdir())
     assert kept, "the last good checkpoint must be kept"
     for name in kept:
-        tensors = load_file(out / "checkpoints" / name / "trainable.safetensors")
+        tensors = load_file(out / "checkpoints" / name / "adapter_model.safetensors")
         assert all(torch.isfinite(t).all() for t in tensors.values())
     assert not (out / "adapter").exists()
 

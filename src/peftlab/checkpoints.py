@@ -78,7 +78,8 @@ class AdapterCheckpoints:
 
 
 @functools.cache
-def _with_checkpoints(trainer_class: type) -> type:
+def with_checkpoints(trainer_class: type) -> type:
+    """``trainer_class`` with adapter checkpoints: ``AdapterCheckpoints`` mixed in before it."""
     return type(f"Adapter{trainer_class.__name__}", (AdapterCheckpoints, trainer_class), {})
 
 
@@ -86,5 +87,5 @@ def adapter_checkpoints(trainer: TrainerT) -> TrainerT:
     """Make ``trainer`` (a ``transformers.Trainer`` or subclass) checkpoint, save and resume only
     the adapter it trains; returns the same object."""
     if not isinstance(trainer, AdapterCheckpoints):
-        trainer.__class__ = _with_checkpoints(type(trainer))
+        trainer.__class__ = with_checkpoints(type(trainer))
     return trainer

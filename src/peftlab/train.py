@@ -57,7 +57,7 @@ from peftlab.adapter_set import attach, check_name
 from peftlab.config import AdapterConfig
 from peftlab.data import FIELDS, TaskData, load_task, tokenize
 from peftlab.errors import ConfigError, DataError, NonFiniteLossError, UsageError
-from peftlab.io import write_atomic
+from peftlab.io import WEIGHTS_FILE, write_atomic
 from peftlab.metrics import PRIMARY, compute, perplexity
 
 
@@ -266,7 +266,6 @@ RUN_FILE = "run.json"
 ADAPTER_DIR = "adapter"
 MODEL_DIR = "model"
 CHECKPOINTS = "checkpoints"
-TRAINABLE_FILE = "trainable.safetensors"
 # Arguments that must not change between a run and its --resume.
 _RESUME_KEYS = ("model", "data", "method", "sets", "task", "epochs", "lr", "batch_size", "max_length",
                 "seed", "max_train_samples", "max_eval_samples", "eval_every", "save_every",
@@ -330,7 +329,7 @@ def last_checkpoint(folder: Path, adapter_run: bool = True) -> Path | None:
             json.loads((p / "trainer_state.json").read_text())
         except (OSError, ValueError):
             continue
-        if adapter_run and not (p / TRAINABLE_FILE).is_file():
+        if adapter_run and not (p / WEIGHTS_FILE).is_file():
             continue
         return p
     return None
@@ -413,18 +412,14 @@ def _any_rank(flag: bool) -> bool:
     return flag
 
 
-def _make_trainer_class() -> type:
-    from safetensors.torch import load_file, save_file
+def _make_trainer_class(adapter_run: bool) -> type:
     from transformers import Trainer
 
-    class PeftlabTrainer(Trainer):
-        """Trainer that checkpoints only the trainable tensors of an adapter run and stops on a
-        non-finite loss. ``trainable`` is ``None`` for full fine-tuning (default checkpoints)."""
+    from peftlab.checkpoints import with_checkpoints
 
-        def __init__(self, *args: Any, trainable: dict[str, nn.Parameter] | None = None,
-                     **kwargs: Any) -> None:
-            super().__init__(*args, **kwargs)
-            self.trainable = trainable
+    class PeftlabTrainer(with_checkpoints(Trainer) if adapter_run else Trainer):  # type: ignore[misc]
+        """Trainer that stops on a non-finite loss; an adapter run checkpoints only the adapter
+        and its head (:mod:`peftlab.checkpoints`), full fine-tuning the whole model."""
 
         def compute_loss(self, model: nn.Module, inputs: dict[str, Any], return_outputs: bool = False,
                          num_items_in_batch: Any = None) -> Any:
@@ -437,29 +432,6 @@ def _make_trainer_class() -> type:
                         f"training loss is {loss.detach().float().mean().item()} at step {step} "
                         f"(epoch {self.state.epoch or 0:.2f})", step)
             return result
-
-        def _save(self, output_dir: str | None = None, state_dict: Any = None) -> None:
-            if self.trainable is None:
-                return super()._save(output_dir, state_dict)
-            if not self.args.should_save:
-                return None
-            assert output_dir is not None
-            os.makedirs(output_dir, exist_ok=True)
-            tensors = {k: p.detach().cpu().contiguous() for k, p in self.trainable.items()}
-            save_file(tensors, os.path.join(output_dir, TRAINABLE_FILE))
-            return None
-
-        def _load_from_checkpoint(self, resume_from_checkpoint: str, model: Any = None) -> None:
-            if self.trainable is None:
-                return super()._load_from_checkpoint(resume_from_checkpoint, model)
-            tensors = load_file(os.path.join(resume_from_checkpoint, TRAINABLE_FILE))
-            if set(tensors) != set(self.trainable):
-                raise UsageError(f"checkpoint {resume_from_checkpoint} holds other tensors than this "
-                                 "run trains; resume with the original arguments")
-            with torch.no_grad():
-                for k, p in self.trainable.items():
-                    p.copy_(tensors[k])
-            return None
 
     return PeftlabTrainer
 
@@ -785,12 +757,11 @@ def run_training(opts: TrainOptions, console: Console | None = None,
         logits = pred.predictions[0] if isinstance(pred.predictions, tuple) else pred.predictions
         return compute(data.task, logits, pred.label_ids)
 
-    trainer = _make_trainer_class()(
+    trainer = _make_trainer_class(config is not None)(
         model=model, args=args, train_dataset=train_set, eval_dataset=eval_set,
         data_collator=collator(tokenizer, data.task),
         compute_metrics=None if data.task == "causal-lm" else metrics_fn,
         callbacks=_callbacks(list(trainable.values()), console, opts.quiet, primary),
-        trainable=None if config is None else trainable,
     )
     for replaced in (ProgressCallback, PrinterCallback):  # our progress bar replaces both
         trainer.remove_callback(replaced)
