@@ -320,3 +320,54 @@ def test_recommend_command_profiles_the_model_and_ranks(work):
 
     bad = runner.invoke(app, ["recommend", "--model", str(work["bert"]), "--memory-budget", "lots"])
     assert bad.exit_code == 2 and bad.output.startswith("error:")
+
+
+# ---- intervals, ranks and resume --------------------------------------------------------------------
+def test_each_score_has_an_interval_the_rate_the_steps_and_a_rank(compared):
+    out, report = compared
+    summary = report["summary"]
+    for method, per_method in summary["scores"].items():
+        for task, cell in per_method["tasks"].items():
+            low, high = cell["ci95"]
+            assert low <= cell["score"] <= high and high - low > 0, (method, task)
+            assert cell["lr"] == (report["settings"]["fusion_lr"] if method == "fusion"
+                                  else report["settings"]["learning_rates"][method])
+            assert cell["steps"] == 3 and cell["rank"] >= 1  # 24 examples, batch 8, 1 epoch
+    for task in ("sent", "pairs"):
+        assert summary["constant"][task] == 0.5  # balanced labels: a constant guess gets half
+        assert isinstance(summary["significant_difference"][task], bool)
+    md = (out / "report.md").read_text()
+    assert "## Ranking per task" in md and "bootstrap" in md
+    assert (out / "runs" / "seed0" / "sent" / "ia3" / "predictions.json").is_file()
+
+
+def test_resume_skips_finished_cells_and_reruns_a_cut_off_one(work, monkeypatch):
+    from peftlab import compare
+
+    out = work["root"] / "resumed"
+    opts = compare.CompareOptions(model=str(work["bert"]), data=(str(work["sent"]),), out=out,
+                                  methods=("ia3", "lora"), epochs=1, batch_size=8, max_length=16,
+                                  quiet=True)
+    compare.run_compare(opts)
+    report = json.loads((out / "report.json").read_text())
+    assert {r["method"] for r in report["runs"]} == {"ia3", "lora"}
+    with pytest.raises(UsageError, match="not empty.*--resume"):
+        compare.run_compare(opts)
+
+    # LoRA's run is cut off: not in the report, its folder half written.
+    report["runs"] = [r for r in report["runs"] if r["method"] != "lora"]
+    (out / "report.json").write_text(json.dumps(report))
+    leftover = out / "runs" / "seed0" / "sent" / "lora" / "half-written"
+    leftover.write_text("x")
+    ran = []
+    real = compare._single_run
+    monkeypatch.setattr(compare, "_single_run", lambda o, t, task, method, *a: ran.append(method)
+                        or real(o, t, task, method, *a))
+    resumed = compare.run_compare(dataclasses.replace(opts, resume=True, time_budget=60))
+    assert ran == ["lora"] and not leftover.exists()
+    assert {r["method"] for r in resumed["runs"]} == {"ia3", "lora"}
+    assert resumed["wall_seconds"] > report["wall_seconds"]
+
+    other = dataclasses.replace(opts, resume=True, epochs=2)
+    with pytest.raises(UsageError, match="another comparison"):
+        compare.run_compare(other)

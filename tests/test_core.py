@@ -378,3 +378,25 @@ def test_lora_gradients_equal_plain_autograd(bert):
     ref = torch.autograd.grad((ref_out * g).sum(), (x, A, B))
     for a, b in zip(ours, ref):
         assert torch.allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_bootstrap_intervals_cover_the_true_score_about_95_percent_of_the_time():
+    import numpy as np
+
+    from peftlab.metrics import bootstrap_ci
+
+    rng = np.random.default_rng(0)
+    hits, trials = 0, 200
+    for t in range(trials):  # a classifier that is right 80% of the time, 300 validation examples
+        labels = rng.integers(0, 2, 300)
+        predictions = np.where(rng.random(300) < 0.8, labels, 1 - labels)
+        low, high = bootstrap_ci("classification", "accuracy", [(predictions, labels)], resamples=400, seed=t)
+        hits += low <= 0.8 <= high
+    assert 0.90 <= hits / trials <= 0.99
+
+
+def test_ranks_tie_where_intervals_overlap():
+    from peftlab.metrics import ranks_with_ties
+
+    ranks = ranks_with_ties({"a": (0.80, 0.86), "b": (0.78, 0.84), "c": (0.60, 0.70), "d": (0.5, 0.79)})
+    assert ranks == {"a": 1, "b": 1, "c": 3, "d": 2}  # d overlaps b but lies wholly below a

@@ -589,8 +589,8 @@ def compare(
     epochs: Annotated[float, typer.Option(help="Passes over each task's training data.")] = 3.0,
     batch_size: Annotated[int, typer.Option(help="Batch size (training and measurements).")] = 16,
     max_length: Annotated[int, typer.Option(help="Tokens per example; longer ones are truncated.")] = 128,
-    seeds: Annotated[str, typer.Option(help="Comma-separated seeds; scores are mean ± std over them.")
-                     ] = "0",
+    seeds: Annotated[str, typer.Option(
+        help="Comma-separated seeds; scores are the mean over them, with 95% bootstrap intervals.")] = "0",
     max_train_samples: Annotated[int | None, typer.Option(help="Fixed random subset per task.")] = None,
     max_eval_samples: Annotated[int | None, typer.Option(help="Fixed random subset per task.")] = None,
     time_budget: Annotated[float | None, typer.Option(
@@ -604,6 +604,9 @@ def compare(
     fusion_lr: Annotated[float, typer.Option(help="Fusion (stage 2) learning rate.")] = 5e-5,
     group_by_length: Annotated[bool, typer.Option(
         help="Train on random batches of similar-length examples (less padding, faster).")] = True,
+    resume: Annotated[bool, typer.Option(
+        help="Continue the comparison in --out (same arguments): finished runs are kept, a run "
+             "that was cut off starts again.")] = False,
     quiet: Annotated[bool, typer.Option(help="No progress bar or table.")] = False,
 ) -> None:
     """Train and measure every method on MODEL and each task in DATA; write the comparison report.
@@ -620,7 +623,8 @@ def compare(
             batch_size=batch_size, max_length=max_length, seeds=seed_list,
             max_train_samples=max_train_samples, max_eval_samples=max_eval_samples,
             time_budget=time_budget, metrics=parse_metrics(metric or []), fusion_lr=fusion_lr,
-            lrs=parse_lrs(lr or []), group_by_length=group_by_length, quiet=quiet), _console())
+            lrs=parse_lrs(lr or []), group_by_length=group_by_length, resume=resume, quiet=quiet),
+            _console())
 
 
 @app.command()

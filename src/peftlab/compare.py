@@ -41,7 +41,7 @@ from rich.console import Console
 from peftlab.data import TaskData, load_task
 from peftlab.errors import NonFiniteLossError, UsageError
 from peftlab.measure import FULL, FUSION, FUSION_MEMBER_METHOD, Measurement, data_batch, peak_rss_bytes
-from peftlab.metrics import PRIMARY
+from peftlab.metrics import PRIMARY, bootstrap_ci, constant_score, ranks_with_ties
 from peftlab.train import DEFAULT_LR
 
 ALL_METHODS = ("lora", "ia3", "houlsby", "pfeiffer", "compacter", "compacter++", FUSION, FULL)
@@ -75,6 +75,7 @@ class CompareOptions:
     group_by_length: bool = True
     measure_steps: int = 5
     quiet: bool = False
+    resume: bool = False  # continue the run in ``out``: finished (method, task, seed) cells are kept
 
     def task_names(self) -> list[str]:
         return [Path(d).expanduser().resolve().name for d in self.data]
@@ -219,7 +220,73 @@ def _load_tasks(opts: CompareOptions) -> dict[str, dict[str, Any]]:
 
 def _check_out(out: Path) -> None:
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise UsageError(f"--out {out} exists and is not empty; choose a new or empty directory")
+        raise UsageError(f"--out {out} exists and is not empty; choose a new or empty directory, "
+                         "or pass --resume to continue the comparison in it")
+
+
+def _previous_report(opts: CompareOptions, out: Path) -> dict[str, Any] | None:
+    """With ``--resume``, the report of the interrupted run in ``out`` (checked to be the same
+    comparison); ``None`` for a new run, whose ``out`` must be new or empty."""
+    if not (opts.resume and (out / REPORT_JSON).is_file()):
+        _check_out(out)
+        return None
+    try:
+        report = load_report(out)
+    except ValueError as e:
+        raise UsageError(f"--resume: {out / REPORT_JSON} is not readable JSON ({e}); start a new "
+                         "comparison in another --out") from None
+    if _identity(report.get("command", "")) != _identity(opts.command()):
+        raise UsageError(f"--resume: {out} holds another comparison; its command was\n  "
+                         f"{report.get('command')}\nrun that with --resume (any --time-budget), or "
+                         "choose another --out")
+    # Cells skipped for time or for missing stage-1 adapters get another chance; diverged ones
+    # would diverge again (same seed, same data) and stay skipped.
+    report["skipped"] = [k for k in report["skipped"] if str(k["reason"]).startswith("diverged")]
+    return report
+
+
+def _identity(command: str) -> list[str]:
+    """What makes two compare commands the same comparison: all but the time budget, which each
+    resumed run may set anew."""
+    args = shlex.split(command)
+    if "--time-budget" in args:
+        i = args.index("--time-budget")
+        del args[i:i + 2]
+    return args
+
+
+Cell = tuple[int, str, str]  # (seed, task, method)
+
+
+def _pending(plan: list[Cell], report: dict[str, Any], out: Path) -> list[Cell]:
+    """The cells of ``plan`` still to run. A cell's folder left by a run that was killed before
+    it finished is removed, so that the cell runs again from scratch."""
+    done = {(r["seed"], r["task"], r["method"]) for r in report["runs"]}
+    done |= {(k["seed"], k["task"], k["method"]) for k in report["skipped"]}
+    pending = [cell for cell in plan if cell not in done]
+    for seed, task, method in pending:
+        shutil.rmtree(_run_dir(out, seed, task, method), ignore_errors=True)
+    return pending
+
+
+def _new_report(opts: CompareOptions, tasks: dict[str, dict[str, Any]], stage1: list[str]) -> dict[str, Any]:
+    names = list(tasks)
+    return {
+        "peftlab_compare": 1, "command": opts.command(), "model": opts.model,
+        "tasks": {n: {"data": t["folder"], "task": t["data"].task, "num_labels": t["data"].num_labels,
+                      "metric": t["metric"], "train_examples": len(t["data"]["train"]),
+                      "eval_examples": len(t["data"]["validation"])} for n, t in tasks.items()},
+        "methods": list(opts.methods), "settings": {
+            "epochs": opts.epochs, "batch_size": opts.batch_size, "max_length": opts.max_length,
+            "seeds": list(opts.seeds), "max_train_samples": opts.max_train_samples,
+            "max_eval_samples": opts.max_eval_samples, "time_budget_minutes": opts.time_budget,
+            "fusion_lr": opts.fusion_lr, "fusion_members": FUSION_MEMBER_METHOD,
+            "group_by_length": opts.group_by_length,
+            "learning_rates": {m: opts.lrs.get(m, DEFAULT_LR[m]) for m in stage1},
+            "measured_on": names[0]},
+        "machine": machine_info(), "versions": versions(), "measurements": {}, "runs": [],
+        "fusion": {}, "skipped": [], "wall_seconds": 0.0,
+    }
 
 
 def machine_info() -> dict[str, Any]:
@@ -267,16 +334,12 @@ def run_compare(opts: CompareOptions, console: Console | None = None,
     console = console or Console(stderr=True)
     opts.check()
     out = Path(opts.out)
-    _check_out(out)
+    previous = _previous_report(opts, out)
     tasks = _load_tasks(opts)
     names = list(tasks)
     fusion = FUSION in opts.methods and len(names) >= 2
     singles = [m for m in opts.methods if m != FUSION]
     stage1 = singles + ([FUSION_MEMBER_METHOD] if fusion and FUSION_MEMBER_METHOD not in singles else [])
-    skipped: list[dict[str, Any]] = []
-    if FUSION in opts.methods and not fusion:
-        skipped.append({"method": FUSION, "task": None, "seed": None,
-                        "reason": "fusion needs at least 2 tasks to fuse (give several --data folders)"})
     budget = _Budget(opts.time_budget)
     first = tasks[names[0]]["data"]
     base, tokenizer, heads = load_model(opts.model, first.task, first.num_labels)
@@ -285,25 +348,15 @@ def run_compare(opts: CompareOptions, console: Console | None = None,
         raise UsageError(f"--max-length {opts.max_length} is longer than the model's {limit} positions")
 
     out.mkdir(parents=True, exist_ok=True)
-    report: dict[str, Any] = {
-        "peftlab_compare": 1, "command": opts.command(), "model": opts.model,
-        "tasks": {n: {"data": t["folder"], "task": t["data"].task, "num_labels": t["data"].num_labels,
-                      "metric": t["metric"], "train_examples": len(t["data"]["train"]),
-                      "eval_examples": len(t["data"]["validation"])} for n, t in tasks.items()},
-        "methods": list(opts.methods), "settings": {
-            "epochs": opts.epochs, "batch_size": opts.batch_size, "max_length": opts.max_length,
-            "seeds": list(opts.seeds), "max_train_samples": opts.max_train_samples,
-            "max_eval_samples": opts.max_eval_samples, "time_budget_minutes": opts.time_budget,
-            "fusion_lr": opts.fusion_lr, "fusion_members": FUSION_MEMBER_METHOD,
-            "group_by_length": opts.group_by_length,
-            "learning_rates": {m: opts.lrs.get(m, DEFAULT_LR[m]) for m in stage1},
-            "measured_on": names[0]},
-        "machine": machine_info(), "versions": versions(), "measurements": {}, "runs": [],
-        "fusion": {}, "skipped": skipped, "wall_seconds": 0.0,
-    }
+    report = previous if previous is not None else _new_report(opts, tasks, stage1)
+    skipped: list[dict[str, Any]] = report["skipped"]
+    if FUSION in opts.methods and not fusion:
+        skipped.append({"method": FUSION, "task": None, "seed": None,
+                        "reason": "fusion needs at least 2 tasks to fuse (give several --data folders)"})
+    earlier_seconds = report["wall_seconds"]
 
     def save(plots: bool = False) -> None:
-        report["wall_seconds"] = budget.elapsed
+        report["wall_seconds"] = earlier_seconds + budget.elapsed
         report["peak_rss_bytes"] = peak_rss_bytes()
         report["summary"] = summarize(report)
         reporting.write_report(out, report, plots=plots)
@@ -314,7 +367,8 @@ def run_compare(opts: CompareOptions, console: Console | None = None,
     for seed in opts.seeds:
         plan += [(seed, t, m) for t in names for m in stage1]
         plan += [(seed, t, FUSION) for t in names] if fusion else []
-    measured = [m for m in opts.methods if m != FUSION or fusion]
+    plan = _pending(plan, report, out)
+    measured = [m for m in opts.methods if (m != FUSION or fusion) and m not in report["measurements"]]
     progress = _progress(console, opts.quiet)
 
     def say(message: str) -> None:
@@ -331,9 +385,10 @@ def run_compare(opts: CompareOptions, console: Console | None = None,
                 f"{m.step_seconds * 1e3:.0f} ms, train memory {m.train_memory_bytes / 2**20:.0f} MiB")
             progress.advance(job)
 
-        batch = data_batch(first["train"].rows, tokenizer, opts.batch_size, opts.max_length)
-        measure_methods(base, measured, batch, heads, members=len(names), steps=opts.measure_steps,
-                        on_done=measured_one)
+        if measured:
+            batch = data_batch(first["train"].rows, tokenizer, opts.batch_size, opts.max_length)
+            measure_methods(base, measured, batch, heads, members=len(names), steps=opts.measure_steps,
+                            on_done=measured_one)
         del base
         save()
         for seed, task, method in plan:
@@ -457,10 +512,11 @@ def _fusion_run(opts: CompareOptions, tasks: dict[str, dict[str, Any]], target: 
     from peftlab.train import (
         ADAPTER_DIR,
         collator,
-        evaluate,
+        evaluate_with_predictions,
         json_bytes,
         load_model,
         write_atomic,
+        write_predictions,
     )
 
     data: TaskData = tasks[target]["data"]
@@ -511,10 +567,12 @@ def _fusion_run(opts: CompareOptions, tasks: dict[str, dict[str, Any]], target: 
             if step >= total:
                 break
     seconds = time.perf_counter() - started
-    metrics = evaluate(model, eval_set, collate, data.task, batch_size=max(opts.batch_size, 32))
+    metrics, predictions, labels = evaluate_with_predictions(model, eval_set, collate, data.task,
+                                                             batch_size=max(opts.batch_size, 32))
     weights = _mean_fusion_weights(model, adapters, name, eval_set, collate, device)
     folder = _run_dir(out, seed, target, FUSION)
     folder.mkdir(parents=True, exist_ok=True)
+    write_predictions(folder, predictions, labels)
     adapters.save(name, folder / ADAPTER_DIR)
     record = _record(target, FUSION, seed, tasks[target]["metric"], metrics, seconds, step,
                      len(train_set), opts.epochs, folder)
@@ -546,25 +604,77 @@ def _mean_fusion_weights(model: Any, adapters: Any, name: str, dataset: Any, col
 
 # ---- aggregation ------------------------------------------------------------------------------
 def summarize(report: dict[str, Any]) -> dict[str, Any]:
-    """Scores per method and task (mean, std over seeds, n), each method's average over tasks
-    (only when it has every task), and fusion minus its stage-1 adapter per task."""
-    by: dict[str, dict[str, list[float]]] = {}
+    """Per method and task: ``score`` (mean over seeds), ``std``, ``n``, ``ci95`` (a bootstrap
+    interval over validation examples and seeds, :func:`peftlab.metrics.bootstrap_ci`), ``lr``,
+    ``steps`` and ``rank`` (ties wherever intervals overlap); each method's average over tasks
+    (only when it has every task); fusion minus its stage-1 adapter per task; and, per task,
+    whether the ranking found any significant difference."""
+    runs: dict[str, dict[str, list[dict[str, Any]]]] = {}
     for r in report["runs"]:
-        by.setdefault(r["method"], {}).setdefault(r["task"], []).append(r["score"])
+        runs.setdefault(r["method"], {}).setdefault(r["task"], []).append(r)
     tasks = list(report["tasks"])
+    previous = report.get("summary", {}).get("scores", {})
     scores: dict[str, Any] = {}
-    for method, per_task in by.items():
-        cells = {t: _stats(v) for t, v in per_task.items()}
+    for method, per_task in runs.items():
+        cells = {t: _cell(report, method, t, rs, previous.get(method, {}).get("tasks", {}).get(t))
+                 for t, rs in per_task.items()}
         complete = all(t in cells for t in tasks)
         scores[method] = {"tasks": cells,
                           "average": statistics.mean(cells[t]["mean"] for t in tasks) if complete else None}
+    significant, constant, learned = {}, {}, {}
+    for task in tasks:
+        intervals = {m: tuple(s["tasks"][task]["ci95"]) for m, s in scores.items() if task in s["tasks"]}
+        ranks = ranks_with_ties(intervals)
+        for m, rank in ranks.items():
+            scores[m]["tasks"][task]["rank"] = rank
+        significant[task] = len(set(ranks.values())) > 1
+        level = _constant_level(report, task)
+        if level is not None:
+            constant[task] = level
+            learned[task] = {m: bool(iv[0] > level) for m, iv in intervals.items()}
     gains = {}
     single = scores.get(FUSION_MEMBER_METHOD, {}).get("tasks", {})
     for task, cell in scores.get(FUSION, {}).get("tasks", {}).items():
         if task in single:
             gains[task] = cell["mean"] - single[task]["mean"]
-    return {"scores": scores, "fusion_gain": gains,
+    return {"scores": scores, "fusion_gain": gains, "significant_difference": significant,
+            "constant": constant, "above_constant": learned,
             "fusion_gain_mean": statistics.mean(gains.values()) if gains else None}
+
+
+def _constant_level(report: dict[str, Any], task: str) -> float | None:
+    """The task's constant-prediction score, from the validation labels a run saved."""
+    from peftlab.train import PREDICTIONS_FILE, read_predictions
+
+    info = report["tasks"][task]
+    for r in report["runs"]:
+        if r["task"] == task and (Path(r["run_dir"]) / PREDICTIONS_FILE).is_file():
+            _, labels = read_predictions(Path(r["run_dir"]))
+            return constant_score(info["task"], r["metric"], labels, max(2, info["num_labels"]))
+    return None
+
+
+def _cell(report: dict[str, Any], method: str, task: str, runs: list[dict[str, Any]],
+          previous: dict[str, Any] | None) -> dict[str, Any]:
+    """One method's numbers on one task; the interval is reused while its runs are the same."""
+    from peftlab.train import PREDICTIONS_FILE, read_predictions
+
+    cell = _stats([r["score"] for r in runs])
+    cell["score"] = cell["mean"]
+    cell["steps"] = statistics.mean(r["steps"] for r in runs)
+    settings = report["settings"]
+    cell["lr"] = settings["fusion_lr"] if method == FUSION else settings["learning_rates"].get(method)
+    dirs = sorted(r["run_dir"] for r in runs)
+    if previous and previous.get("interval_runs") == dirs and "ci95" in previous:
+        cell["ci95"] = previous["ci95"]
+    else:
+        found = [read_predictions(Path(d)) for d in dirs if (Path(d) / PREDICTIONS_FILE).is_file()]
+        info = report["tasks"][task]
+        ci = (bootstrap_ci(info["task"], runs[0]["metric"], found, info["num_labels"] or None)
+              if len(found) == len(dirs) else (math.nan, math.nan))
+        cell["ci95"] = list(ci)
+    cell["interval_runs"] = dirs
+    return cell
 
 
 def _stats(values: list[float]) -> dict[str, Any]:

@@ -58,12 +58,107 @@ def compute(task: str, logits: np.ndarray, labels: np.ndarray) -> dict[str, floa
     scores ``[n, 1]`` for regression."""
     logits = np.asarray(logits)
     if task == "classification":
-        return classification_metrics(labels, logits.argmax(-1), logits.shape[-1])
+        return classification_metrics(labels, predicted(task, logits), logits.shape[-1])
     if task == "regression":
-        return regression_metrics(labels, logits.reshape(-1))
+        return regression_metrics(labels, predicted(task, logits))
     raise ValueError(f"no prediction metrics for task {task!r}")
+
+
+def predicted(task: str, logits: np.ndarray) -> np.ndarray:
+    """What a model predicts from its raw outputs: class ids, or regression scores."""
+    logits = np.asarray(logits)
+    return logits.argmax(-1) if task == "classification" else logits.reshape(-1)
 
 
 def perplexity(loss: float) -> float:
     """exp(mean token cross-entropy); infinite instead of overflowing."""
     return math.exp(loss) if loss < 700 else math.inf
+
+
+def score(task: str, metric: str, predictions: np.ndarray, labels: np.ndarray,
+          num_classes: int = 2) -> float:
+    """One metric of predicted class ids (classification, ``num_classes`` deciding binary versus
+    macro F1 as in :func:`classification_metrics`) or of scores (regression). Classification
+    metrics come from the confusion matrix directly: the bootstrap calls this thousands of times."""
+    if task != "classification":
+        return _correlation(metric, predictions, labels)
+    k = num_classes
+    cm = np.bincount(labels * k + predictions, minlength=k * k).reshape(k, k).astype(np.float64)
+    n, correct = cm.sum(), np.trace(cm)
+    if metric == "accuracy":
+        return float(correct / n)
+    truth, predicted = cm.sum(1), cm.sum(0)
+    if metric == "matthews":
+        cov = correct * n - truth @ predicted
+        var = (n * n - predicted @ predicted) * (n * n - truth @ truth)
+        return float(cov / math.sqrt(var)) if var > 0 else 0.0
+    tp = np.diag(cm)
+    denominator = truth + predicted  # 2·tp + fp + fn per class
+    f1 = np.divide(2 * tp, denominator, out=np.zeros(k), where=denominator > 0)
+    if k <= 2:
+        return float(f1[1])
+    return float(f1[denominator > 0].mean())  # macro over the classes present, as scikit-learn
+
+
+def _correlation(metric: str, predictions: np.ndarray, labels: np.ndarray) -> float:
+    """Pearson or Spearman correlation (NaN for a constant input), as in :func:`regression_metrics`."""
+    from scipy.stats import rankdata
+
+    x, y = np.asarray(predictions, dtype=np.float64), np.asarray(labels, dtype=np.float64)
+    if metric == "spearman":
+        x, y = rankdata(x), rankdata(y)
+    elif metric != "pearson":
+        raise ValueError(f"no interval for regression metric {metric!r}")
+    if len(x) < 2 or x.std() == 0 or y.std() == 0:
+        return math.nan
+    return float(np.corrcoef(x, y)[0, 1])
+
+
+def bootstrap_ci(task: str, metric: str, runs: list[tuple[np.ndarray, np.ndarray]],
+                 num_classes: int | None = None, resamples: int = 1000,
+                 seed: int = 0) -> tuple[float, float]:
+    """95% percentile-bootstrap interval of the mean score over ``runs`` (one ``(predictions,
+    labels)`` pair per seed). With one seed the validation examples are resampled; with several,
+    the seeds are resampled and then the examples of each drawn seed (a two-level bootstrap), so
+    the interval holds both the seed-to-seed and the finite-validation-set variation. A resample
+    whose metric is undefined (a constant prediction has no correlation) is left out."""
+    if not runs:
+        return (math.nan, math.nan)
+    rng = np.random.default_rng(seed)
+    runs = [(np.asarray(p), np.asarray(y)) for p, y in runs]
+    if task == "classification" and num_classes is None:
+        num_classes = max(2, *(int(max(p.max(initial=0), y.max(initial=0))) + 1 for p, y in runs))
+    means = []
+    for _ in range(resamples):
+        drawn = [runs[i] for i in rng.integers(len(runs), size=len(runs))] if len(runs) > 1 else runs
+        values = []
+        for predictions, labels in drawn:
+            idx = rng.integers(len(labels), size=len(labels))
+            values.append(score(task, metric, predictions[idx], labels[idx], num_classes))
+        if all(math.isfinite(v) for v in values):
+            means.append(float(np.mean(values)))
+    if not means:
+        return (math.nan, math.nan)
+    low, high = np.percentile(means, [2.5, 97.5])
+    return (float(low), float(high))
+
+
+def constant_score(task: str, metric: str, labels: np.ndarray, num_classes: int = 2) -> float:
+    """The best score a constant prediction reaches on ``labels``: the level a method that learned
+    nothing sits at (the majority class's accuracy; 0 for correlations, which a constant has none
+    of)."""
+    labels = np.asarray(labels)
+    if task != "classification":
+        return 0.0
+    return max(score(task, metric, np.full_like(labels, c), labels, num_classes) for c in range(num_classes))
+
+
+def ranks_with_ties(intervals: dict[str, tuple[float, float]]) -> dict[str, int]:
+    """Rank (1 = best; higher scores are better) of each entry from its 95% interval: one plus
+    the number of entries whose interval lies wholly above this one's. Entries whose intervals
+    overlap share ranks, so a rank never claims a difference that the data do not show."""
+    def above(a: tuple[float, float], b: tuple[float, float]) -> bool:
+        return math.isfinite(a[0]) and math.isfinite(b[1]) and a[0] > b[1]
+
+    return {k: 1 + sum(above(other, iv) for o, other in intervals.items() if o != k)
+            for k, iv in intervals.items()}

@@ -62,11 +62,44 @@ def points(x: float | None) -> str:
 
 
 def cell(stats: dict[str, Any] | None) -> str:
+    """A score with its 95% interval where there is one, e.g. ``81.2 [79.0, 83.4]``."""
     if not stats or not _finite(stats.get("mean")):
         return "n/a"
-    if stats.get("n", 0) > 1:
-        return f"{100 * stats['mean']:.1f} ± {100 * stats['std']:.1f}"
+    low, high = stats.get("ci95") or (None, None)
+    if _finite(low) and _finite(high):
+        return f"{100 * stats['mean']:.1f} [{100 * low:.1f}, {100 * high:.1f}]"
     return f"{100 * stats['mean']:.1f}"
+
+
+def ranking_lines(report: dict[str, Any]) -> list[str]:
+    """Per task: the methods by rank (ties where 95% intervals overlap), and what that means."""
+    summary = report.get("summary", {})
+    scores = summary.get("scores", {})
+    lines = []
+    for task, info in report.get("tasks", {}).items():
+        cells = {m: s["tasks"][task] for m, s in scores.items() if task in s.get("tasks", {})}
+        if not cells:
+            continue
+        order = sorted(cells, key=lambda m: (cells[m].get("rank", 99), -_mean(cells[m])))
+        ranked = ", ".join(f"{cells[m].get('rank', '?')}. {m} {cell(cells[m])}" for m in order)
+        line = f"- **{task}** ({info['metric']}): {ranked}."
+        if not summary.get("significant_difference", {}).get(task, True) and len(cells) > 1:
+            line += " No significant difference between the methods (every interval overlaps)."
+        level = summary.get("constant", {}).get(task)
+        above = summary.get("above_constant", {}).get(task, {})
+        if level is not None and above and not any(above.values()):
+            line += (f" Every method stayed at the constant-prediction level ({points(level)}): "
+                     "none learned this task at this budget.")
+        elif level is not None and above:
+            stuck = [m for m, ok in above.items() if not ok]
+            if stuck:
+                line += f" At or below the constant prediction ({points(level)}): {', '.join(stuck)}."
+        lines.append(line)
+    return lines
+
+
+def _mean(stats: dict[str, Any]) -> float:
+    return stats["mean"] if _finite(stats.get("mean")) else -math.inf
 
 
 def ratio(x: float | None) -> str:
@@ -207,7 +240,13 @@ def markdown(report: dict[str, Any], plots: list[str] | None = None) -> str:
                         "Multi-task learning", "Performance trade-offs"], seed_table_rows(report),
                        numeric=False)
     lines += ["", "Scores are validation points (×100), mean over tasks of the per-task mean over seeds.",
-              "", "## All numbers", ""]
+              "", "## Ranking per task", "",
+              "Each score is the mean over seeds with its 95% bootstrap interval [low, high] (validation "
+              "examples resampled, and seeds too when there are several). Methods share a rank where "
+              "their intervals overlap: a rank is one plus the number of methods whose interval lies "
+              "wholly above.", ""]
+    lines += ranking_lines(report)
+    lines += ["", "## All numbers", ""]
     lines += _md_table(*numeric_rows(report))
     if first is not None:
         lines += ["", f"Costs measured once, on {s.get('measured_on')} with a batch of {first['batch_size']} "

@@ -49,6 +49,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from rich.console import Console
 from torch import nn
@@ -58,7 +59,7 @@ from peftlab.config import AdapterConfig
 from peftlab.data import FIELDS, TaskData, load_task, tokenize
 from peftlab.errors import ConfigError, DataError, NonFiniteLossError, UsageError
 from peftlab.io import WEIGHTS_FILE, write_atomic
-from peftlab.metrics import PRIMARY, compute, perplexity
+from peftlab.metrics import PRIMARY, compute, perplexity, predicted
 
 
 # ---- methods ----------------------------------------------------------------------------------
@@ -753,8 +754,11 @@ def run_training(opts: TrainOptions, console: Console | None = None,
     )
     primary = PRIMARY[data.task]
 
+    last_eval_outputs: dict[str, Any] = {}  # the latest evaluation's predictions, kept for intervals
+
     def metrics_fn(pred: Any) -> dict[str, float]:
         logits = pred.predictions[0] if isinstance(pred.predictions, tuple) else pred.predictions
+        last_eval_outputs.update(predictions=predicted(data.task, logits), labels=pred.label_ids)
         return compute(data.task, logits, pred.label_ids)
 
     trainer = _make_trainer_class(config is not None)(
@@ -820,6 +824,8 @@ def run_training(opts: TrainOptions, console: Console | None = None,
         else:
             save_model_atomic(model, tokenizer, out / MODEL_DIR)
         write_atomic(out / "metrics.json", json_bytes(result))
+        if last_eval_outputs:  # the final evaluation's, the last one that ran
+            write_predictions(out, last_eval_outputs["predictions"], last_eval_outputs["labels"])
         write_log_csv(out / "log.csv", history)
         write_loss_plot(out / "loss.png", history, primary, f"{opts.method} on {Path(opts.data).name}")
     if not opts.quiet and rank == 0:
@@ -829,10 +835,30 @@ def run_training(opts: TrainOptions, console: Console | None = None,
 
 
 # ---- evaluation outside training --------------------------------------------------------------
-@torch.no_grad()
+PREDICTIONS_FILE = "predictions.json"
+
+
+def write_predictions(folder: Path, predictions: Any, labels: Any) -> None:
+    """The validation predictions and labels of a run, for intervals (:mod:`peftlab.metrics`)."""
+    write_atomic(Path(folder) / PREDICTIONS_FILE, json_bytes(
+        {"predictions": np.asarray(predictions).tolist(), "labels": np.asarray(labels).tolist()}))
+
+
+def read_predictions(folder: Path) -> tuple[np.ndarray, np.ndarray]:
+    data = json.loads((Path(folder) / PREDICTIONS_FILE).read_text())
+    return np.asarray(data["predictions"]), np.asarray(data["labels"])
+
+
 def evaluate(model: nn.Module, dataset: Any, collate: Callable[..., Any], task: str,
              batch_size: int = 32) -> dict[str, float]:
     """Metrics of ``model`` on a tokenised dataset (one process, no Trainer)."""
+    return evaluate_with_predictions(model, dataset, collate, task, batch_size)[0]
+
+
+@torch.no_grad()
+def evaluate_with_predictions(model: nn.Module, dataset: Any, collate: Callable[..., Any], task: str,
+                              batch_size: int = 32) -> tuple[dict[str, float], Any, Any]:
+    """:func:`evaluate`'s metrics plus the predictions and labels (``None`` for causal-lm)."""
     model.eval()
     device = next(model.parameters()).device
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, collate_fn=collate)
@@ -848,9 +874,10 @@ def evaluate(model: nn.Module, dataset: Any, collate: Callable[..., Any], task: 
     result = {"loss": loss_sum / max(n, 1)}
     if task == "causal-lm":
         result["perplexity"] = perplexity(result["loss"])
-    else:
-        result.update(compute(task, torch.cat(logits).numpy(), torch.cat(labels).numpy()))
-    return result
+        return result, None, None
+    all_logits, all_labels = torch.cat(logits).numpy(), torch.cat(labels).numpy()
+    result.update(compute(task, all_logits, all_labels))
+    return result, predicted(task, all_logits), all_labels
 
 
 __all__ = ["DEFAULT_LR", "PRESETS", "DataError", "NonFiniteLossError", "TrainOptions", "UsageError",
