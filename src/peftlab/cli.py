@@ -681,6 +681,9 @@ def recommend(
         for i, r in enumerate(ranking, 1):
             table.add_row(str(i), r.method, "yes" if r.fit else "no", f"{r.score:+.2f}", r.reason)
         Console().print(table)
+        from peftlab.recommend import EXPLANATION
+
+        console.print(EXPLANATION)
         best = ranking[0]
         console.print(f"recommended: [bold]{best.method}[/]" if best.fit else
                       f"[yellow]no method meets every constraint[/]; closest: {best.method}")

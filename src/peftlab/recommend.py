@@ -17,10 +17,19 @@ Hard constraints make a method *unfit* (it is still listed, below every fit one,
 Fit methods are ordered by a score in validation points, higher is better::
 
     score = quality
-            − 3   · max(0, inference latency as served − 1)      (0.3 points per +10%)
+            − 3   · slower(inference latency as served / the base model's)
             − 0.5 · log2(training memory / the least measured)   (0.5 points per doubling)
-            − 0.5 · log2(train step time / the fastest measured)
+            − 0.5 · slower(train step time / the fastest measured)
             − 1   · tasks · file per task / base model bytes     (1 point per model-sized copy)
+
+    slower(ratio) = max(0, log2(ratio / 2.25))
+
+Timings are noisy: a busy machine moves each by ±20%, which moves a ratio of two of them by up
+to 1.5× either way. A method truly 1.5× slower can therefore be measured at up to 2.25×, so
+only a measured ratio beyond 2.25× costs points, and a difference of up to 1.5× never changes
+the ranking when the step times move by ±20% (tested). Memory (autograd accounting), parameters and file sizes are exact and count fully.
+Every comparative word in a reason ("lowest training memory", "smallest file") is computed
+from the measurements, never assumed from the method.
 
 ``quality`` is a prior in points relative to full fine-tuning (:data:`QUALITY_PRIOR`), read from
 the papers collected in the project's notes, or measured scores when the caller has them
@@ -58,16 +67,28 @@ MEMORY_WEIGHT = 0.5
 STEP_WEIGHT = 0.5
 STORAGE_WEIGHT = 1.0
 
+#: Measured timing ratios up to this are treated as noise: ±20% on each of two timings moves
+#: their ratio by 1.5× either way, so a true 1.5× can read as 1.5² = 2.25×.
+TIMING_TIE = 2.25
+#: Exact measurements (memory, sizes) within this share of the best still count as "the lowest".
+EXACT_TIE = 0.02
+
+#: What each method is; no comparisons here: those come from the measurements (:func:`_standouts`).
 RULES = {
-    "lora": "general-purpose: near full fine-tuning, mergeable",
-    "ia3": "ultra-low memory and tiny files, some quality lost",
-    "compacter": "extreme memory limits when quality still matters",
-    "compacter++": "extreme memory limits when quality still matters (FFN-only, smaller)",
-    "houlsby": "bottleneck adapters in every sub-layer: strong quality, not mergeable",
-    "pfeiffer": "one bottleneck adapter per block: strong quality, the usual fusion member",
+    "lora": "general-purpose low-rank weight update, mergeable",
+    "ia3": "learned vectors rescaling activations, mergeable",
+    "compacter": "bottleneck adapters of Kronecker-factored (PHM) layers",
+    "compacter++": "Compacter after the FFN only",
+    "houlsby": "bottleneck adapters after attention and FFN, not mergeable",
+    "pfeiffer": "one bottleneck adapter per block, the usual fusion member",
     FUSION: "AdapterFusion: combines several tasks' adapters",
     FULL: "the quality reference; a full model copy per task",
 }
+EXPLANATION = ("score: expected validation points relative to full fine-tuning (quality prior "
+               "from the papers, or measured scores with --data/--train-minutes), minus penalties "
+               "for inference latency and train-step time measured beyond 2.25x (closer timings can be noise), "
+               "for training memory (0.5 per doubling) and for storage (1 per model-sized copy "
+               "over all tasks); higher is better. --json lists each part.")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -153,16 +174,41 @@ def rank(measurements: Mapping[str, Measurement], constraints: Constraints,
         served = 1.0 if name == FULL else m.deploy_latency_ratio
         parts = {
             "quality": quality[name],
-            "latency": -LATENCY_WEIGHT * max(0.0, served - 1.0),
+            "latency": -LATENCY_WEIGHT * _slower(served),
             "memory": -MEMORY_WEIGHT * math.log2(m.train_memory_bytes / least_memory),
-            "step": -STEP_WEIGHT * math.log2(m.step_seconds / fastest),
+            "step": -STEP_WEIGHT * _slower(m.step_seconds / fastest),
             "storage": -STORAGE_WEIGHT * tasks * files / m.base_bytes,
         }
         unfit = _unfit(name, m, files, constraints)
         facts = _facts(m, files, (scores or {}).get(name))
-        reason = ("; ".join(unfit) + " — " if unfit else "") + f"{RULES.get(name, name)} — {facts}"
+        what = ", ".join([RULES.get(name, name), *_standouts(name, measurements)])
+        reason = ("; ".join(unfit) + " — " if unfit else "") + f"{what} — {facts}"
         out.append(Recommendation(name, not unfit, sum(parts.values()), reason, parts))
     out.sort(key=lambda r: (not r.fit, -r.score))
+    return out
+
+
+def _slower(ratio: float) -> float:
+    """How much slower than the reference a timing ratio is, beyond what noise can explain."""
+    return max(0.0, math.log2(ratio / TIMING_TIE))
+
+
+def _standouts(name: str, measurements: Mapping[str, Measurement]) -> list[str]:
+    """The comparisons that the measurements support for ``name``: where it is the lowest of all
+    measured methods (exact quantities, within 2%) or faster than every other by more than the
+    timing noise."""
+    m = measurements[name]
+    others = [o for n, o in measurements.items() if n != name]
+    if not others:
+        return []
+    out = []
+    for label, value in (("lowest training memory", lambda x: x.train_memory_bytes),
+                         ("smallest file per task", lambda x: x.file_bytes),
+                         ("fewest trainable parameters", lambda x: x.trainable_parameters)):
+        if value(m) <= min(value(o) for o in others) * (1 + EXACT_TIE):
+            out.append(label)
+    if all(o.step_seconds > m.step_seconds * TIMING_TIE for o in others):
+        out.append("fastest train step")
     return out
 
 
