@@ -496,3 +496,14 @@ def test_demo_runs_offline_on_the_packaged_model(tmp_path):
     (tmp_path / "foreign" / "x.txt").write_text("keep")
     refused = runner.invoke(app, ["demo", "--out", str(tmp_path / "foreign"), "--quiet"])
     assert refused.exit_code == 2 and (tmp_path / "foreign" / "x.txt").read_text() == "keep"
+
+
+def test_train_with_lr_auto_records_the_search_and_uses_its_choice(work, tmp_path):
+    out = tmp_path / "auto"
+    _ok(_train(work, out, "--lr", "auto", "--epochs", "1", method="ia3"))
+    metrics = json.loads((out / "metrics.json").read_text())
+    search = metrics["lr_search"]
+    assert metrics["lr"] == search["lr"] and search["metric"] == "accuracy"
+    assert search["lr"] in [t["lr"] for t in search["trials"] if t["rung"] == 2]
+    bad = _train(work, tmp_path / "bad", "--lr", "fast")
+    assert bad.exit_code == 2 and "'auto'" in bad.stderr and not (tmp_path / "bad").exists()

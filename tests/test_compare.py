@@ -42,10 +42,10 @@ def _save_bert(path: Path) -> Path:
     return path
 
 
-def _task(folder: Path, seed: int, pair: bool = False) -> Path:
+def _task(folder: Path, seed: int, pair: bool = False, train: int = 24) -> Path:
     folder.mkdir(parents=True)
     rng = random.Random(seed)
-    for split, n in (("train", 24), ("validation", 16)):
+    for split, n in (("train", train), ("validation", 16)):
         rows = []
         for i in range(n):
             word = rng.choice(WORDS[:5] if i % 2 else WORDS[5:10])
@@ -80,7 +80,7 @@ def compared(work):
     result = runner.invoke(app, [
         "compare", "--model", str(work["bert"]), "--data", f"{work['sent']},{work['pairs']}",
         "--methods", "ia3,fusion,full", "--out", str(out), "--epochs", "1", "--batch-size", "8",
-        "--max-length", "16", "--seeds", "0", "--lr", "full=1e-4", "--quiet"])
+        "--max-length", "16", "--seeds", "0", "--lr", "full=1e-4", "--no-lr-search", "--quiet"])
     assert result.exit_code == 0, result.output + repr(result.exception)
     return out, json.loads((out / "report.json").read_text())
 
@@ -159,7 +159,7 @@ def test_time_budget_skips_runs_that_do_not_fit(work):
     result = runner.invoke(app, [
         "compare", "--model", str(work["bert"]), "--data", str(work["sent"]), "--methods", "ia3",
         "--out", str(out), "--epochs", "1", "--batch-size", "8", "--max-length", "16",
-        "--seeds", "0,1", "--time-budget", "0.0001", "--quiet"])
+        "--seeds", "0,1", "--time-budget", "0.0001", "--no-lr-search", "--quiet"])
     assert result.exit_code == 0, result.output
     report = json.loads((out / "report.json").read_text())
     assert report["runs"] == [] and "ia3" in report["measurements"]
@@ -347,7 +347,7 @@ def test_resume_skips_finished_cells_and_reruns_a_cut_off_one(work, monkeypatch)
     out = work["root"] / "resumed"
     opts = compare.CompareOptions(model=str(work["bert"]), data=(str(work["sent"]),), out=out,
                                   methods=("ia3", "lora"), epochs=1, batch_size=8, max_length=16,
-                                  quiet=True)
+                                  lr_search=False, quiet=True)
     compare.run_compare(opts)
     report = json.loads((out / "report.json").read_text())
     assert {r["method"] for r in report["runs"]} == {"ia3", "lora"}
@@ -393,3 +393,43 @@ def test_comparative_words_follow_the_measurements():
     assert "lowest training memory" in reasons["compacter++"]
     assert "smallest file per task" in reasons["compacter++"] and "fewest trainable" in reasons["compacter++"]
     assert not any("fastest" in r for r in reasons.values())  # every step is within 2.25x of another
+
+
+def test_compare_chooses_each_rate_on_held_out_training_data(work):
+    out = work["root"] / "searched"
+    result = runner.invoke(app, [
+        "compare", "--model", str(work["bert"]), "--data", str(work["sent"]), "--methods", "ia3",
+        "--out", str(out), "--epochs", "2", "--batch-size", "4", "--max-length", "16", "--quiet"])
+    assert result.exit_code == 0, result.output
+    report = json.loads((out / "report.json").read_text())
+    run = report["runs"][0]
+    search = run["lr_search"]
+    prior = DEFAULT_LR["ia3"]
+    assert [t["lr"] for t in search["trials"] if t["rung"] == 1] == [prior * f for f in (0.5, 1, 2, 4)]
+    finalists = [t for t in search["trials"] if t["rung"] == 2]
+    assert len(finalists) == 2 and search["lr"] in [t["lr"] for t in finalists]
+    assert search["held_out_examples"] == 2  # 10% of the 24 training examples
+    assert run["lr"] == search["lr"] == report["summary"]["scores"]["ia3"]["tasks"]["sent"]["lr"]
+    assert report["settings"]["learning_rates"] == {"ia3": "auto"}
+    assert "## Learning rates" in (out / "report.md").read_text()
+
+
+def test_the_rate_search_never_reads_the_validation_split(work, tmp_path):
+    from peftlab.data import load_task
+    from peftlab.lr_search import search_lr
+    from peftlab.train import TrainOptions
+
+    original = _task(tmp_path / "original", 5, train=120)  # 12 examples held out
+    flipped = tmp_path / "flipped"
+    flipped.mkdir()
+    (flipped / "train.jsonl").write_bytes((original / "train.jsonl").read_bytes())
+    rows = [json.loads(line) for line in (original / "validation.jsonl").read_text().splitlines()]
+    (flipped / "validation.jsonl").write_text("".join(json.dumps({**r, "label": 1 - r["label"]}) + "\n"
+                                                      for r in rows))
+    results = []
+    for folder in (original, flipped):
+        opts = TrainOptions(model=str(work["bert"]), data=str(folder), method="lora", out=tmp_path / "x",
+                            epochs=2, batch_size=8, max_length=16, quiet=True)
+        results.append(search_lr(opts, load_task(folder), DEFAULT_LR["lora"]))
+    assert results[0] == results[1]
+    assert len({t.score for t in results[0].trials}) > 1  # the trials did differ from each other

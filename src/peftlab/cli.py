@@ -78,7 +78,9 @@ def train(
         help="auto (int labels: classification, float: regression), classification, regression, "
              "causal-lm.")] = "auto",
     epochs: Annotated[float, typer.Option(help="Passes over the training data.")] = 3.0,
-    lr: Annotated[float | None, typer.Option(help="Learning rate (default: the method's, see docs).")] = None,
+    lr: Annotated[str | None, typer.Option(
+        help="Learning rate (default: the method's, see docs), or 'auto': chosen by successive halving "
+             "on 10% of the training data held out (the validation split is never read).")] = None,
     batch_size: Annotated[int, typer.Option(help="Global batch size, split across processes.")] = 16,
     max_length: Annotated[int | None, typer.Option(
         help="Tokens per example; longer ones are truncated (default 128, or the model's limit).")] = None,
@@ -102,14 +104,23 @@ def train(
     with _errors():
         from peftlab.train import TrainOptions, run_training
 
+        auto = lr is not None and lr.strip().lower() == "auto"
         run_training(TrainOptions(
             model=model, data=data, method=method, out=out, sets=tuple(set_ or ()), task=task,
-            epochs=epochs, lr=lr, batch_size=batch_size, max_length=max_length, seed=seed,
+            epochs=epochs, lr=None if auto or lr is None else _rate(lr), lr_search=auto,
+            batch_size=batch_size, max_length=max_length, seed=seed,
             max_train_samples=max_train_samples, max_eval_samples=max_eval_samples,
             eval_every=eval_every, save_every=save_every, max_grad_norm=max_grad_norm,
             warmup=warmup, group_by_length=group_by_length, name=name, resume=resume, quiet=quiet),
             _console())
         _leave_process_group()
+
+
+def _rate(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise UsageError(f"--lr {text!r}: give a rate such as 5e-4, or 'auto'") from None
 
 
 def _leave_process_group() -> None:
@@ -602,6 +613,9 @@ def compare(
         "--lr", help="A method's learning rate as method=rate (default: the method's); repeatable.")
     ] = None,
     fusion_lr: Annotated[float, typer.Option(help="Fusion (stage 2) learning rate.")] = 5e-5,
+    lr_search: Annotated[bool, typer.Option(
+        help="Choose each method's rate (not given by --lr) per task and seed on held-out training "
+             "data; costs about as much again as the training.")] = True,
     group_by_length: Annotated[bool, typer.Option(
         help="Train on random batches of similar-length examples (less padding, faster).")] = True,
     resume: Annotated[bool, typer.Option(
@@ -623,7 +637,8 @@ def compare(
             batch_size=batch_size, max_length=max_length, seeds=seed_list,
             max_train_samples=max_train_samples, max_eval_samples=max_eval_samples,
             time_budget=time_budget, metrics=parse_metrics(metric or []), fusion_lr=fusion_lr,
-            lrs=parse_lrs(lr or []), group_by_length=group_by_length, resume=resume, quiet=quiet),
+            lrs=parse_lrs(lr or []), lr_search=lr_search, group_by_length=group_by_length,
+            resume=resume, quiet=quiet),
             _console())
 
 

@@ -72,6 +72,7 @@ class CompareOptions:
     metrics: Mapping[str, str] = dataclasses.field(default_factory=dict)
     fusion_lr: float = FUSION_LR
     lrs: Mapping[str, float] = dataclasses.field(default_factory=dict)
+    lr_search: bool = True  # choose each method's rate per task and seed (peftlab.lr_search)
     group_by_length: bool = True
     measure_steps: int = 5
     quiet: bool = False
@@ -99,6 +100,8 @@ class CompareOptions:
             args += ["--fusion-lr", f"{self.fusion_lr:g}"]
         if not self.group_by_length:
             args += ["--no-group-by-length"]
+        if not self.lr_search:
+            args += ["--no-lr-search"]
         return shlex.join(args)
 
     def check(self) -> None:
@@ -282,7 +285,8 @@ def _new_report(opts: CompareOptions, tasks: dict[str, dict[str, Any]], stage1: 
             "max_eval_samples": opts.max_eval_samples, "time_budget_minutes": opts.time_budget,
             "fusion_lr": opts.fusion_lr, "fusion_members": FUSION_MEMBER_METHOD,
             "group_by_length": opts.group_by_length,
-            "learning_rates": {m: opts.lrs.get(m, DEFAULT_LR[m]) for m in stage1},
+            "learning_rates": {m: opts.lrs.get(m, "auto" if opts.lr_search else DEFAULT_LR[m])
+                               for m in stage1},
             "measured_on": names[0]},
         "machine": machine_info(), "versions": versions(), "measurements": {}, "runs": [],
         "fusion": {}, "skipped": [], "wall_seconds": 0.0,
@@ -457,22 +461,30 @@ def _run_dir(out: Path, seed: int, task: str, method: str) -> Path:
 
 def _single_run(opts: CompareOptions, tasks: dict[str, dict[str, Any]], task: str, method: str,
                 seed: int, out: Path, console: Console) -> dict[str, Any]:
+    from peftlab.lr_search import search_lr
     from peftlab.train import MODEL_DIR, TrainOptions, run_training
 
     t = tasks[task]
     folder = _run_dir(out, seed, task, method)
-    result = run_training(TrainOptions(
+    train_opts = TrainOptions(
         model=opts.model, data=t["folder"], method=method, out=folder, epochs=opts.epochs,
         batch_size=opts.batch_size, max_length=opts.max_length, seed=seed,
         max_train_samples=opts.max_train_samples, max_eval_samples=opts.max_eval_samples,
         lr=opts.lrs.get(method), group_by_length=opts.group_by_length, name=method, checkpoints=False,
-        quiet=True), console, data=t["data"])
+        quiet=True)
+    search = None
+    if opts.lr_search and method not in opts.lrs:
+        search = search_lr(train_opts, t["data"], DEFAULT_LR[method], metric=t["metric"])
+        train_opts = dataclasses.replace(train_opts, lr=search.lr)
+    result = run_training(train_opts, console, data=t["data"])
     if method == FULL:
         # A full copy of the model per task and seed fills disks fast; the scores are the point.
         shutil.rmtree(folder / MODEL_DIR, ignore_errors=True)
     record = _record(task, method, seed, t["metric"], result["eval"], result["timing"]["train_seconds"],
                      result["steps"], result["train_examples"], opts.epochs, folder)
     record["truncated"] = result["truncated"]["train"]
+    record["lr"] = result["lr"]
+    record["lr_search"] = None if search is None else search.to_dict()
     return record
 
 
@@ -577,6 +589,7 @@ def _fusion_run(opts: CompareOptions, tasks: dict[str, dict[str, Any]], target: 
     record = _record(target, FUSION, seed, tasks[target]["metric"], metrics, seconds, step,
                      len(train_set), opts.epochs, folder)
     record["members"] = list(tasks)
+    record["lr"] = opts.fusion_lr
     write_atomic(folder / "metrics.json", json_bytes(record))
     record["fusion_weights"] = weights
     return record
@@ -662,8 +675,8 @@ def _cell(report: dict[str, Any], method: str, task: str, runs: list[dict[str, A
     cell = _stats([r["score"] for r in runs])
     cell["score"] = cell["mean"]
     cell["steps"] = statistics.mean(r["steps"] for r in runs)
-    settings = report["settings"]
-    cell["lr"] = settings["fusion_lr"] if method == FUSION else settings["learning_rates"].get(method)
+    rates = sorted({r["lr"] for r in runs})
+    cell["lr"] = rates[0] if len(rates) == 1 else rates  # several: each seed chose its own
     dirs = sorted(r["run_dir"] for r in runs)
     if previous and previous.get("interval_runs") == dirs and "ci95" in previous:
         cell["ci95"] = previous["ci95"]

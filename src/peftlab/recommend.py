@@ -27,9 +27,9 @@ Fit methods are ordered by a score in validation points, higher is better::
 Timings are noisy: a busy machine moves each by ±20%, which moves a ratio of two of them by up
 to 1.5× either way. A method truly 1.5× slower can therefore be measured at up to 2.25×, so
 only a measured ratio beyond 2.25× costs points, and a difference of up to 1.5× never changes
-the ranking when the step times move by ±20% (tested). Memory (autograd accounting), parameters and file sizes are exact and count fully.
-Every comparative word in a reason ("lowest training memory", "smallest file") is computed
-from the measurements, never assumed from the method.
+the ranking when the step times move by ±20% (tested). Memory (autograd accounting), parameters
+and file sizes are exact and count fully. Every comparative word in a reason ("lowest training
+memory", "smallest file") is computed from the measurements, never assumed from the method.
 
 ``quality`` is a prior in points relative to full fine-tuning (:data:`QUALITY_PRIOR`), read from
 the papers collected in the project's notes, or measured scores when the caller has them
@@ -86,9 +86,9 @@ RULES = {
 }
 EXPLANATION = ("score: expected validation points relative to full fine-tuning (quality prior "
                "from the papers, or measured scores with --data/--train-minutes), minus penalties "
-               "for inference latency and train-step time measured beyond 2.25x (closer timings can be noise), "
-               "for training memory (0.5 per doubling) and for storage (1 per model-sized copy "
-               "over all tasks); higher is better. --json lists each part.")
+               "for inference latency and train-step time measured beyond 2.25x (closer timings "
+               "can be noise), for training memory (0.5 per doubling) and for storage (1 per "
+               "model-sized copy over all tasks); higher is better. --json lists each part.")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -317,7 +317,8 @@ def recommend(model: str, constraints: Constraints, data: str | None = None, tra
             report = run_compare(CompareOptions(
                 model=model, data=(data,), out=Path(work_dir or tmp) / "compare", methods=singles,
                 epochs=1.0, batch_size=batch_size, max_length=max_length, max_train_samples=512,
-                max_eval_samples=512, time_budget=train_minutes, measure_steps=2, quiet=True))
+                max_eval_samples=512, time_budget=train_minutes, measure_steps=2, lr_search=False,
+                quiet=True))
         measurements = {m: Measurement.from_dict(d) for m, d in report["measurements"].items()}
         task = next(iter(report["tasks"]))
         scores = {m: s["tasks"][task]["mean"] for m, s in report["summary"]["scores"].items()

@@ -98,6 +98,23 @@ def ranking_lines(report: dict[str, Any]) -> list[str]:
     return lines
 
 
+def learning_rate_lines(report: dict[str, Any]) -> list[str]:
+    """The chosen rates and each search's final rung (held-out score per candidate)."""
+    searched = [r for r in report.get("runs", []) if r.get("lr_search")]
+    if not searched:
+        return []
+    lines = ["", "## Learning rates", "",
+             "Chosen per method, task and seed on a slice of the training data held out from "
+             "training (never the validation split): rung 1 tried the default × 0.5, 1, 2, 4 briefly, "
+             "rung 2 the better half for twice as long. Held-out scores of rung 2:", ""]
+    for r in searched:
+        s = r["lr_search"]
+        final = ", ".join(f"{t['lr']:g} → {points(t['score'])}" for t in s["trials"] if t["rung"] == 2)
+        lines.append(f"- {r['method']} · {r['task']} · seed {r['seed']}: **{s['lr']:g}** ({final}; "
+                     f"{s['metric']} on {s['held_out_examples']} held-out examples)")
+    return lines
+
+
 def _mean(stats: dict[str, Any]) -> float:
     return stats["mean"] if _finite(stats.get("mean")) else -math.inf
 
@@ -214,7 +231,11 @@ def markdown(report: dict[str, Any], plots: list[str] | None = None) -> str:
     lrs = dict(s.get("learning_rates", {}))
     if "fusion" in report["methods"]:
         lrs["fusion"] = s.get("fusion_lr")
-    rates = ", ".join(f"{m} {lr:g}" for m, lr in lrs.items()) or "the methods' defaults"
+    rates = ", ".join(f"{m} {lr:g}" if isinstance(lr, float) else f"{m} {lr}" for m, lr in lrs.items())
+    rates = rates or "the methods' defaults"
+    if "auto" in lrs.values():
+        rates += (" (auto: chosen per task and seed by successive halving on 10% of the training "
+                  "data held out; see 'Learning rates')")
     lines = [
         "# peftlab compare",
         "",
@@ -267,6 +288,7 @@ def markdown(report: dict[str, Any], plots: list[str] | None = None) -> str:
         lines += _md_table(["task", "single-task Pfeiffer", "Fusion", "Δ points"],
                            [[t, cell(pf.get(t)), cell(fu.get(t)),
                              f"{100 * gains[t]:+.1f}" if _finite(gains.get(t)) else "n/a"] for t in tasks])
+    lines += learning_rate_lines(report)
     if plots:
         lines += ["", "## Plots", ""] + [f"![{p}]({p})" for p in plots]
     if report.get("skipped"):

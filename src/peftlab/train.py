@@ -349,6 +349,7 @@ class TrainOptions:
     task: str = "auto"
     epochs: float = 3.0
     lr: float | None = None
+    lr_search: bool = False  # choose the rate on held-out training data (peftlab.lr_search)
     batch_size: int = 16
     max_length: int | None = None  # default: 128, or the model's limit if smaller
     seed: int = 0
@@ -384,6 +385,7 @@ class TrainOptions:
         need(math.isfinite(self.epochs) and self.epochs > 0, f"--epochs must be positive, got {self.epochs}")
         need(self.lr is None or (math.isfinite(self.lr) and self.lr > 0),
              f"--lr must be positive, got {self.lr}")
+        need(not (self.lr_search and self.lr is not None), "give --lr a rate or 'auto', not both")
         need(self.batch_size > 0, f"--batch-size must be positive, got {self.batch_size}")
         need(self.max_length is None or self.max_length > 1,
              f"--max-length must be at least 2, got {self.max_length}")
@@ -669,6 +671,18 @@ def run_training(opts: TrainOptions, console: Console | None = None,
             "train": opts.max_train_samples, "validation": opts.max_eval_samples})
     from transformers import set_seed
 
+    search = None
+    if opts.lr_search:
+        from peftlab.lr_search import search_lr
+
+        if world_size > 1:
+            raise UsageError("--lr auto runs its trials in one process; choose the rate with a "
+                             "single-process run first, then pass it as --lr")
+        _say(console, opts.quiet, f"choosing the learning rate around {lr:g} on held-out training data")
+        search = search_lr(opts, data, lr)
+        lr = search.lr
+        _say(console, opts.quiet, f"learning rate: {lr:g} (" + ", ".join(
+            f"{t.lr:g}: {t.score:.4f}" for t in search.trials if t.rung == 2) + ")")
     # Seeded before loading: a new head is initialised while the model loads.
     set_seed(opts.seed)
     model, tokenizer, heads = load_model(opts.model, data.task, data.num_labels)
@@ -804,6 +818,7 @@ def run_training(opts: TrainOptions, console: Console | None = None,
         "steps": trainer.state.global_step,
         "epochs": opts.epochs,
         "lr": lr,
+        "lr_search": None if search is None else search.to_dict(),
         "batch_size": opts.batch_size,
         "max_length": max_length,
         "train_examples": len(train_set),
