@@ -507,3 +507,17 @@ def test_train_with_lr_auto_records_the_search_and_uses_its_choice(work, tmp_pat
     assert search["lr"] in [t["lr"] for t in search["trials"] if t["rung"] == 2]
     bad = _train(work, tmp_path / "bad", "--lr", "fast")
     assert bad.exit_code == 2 and "'auto'" in bad.stderr and not (tmp_path / "bad").exists()
+
+
+def test_budgets_in_steps_and_minutes_and_early_stopping(work, tmp_path):
+    _ok(_train(work, tmp_path / "steps", "--max-steps", "2", method="ia3"))
+    assert json.loads((tmp_path / "steps" / "metrics.json").read_text())["steps"] == 2
+    _ok(_train(work, tmp_path / "minutes", "--max-minutes", "0.000001", method="ia3"))
+    assert json.loads((tmp_path / "minutes" / "metrics.json").read_text())["steps"] == 1
+    # Early stopping keeps the best checkpoint on held-out training data, then scores validation.
+    _ok(_train(work, tmp_path / "early", "--patience", "1", "--eval-every", "1", "--epochs", "4",
+               method="ia3"))
+    metrics = json.loads((tmp_path / "early" / "metrics.json").read_text())
+    assert metrics["held_out_examples"] == 3 and metrics["train_examples"] == 29  # 10% of 32 held out
+    assert 1 <= metrics["best_step"] <= metrics["steps"] <= metrics["planned_steps"]
+    assert metrics["eval_examples"] == 16 and 0.0 <= metrics["eval"]["accuracy"] <= 1.0

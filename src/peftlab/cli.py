@@ -93,6 +93,14 @@ def train(
         help="Checkpoint every N steps (default: --eval-every, else 100).")] = None,
     max_grad_norm: Annotated[float, typer.Option(help="Gradient clipping norm; 0 turns it off.")] = 1.0,
     warmup: Annotated[float, typer.Option(help="Fraction of steps with linear lr warm-up.")] = 0.06,
+    max_steps: Annotated[int | None, typer.Option(help="Train this many steps (overrides --epochs).")
+                         ] = None,
+    max_minutes: Annotated[float | None, typer.Option(help="Stop training after this many minutes.")
+                           ] = None,
+    patience: Annotated[int | None, typer.Option(
+        help="Early stopping: hold out 10% of the training data, evaluate on it (--eval-every, default "
+             "8 times a run), stop after this many evaluations without improvement, keep the best.")
+    ] = None,
     group_by_length: Annotated[bool, typer.Option(
         help="Random batches of similar-length examples: less padding, faster steps.")] = False,
     name: Annotated[str | None, typer.Option(help="Adapter name (default: the method).")] = None,
@@ -111,7 +119,8 @@ def train(
             batch_size=batch_size, max_length=max_length, seed=seed,
             max_train_samples=max_train_samples, max_eval_samples=max_eval_samples,
             eval_every=eval_every, save_every=save_every, max_grad_norm=max_grad_norm,
-            warmup=warmup, group_by_length=group_by_length, name=name, resume=resume, quiet=quiet),
+            warmup=warmup, max_steps=max_steps, max_minutes=max_minutes, patience=patience,
+            group_by_length=group_by_length, name=name, resume=resume, quiet=quiet),
             _console())
         _leave_process_group()
 
@@ -613,6 +622,13 @@ def compare(
         "--lr", help="A method's learning rate as method=rate (default: the method's); repeatable.")
     ] = None,
     fusion_lr: Annotated[float, typer.Option(help="Fusion (stage 2) learning rate.")] = 5e-5,
+    max_steps: Annotated[int | None, typer.Option(
+        help="Equal budget in steps for every method (instead of --epochs).")] = None,
+    max_minutes: Annotated[float | None, typer.Option(
+        help="Equal budget in training minutes for every run.")] = None,
+    patience: Annotated[int, typer.Option(
+        help="Early stopping: stop after this many evaluations (8 per run) without improvement on "
+             "10% of the training data held out, and keep the best; 0 trains every step.")] = 3,
     lr_search: Annotated[bool, typer.Option(
         help="Choose each method's rate (not given by --lr) per task and seed on held-out training "
              "data; costs about as much again as the training.")] = True,
@@ -638,6 +654,7 @@ def compare(
             max_train_samples=max_train_samples, max_eval_samples=max_eval_samples,
             time_budget=time_budget, metrics=parse_metrics(metric or []), fusion_lr=fusion_lr,
             lrs=parse_lrs(lr or []), lr_search=lr_search, group_by_length=group_by_length,
+            max_steps=max_steps, max_minutes=max_minutes, patience=patience or None,
             resume=resume, quiet=quiet),
             _console())
 

@@ -73,6 +73,9 @@ class CompareOptions:
     fusion_lr: float = FUSION_LR
     lrs: Mapping[str, float] = dataclasses.field(default_factory=dict)
     lr_search: bool = True  # choose each method's rate per task and seed (peftlab.lr_search)
+    max_steps: int | None = None  # equal steps for every method (instead of epochs)
+    max_minutes: float | None = None  # equal training wall time for every run
+    patience: int | None = 3  # early stopping on held-out training data; None: train every step
     group_by_length: bool = True
     measure_steps: int = 5
     quiet: bool = False
@@ -102,6 +105,11 @@ class CompareOptions:
             args += ["--no-group-by-length"]
         if not self.lr_search:
             args += ["--no-lr-search"]
+        if self.patience != 3:
+            args += ["--patience", str(self.patience or 0)]
+        for flag, budget in (("--max-steps", self.max_steps), ("--max-minutes", self.max_minutes)):
+            if budget is not None:
+                args += [flag, f"{budget:g}"]
         return shlex.join(args)
 
     def check(self) -> None:
@@ -141,6 +149,10 @@ class CompareOptions:
                 raise UsageError(f"{flag} must be positive, got {n}")
         if self.max_length < 2:
             raise UsageError(f"--max-length must be at least 2, got {self.max_length}")
+        for flag, budget in (("--max-steps", self.max_steps), ("--max-minutes", self.max_minutes),
+                             ("--patience", self.patience)):
+            if budget is not None and not (math.isfinite(budget) and budget > 0):
+                raise UsageError(f"{flag} must be positive, got {budget}")
         if self.time_budget is not None and not (math.isfinite(self.time_budget) and self.time_budget > 0):
             raise UsageError(f"--time-budget is in minutes and must be positive, got {self.time_budget}")
         for method, lr in self.lrs.items():
@@ -284,7 +296,8 @@ def _new_report(opts: CompareOptions, tasks: dict[str, dict[str, Any]], stage1: 
             "seeds": list(opts.seeds), "max_train_samples": opts.max_train_samples,
             "max_eval_samples": opts.max_eval_samples, "time_budget_minutes": opts.time_budget,
             "fusion_lr": opts.fusion_lr, "fusion_members": FUSION_MEMBER_METHOD,
-            "group_by_length": opts.group_by_length,
+            "group_by_length": opts.group_by_length, "patience": opts.patience,
+            "max_steps": opts.max_steps, "max_minutes": opts.max_minutes,
             "learning_rates": {m: opts.lrs.get(m, "auto" if opts.lr_search else DEFAULT_LR[m])
                                for m in stage1},
             "measured_on": names[0]},
@@ -462,7 +475,7 @@ def _run_dir(out: Path, seed: int, task: str, method: str) -> Path:
 def _single_run(opts: CompareOptions, tasks: dict[str, dict[str, Any]], task: str, method: str,
                 seed: int, out: Path, console: Console) -> dict[str, Any]:
     from peftlab.lr_search import search_lr
-    from peftlab.train import MODEL_DIR, TrainOptions, run_training
+    from peftlab.train import CHECKPOINTS, MODEL_DIR, TrainOptions, run_training
 
     t = tasks[task]
     folder = _run_dir(out, seed, task, method)
@@ -471,20 +484,22 @@ def _single_run(opts: CompareOptions, tasks: dict[str, dict[str, Any]], task: st
         batch_size=opts.batch_size, max_length=opts.max_length, seed=seed,
         max_train_samples=opts.max_train_samples, max_eval_samples=opts.max_eval_samples,
         lr=opts.lrs.get(method), group_by_length=opts.group_by_length, name=method, checkpoints=False,
-        quiet=True)
+        max_steps=opts.max_steps, max_minutes=opts.max_minutes, patience=opts.patience, quiet=True)
     search = None
     if opts.lr_search and method not in opts.lrs:
         search = search_lr(train_opts, t["data"], DEFAULT_LR[method], metric=t["metric"])
         train_opts = dataclasses.replace(train_opts, lr=search.lr)
     result = run_training(train_opts, console, data=t["data"])
+    # Full model copies and early stopping's checkpoints fill disks fast; the scores are the point.
+    shutil.rmtree(folder / CHECKPOINTS, ignore_errors=True)
     if method == FULL:
-        # A full copy of the model per task and seed fills disks fast; the scores are the point.
         shutil.rmtree(folder / MODEL_DIR, ignore_errors=True)
     record = _record(task, method, seed, t["metric"], result["eval"], result["timing"]["train_seconds"],
                      result["steps"], result["train_examples"], opts.epochs, folder)
     record["truncated"] = result["truncated"]["train"]
     record["lr"] = result["lr"]
     record["lr_search"] = None if search is None else search.to_dict()
+    record["planned_steps"], record["best_step"] = result["planned_steps"], result["best_step"]
     return record
 
 

@@ -89,7 +89,7 @@ def search_lr(opts: Any, data: TaskData, prior: float, metric: str | None = None
     metric = metric or PRIMARY[data.task]
     split = held_out_split(data)
     steps_per_epoch = math.ceil(len(data["train"]) / opts.batch_size)
-    total = max(1, math.ceil(steps_per_epoch * opts.epochs))
+    total = opts.max_steps or max(1, math.ceil(steps_per_epoch * opts.epochs))
     rung1 = max(1, math.floor(budget * total / (2 * len(FACTORS))))
     trials = [_trial(opts, split, lr, 1, rung1, metric) for lr in candidates(prior)]
     best = sorted(trials, key=lambda t: -t.score)[: len(trials) // 2]
@@ -102,11 +102,10 @@ def search_lr(opts: Any, data: TaskData, prior: float, metric: str | None = None
 def _trial(opts: Any, data: TaskData, lr: float, rung: int, steps: int, metric: str) -> Trial:
     from peftlab.train import run_training
 
-    epochs = steps * opts.batch_size / len(data["train"])
     with tempfile.TemporaryDirectory(prefix="peftlab-lr-") as tmp:
         trial_opts = dataclasses.replace(
-            opts, lr=lr, lr_search=False, epochs=epochs, out=Path(tmp) / "run", checkpoints=False,
-            resume=False, eval_every=None, quiet=True)
+            opts, lr=lr, lr_search=False, max_steps=steps, max_minutes=None, patience=None,
+            out=Path(tmp) / "run", checkpoints=False, resume=False, eval_every=None, quiet=True)
         try:
             result = run_training(trial_opts, data=data)
         except NonFiniteLossError:

@@ -270,7 +270,7 @@ CHECKPOINTS = "checkpoints"
 # Arguments that must not change between a run and its --resume.
 _RESUME_KEYS = ("model", "data", "method", "sets", "task", "epochs", "lr", "batch_size", "max_length",
                 "seed", "max_train_samples", "max_eval_samples", "eval_every", "save_every",
-                "max_grad_norm", "warmup", "name")
+                "max_grad_norm", "warmup", "name", "lr_search", "max_steps", "max_minutes", "patience")
 
 
 def json_bytes(obj: Any) -> bytes:
@@ -359,6 +359,9 @@ class TrainOptions:
     save_every: int | None = None
     max_grad_norm: float = 1.0
     warmup: float = 0.06
+    max_steps: int | None = None  # a budget in steps, whatever the epochs (equal-steps comparisons)
+    max_minutes: float | None = None  # a budget in training wall time (equal-time comparisons)
+    patience: int | None = None  # early stopping on held-out training data, in evaluations
     group_by_length: bool = False
     name: str | None = None
     resume: bool = False
@@ -391,8 +394,11 @@ class TrainOptions:
              f"--max-length must be at least 2, got {self.max_length}")
         for flag, v in (("--max-train-samples", self.max_train_samples),
                         ("--max-eval-samples", self.max_eval_samples),
-                        ("--eval-every", self.eval_every), ("--save-every", self.save_every)):
+                        ("--eval-every", self.eval_every), ("--save-every", self.save_every),
+                        ("--max-steps", self.max_steps), ("--patience", self.patience)):
             need(v is None or v > 0, f"{flag} must be positive, got {v}")
+        need(self.max_minutes is None or (math.isfinite(self.max_minutes) and self.max_minutes > 0),
+             f"--max-minutes must be positive, got {self.max_minutes}")
         need(math.isfinite(self.max_grad_norm) and self.max_grad_norm >= 0,
              f"--max-grad-norm must be >= 0, got {self.max_grad_norm}")
         need(0 <= self.warmup < 1, f"--warmup is a fraction of the steps in [0, 1), got {self.warmup}")
@@ -437,6 +443,36 @@ def _make_trainer_class(adapter_run: bool) -> type:
             return result
 
     return PeftlabTrainer
+
+
+#: Evaluations on the held-out slice per run when early stopping picks the best checkpoint.
+EVALUATIONS = 8
+
+
+def _best_step(state: Any) -> int | None:
+    best = getattr(state, "best_model_checkpoint", None)
+    return int(best.rpartition("-")[2]) if best else None
+
+
+def _budget_callbacks(opts: TrainOptions) -> list[Any]:
+    """Early stopping after ``patience`` evaluations without improvement, and the wall-time
+    budget: a method that stops learning, or runs out of time, stops spending."""
+    from transformers import EarlyStoppingCallback, TrainerCallback
+
+    class WallClock(TrainerCallback):
+        def on_train_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+            self.deadline = time.perf_counter() + 60.0 * (opts.max_minutes or 0.0)
+
+        def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+            if time.perf_counter() >= self.deadline:
+                control.should_training_stop = True
+
+    out: list[Any] = []
+    if opts.patience:
+        out.append(EarlyStoppingCallback(early_stopping_patience=opts.patience))
+    if opts.max_minutes:
+        out.append(WallClock())
+    return out
 
 
 def _callbacks(trainable: list[nn.Parameter], console: Console, quiet: bool, primary: str) -> list[Any]:
@@ -704,9 +740,16 @@ def run_training(opts: TrainOptions, console: Console | None = None,
                    f"{adapters.base_parameters():,}) at {row.sites} sites; head {list(heads)} trained too")
     trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
 
-    train_set, cut_train = tokenize(data["train"], tokenizer, data.task, max_length)
+    fit = data
+    if opts.patience:  # model selection on held-out training data; validation is read once, at the end
+        from peftlab.lr_search import held_out_split
+
+        fit = held_out_split(data)
+    train_set, cut_train = tokenize(fit["train"], tokenizer, data.task, max_length)
     eval_set, cut_eval = tokenize(data["validation"], tokenizer, data.task, max_length)
     eval_set = eval_set.by_length()  # less padding; the metrics do not depend on the order
+    select_set = (tokenize(fit["validation"], tokenizer, data.task, max_length)[0].by_length()
+                  if opts.patience else eval_set)
     for split, cut in (("train", cut_train), ("validation", cut_eval)):
         if data[split].ignored:
             _say(console, opts.quiet, f"note: {data[split].path} has field(s) "
@@ -727,8 +770,9 @@ def run_training(opts: TrainOptions, console: Console | None = None,
     _say(console, opts.quiet, summary)
 
     steps_per_epoch = math.ceil(len(train_set) / opts.batch_size)
-    total_steps = math.ceil(steps_per_epoch * opts.epochs)
-    save_every = opts.save_every or opts.eval_every or 100
+    total_steps = opts.max_steps or math.ceil(steps_per_epoch * opts.epochs)
+    eval_every = opts.eval_every or (max(1, total_steps // EVALUATIONS) if opts.patience else None)
+    save_every = eval_every if opts.patience else (opts.save_every or eval_every or 100)
     from transformers import TrainingArguments
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
@@ -737,6 +781,7 @@ def run_training(opts: TrainOptions, console: Console | None = None,
         per_device_train_batch_size=opts.batch_size // world_size,
         per_device_eval_batch_size=max(opts.batch_size // world_size, 32),
         num_train_epochs=opts.epochs,
+        max_steps=opts.max_steps or -1,
         learning_rate=lr,
         lr_scheduler_type="linear",
         warmup_steps=math.ceil(opts.warmup * total_steps),
@@ -744,11 +789,15 @@ def run_training(opts: TrainOptions, console: Console | None = None,
         max_grad_norm=opts.max_grad_norm,
         logging_strategy="steps",
         logging_steps=1,
-        eval_strategy="steps" if opts.eval_every else "epoch",
-        eval_steps=opts.eval_every,
-        save_strategy="steps" if opts.checkpoints else "no",
+        eval_strategy="steps" if eval_every else "epoch",
+        eval_steps=eval_every,
+        # Early stopping restores the best checkpoint, so it needs them.
+        save_strategy="steps" if opts.checkpoints or opts.patience else "no",
         save_steps=save_every,
         save_total_limit=2,
+        load_best_model_at_end=bool(opts.patience),
+        metric_for_best_model="loss" if data.task == "causal-lm" else PRIMARY[data.task],
+        greater_is_better=data.task != "causal-lm",
         seed=opts.seed,
         report_to="none",
         # Without an accelerator, accelerate only sets up multi-process CPU training (gloo) when
@@ -776,10 +825,12 @@ def run_training(opts: TrainOptions, console: Console | None = None,
         return compute(data.task, logits, pred.label_ids)
 
     trainer = _make_trainer_class(config is not None)(
-        model=model, args=args, train_dataset=train_set, eval_dataset=eval_set,
+        model=model, args=args, train_dataset=train_set,
+        eval_dataset=select_set if opts.patience else eval_set,
         data_collator=collator(tokenizer, data.task),
         compute_metrics=None if data.task == "causal-lm" else metrics_fn,
-        callbacks=_callbacks(list(trainable.values()), console, opts.quiet, primary),
+        callbacks=_callbacks(list(trainable.values()), console, opts.quiet, primary)
+        + _budget_callbacks(opts),
     )
     for replaced in (ProgressCallback, PrinterCallback):  # our progress bar replaces both
         trainer.remove_callback(replaced)
@@ -800,10 +851,10 @@ def run_training(opts: TrainOptions, console: Console | None = None,
     train_seconds = time.perf_counter() - started
     history = trainer.state.log_history
     last_eval = next((e for e in reversed(history) if "eval_loss" in e), None)
-    if last_eval is not None and last_eval["step"] == trainer.state.global_step:
+    if not opts.patience and last_eval is not None and last_eval["step"] == trainer.state.global_step:
         final = dict(last_eval)
     else:
-        final = trainer.evaluate()
+        final = trainer.evaluate(eval_set)
     if data.task == "causal-lm":
         final["eval_perplexity"] = perplexity(final["eval_loss"])
     losses = [e["loss"] for e in history if "loss" in e and "train_runtime" not in e]
@@ -816,6 +867,9 @@ def run_training(opts: TrainOptions, console: Console | None = None,
                  if k.startswith("eval_") and not k.endswith(("_runtime", "_per_second"))},
         "primary_metric": primary,
         "steps": trainer.state.global_step,
+        "planned_steps": total_steps,
+        "best_step": _best_step(trainer.state) if opts.patience else None,
+        "held_out_examples": len(select_set) if opts.patience else 0,
         "epochs": opts.epochs,
         "lr": lr,
         "lr_search": None if search is None else search.to_dict(),
