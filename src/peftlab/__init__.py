@@ -20,6 +20,7 @@ from peftlab.errors import (
     ConfigError,
     DataError,
     NonFiniteLossError,
+    PartialTargetWarning,
     PeftlabError,
     TargetError,
     UsageError,
@@ -63,5 +64,6 @@ __all__ = [
     "ROLES", "ROLE_MAPS", "AdapterConfig", "AdapterLoadError", "AdapterNameError",
     "AdapterSaveError", "AdapterSet", "AdapterStateError", "BottleneckConfig", "CompacterConfig",
     "ConfigError", "DataError", "FusionConfig", "IA3Config", "LoRAConfig", "NonFiniteLossError",
-    "PeftlabError", "Role", "RoleMap", "TargetError", "UsageError", "attach", "detach",
+    "PartialTargetWarning", "PeftlabError", "Role", "RoleMap", "TargetError", "UsageError", "attach",
+    "detach",
 ]
