@@ -45,8 +45,9 @@ CONFIGS = {
     "granitemoe": lambda: T.GraniteMoeConfig(intermediate_size=16, num_local_experts=4,
                                              num_experts_per_tok=2, **SMALL),
     # first layer dense, then shared + routed experts
-    "deepseek_v3": lambda: T.DeepseekV3Config(intermediate_size=24, moe_intermediate_size=16, n_routed_experts=4,
-                                              num_experts_per_tok=2, n_group=1, topk_group=1,
+    "deepseek_v3": lambda: T.DeepseekV3Config(intermediate_size=24, moe_intermediate_size=16,
+                                              n_routed_experts=4, num_experts_per_tok=2, n_group=1,
+                                              topk_group=1,
                                               first_k_dense_replace=1, q_lora_rank=16, kv_lora_rank=16,
                                               qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=8,
                                               **{**SMALL, "num_key_value_heads": 4}),  # MLA: kv = heads
@@ -184,7 +185,8 @@ def test_lora_forward_equals_per_expert_formula(family):
         for layer in range(2):
             ex = experts_of(expected, layer)
             for param in ("gate_up_proj", "down_proj"):
-                getattr(ex, param).add_(hand_lora(adapters["x"].pieces[f"model.layers.{layer}.mlp.experts.{param}"]))
+                piece = adapters["x"].pieces[f"model.layers.{layer}.mlp.experts.{param}"]
+                getattr(ex, param).add_(hand_lora(piece))
             if family == "qwen2_moe":
                 for proj in ("gate_proj", "up_proj", "down_proj"):
                     p = adapters["x"].pieces[f"model.layers.{layer}.mlp.shared_expert.{proj}"]
@@ -207,7 +209,8 @@ def test_transposed_experts_interleaved_up_and_biases():
         for layer in range(2):
             ex, name = experts_of(expected, layer), f"model.layers.{layer}.mlp.experts"
             up_rows = torch.arange(1, 32, 2)
-            lora, up = adapters["x"].pieces[f"{name}.gate_up_proj"], adapters["s"].pieces[f"{name}.gate_up_proj"]
+            lora = adapters["x"].pieces[f"{name}.gate_up_proj"]
+            up = adapters["s"].pieces[f"{name}.gate_up_proj"]
             down = adapters["s"].pieces[f"{name}.down_proj"]
             l_out = torch.ones(4, 32)
             l_out[:, up_rows] = up.ia3_l
@@ -422,7 +425,7 @@ def test_partial_role_is_warned_and_shown_in_summary():
         adapters.add("role", peftlab.LoRAConfig(targets=("ffn_down",)))
         adapters.add("both", peftlab.LoRAConfig(targets=("down_proj$",)))  # reaches shared and routed
         adapters.add("gate", peftlab.LoRAConfig(targets=("ffn_gate",)))  # its half of gate_up_proj
-        adapters.add("layer0", peftlab.LoRAConfig(targets=(r"layers\.0\.mlp\.(shared_expert|experts)\.down",)))
+        adapters.add("layer0", peftlab.LoRAConfig(targets=(r"\.0\.mlp\.(shared_expert|experts)\.down",)))
     assert {s.module for s in adapters["both"].sites} == {s.module for s in adapters["role"].sites}
     assert not adapters.summary()["role"].notes
 
