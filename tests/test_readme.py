@@ -27,6 +27,8 @@ def test_readme_python_examples_run(tmp_path, monkeypatch):
     assert (tmp_path / "out" / "trainer" / "checkpoint-4" / "adapter_model.safetensors").is_file()
     assert not (tmp_path / "out" / "trainer" / "checkpoint-4" / "model.safetensors").exists()
     assert (tmp_path / "out" / "merged-model" / "model.safetensors").is_file()
+    assert (tmp_path / "out" / "moe-peft" / "adapter_model.safetensors").is_file()
+    assert namespace["experts"].summary()["shared-only"].notes
 
 
 def test_readme_cli_examples_run(tmp_path, monkeypatch):

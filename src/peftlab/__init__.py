@@ -20,6 +20,7 @@ from peftlab.errors import (
     ConfigError,
     DataError,
     NonFiniteLossError,
+    PartialTargetWarning,
     PeftlabError,
     TargetError,
     UsageError,
@@ -65,5 +66,6 @@ __all__ = [
     "ROLES", "ROLE_MAPS", "AdapterConfig", "AdapterLoadError", "AdapterNameError",
     "AdapterSaveError", "AdapterSet", "AdapterStateError", "BottleneckConfig", "CompacterConfig",
     "ConfigError", "DataError", "FusionConfig", "IA3Config", "LoRAConfig", "NonFiniteLossError",
-    "PeftlabError", "Role", "RoleMap", "TargetError", "UsageError", "adapter_checkpoints", "attach", "detach",
+    "PartialTargetWarning", "PeftlabError", "Role", "RoleMap", "TargetError", "UsageError",
+    "adapter_checkpoints", "attach", "detach",
 ]

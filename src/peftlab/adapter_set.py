@@ -10,6 +10,7 @@ import contextlib
 import dataclasses
 import re
 import types
+import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -19,11 +20,18 @@ from torch import nn
 
 from peftlab import ties
 from peftlab.config import AdapterConfig
-from peftlab.errors import AdapterNameError, AdapterStateError, ConfigError, TargetError
+from peftlab.errors import (
+    AdapterNameError,
+    AdapterStateError,
+    ConfigError,
+    PartialTargetWarning,
+    TargetError,
+)
+from peftlab.experts import AdaptedExperts, AdaptedParameter, experts_layout
 from peftlab.layer import AdaptedLayer, Piece, routing
 from peftlab.methods import METHODS, method_for
 from peftlab.roles import RoleMap, role_map_for
-from peftlab.sites import Site, find_sites
+from peftlab.sites import Site, find_sites, partial_roles
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]{0,99}$")
 _RESERVED = {"base", "none", "shared", "extra", "adapters"}
@@ -45,7 +53,7 @@ def check_name(name: object) -> str:
 @dataclasses.dataclass
 class Adapter:
     """One named adapter: its config, its sites, its pieces by module, extra trained modules,
-    and for a fusion the adapters it fuses."""
+    for a fusion the adapters it fuses, and ``notes`` on its placement (roles it reaches in part)."""
 
     config: AdapterConfig
     sites: list[Site]
@@ -54,6 +62,7 @@ class Adapter:
     extras: tuple[str, ...] = ()
     merged: bool = False
     members: tuple[str, ...] = ()
+    notes: tuple[str, ...] = ()
 
     def parameters(self) -> list[nn.Parameter]:
         seen: dict[int, nn.Parameter] = {}
@@ -75,6 +84,7 @@ class SummaryRow:
     sites: int
     active: bool
     merged: bool
+    notes: tuple[str, ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -98,6 +108,7 @@ class Summary:
             lines.append(f"{r.name:<20} {r.method:<12} {r.parameters:>12,} {r.percent:>8.4f} "
                          f"{r.sites:>6}  {state}")
         lines.append(f"base model parameters: {self.base_parameters:,}")
+        lines += [f"note ({r.name}): {note}" for r in self.rows for note in r.notes]
         return "\n".join(lines)
 
 
@@ -144,14 +155,15 @@ class AdapterSet:
         base = self.base_parameters()
         rows = tuple(
             SummaryRow(n, a.config.method, a.num_parameters(), 100.0 * a.num_parameters() / base,
-                       len(a.sites), n in self._active, a.merged)
+                       len(a.sites), n in self._active, a.merged, a.notes)
             for n, a in self._adapters.items()
         )
         return Summary(base, rows)
 
-    def layers(self) -> Iterator[tuple[str, AdaptedLayer]]:
+    def layers(self) -> Iterator[tuple[str, AdaptedLayer | AdaptedParameter]]:
+        """Every wrapped module: Linear layers and adapted 3-D expert parameters."""
         for name, module in self.model.named_modules():
-            if isinstance(module, AdaptedLayer):
+            if isinstance(module, (AdaptedLayer, AdaptedParameter)):
                 yield name, module
 
     # ---- adding and removing ----------------------------------------------------------------
@@ -186,15 +198,26 @@ class AdapterSet:
                               if members == () else f"a {config.method} adapter has no members")
         sites = self._fusion_sites(members) if members else find_sites(
             self.model, config.targets, self.role_map)
+        experts = [s.module for s in sites if s.num_experts is not None]
+        if experts and not method.experts:
+            raise TargetError(
+                f"{config.method} adapters act on a layer's activations, which routed experts' 3-D "
+                f"parameters do not have ({experts[0]}{' ...' if len(experts) > 1 else ''}); only "
+                f"{', '.join(n for n, m in METHODS.items() if m.experts)} adapt them. Target the "
+                "shared expert or attention instead")
+        notes = () if members else tuple(partial_roles(self.model, sites, self.role_map))
+        for note in notes:
+            warnings.warn(f"targets ({', '.join(config.targets)}): {note}", PartialTargetWarning,
+                          stacklevel=3)
         shared = method.shared(config, sites) if method.shared else None
         pieces = {}
         for site in sites:
             piece = method.build(config, site, shared)
-            weight = self._base_module(site.module).weight
+            weight = self._base_weight(site.module)
             pieces[site.module] = piece.to(device=weight.device, dtype=weight.dtype)
             if members:
                 piece.members = members
-        return Adapter(config, sites, pieces, shared, members=members)
+        return Adapter(config, sites, pieces, shared, members=members, notes=notes)
 
     def _fusion_sites(self, members: tuple[str, ...]) -> list[Site]:
         """Every site of any member, in module order; at least one must be common to all."""
@@ -233,7 +256,7 @@ class AdapterSet:
             layer = self._layer(module_name)
             del layer.adapters[name]
             if len(layer.adapters) == 0:
-                self._set_module(module_name, layer.base)
+                self._unwrap(module_name, layer)
         del self._adapters[name]
         self._active = tuple(n for n in self._active if n != name)
         self._refresh()
@@ -372,7 +395,8 @@ class AdapterSet:
         shared = ties.shared_parameters(self.model)
         if not shared:
             return
-        todo = [m for m in adapter.pieces if m not in self._untied and ties.check_untie(
+        linear = [m for m in adapter.pieces if isinstance(self._layer(m), AdaptedLayer)]  # experts never tie
+        todo = [m for m in linear if m not in self._untied and ties.check_untie(
             self.model, m, self._layer(m), self._layer(m).base, shared)]
         for module_name in todo:
             self._untied[module_name] = ties.untie(self.model, self._layer(module_name).base)
@@ -422,16 +446,33 @@ class AdapterSet:
         return import_peft(self, Path(path), name)
 
     # ---- module plumbing --------------------------------------------------------------------
-    def _layer(self, module_name: str) -> AdaptedLayer:
+    def _layer(self, module_name: str) -> AdaptedLayer | AdaptedParameter:
         layer = self.model.get_submodule(module_name)
-        assert isinstance(layer, AdaptedLayer)
+        assert isinstance(layer, (AdaptedLayer, AdaptedParameter))
         return layer
 
-    def _base_module(self, module_name: str) -> nn.Module:
+    def _base_weight(self, module_name: str) -> torch.Tensor:
+        """The frozen weight at a site: a module's, or an expert parameter (``<experts>.<param>``)."""
+        experts, param = self._experts_of(module_name)
+        if experts is not None:
+            base = experts.base if isinstance(experts, AdaptedExperts) else experts
+            return getattr(base, param)
         module = self.model.get_submodule(module_name)
-        return module.base if isinstance(module, AdaptedLayer) else module
+        return (module.base if isinstance(module, AdaptedLayer) else module).weight
 
-    def _wrap(self, module_name: str) -> AdaptedLayer:
+    def _experts_of(self, module_name: str) -> tuple[nn.Module | None, str]:
+        """(the experts module, parameter name) when ``module_name`` names a 3-D expert parameter."""
+        parent, _, param = module_name.rpartition(".")
+        module = self.model.get_submodule(parent) if parent else self.model
+        return (module, param) if param in experts_layout(module) else (None, param)
+
+    def _wrap(self, module_name: str) -> AdaptedLayer | AdaptedParameter:
+        experts, param = self._experts_of(module_name)
+        if experts is not None:
+            if not isinstance(experts, AdaptedExperts):
+                experts = AdaptedExperts(experts)
+                self._set_module(module_name.rpartition(".")[0], experts)
+            return experts.adapt(param)
         module = self.model.get_submodule(module_name)
         if isinstance(module, AdaptedLayer):
             return module
@@ -440,6 +481,18 @@ class AdapterSet:
         self._set_module(module_name, layer)
         return layer
 
+    def _unwrap(self, module_name: str, layer: AdaptedLayer | AdaptedParameter) -> None:
+        """Put back the original module of a layer that has no adapters left."""
+        if isinstance(layer, AdaptedLayer):
+            self._set_module(module_name, layer.base)
+            return
+        parent, _, param = module_name.rpartition(".")
+        experts = self.model.get_submodule(parent)
+        assert isinstance(experts, AdaptedExperts)
+        experts.release(param)
+        if not any(experts.parameter_layers()):
+            self._set_module(parent, experts.base)
+
     def _set_module(self, module_name: str, module: nn.Module) -> None:
         parent, _, child = module_name.rpartition(".")
         setattr(self.model.get_submodule(parent) if parent else self.model, child, module)
@@ -447,7 +500,7 @@ class AdapterSet:
     def plain_state_dict(self, state_dict: dict[str, Any]) -> dict[str, Any]:
         """``state_dict`` of the wrapped model keyed as the plain model: ``<layer>.base.<p>`` ->
         ``<layer>.<p>``, adapter tensors left out."""
-        layers = [name + "." for name, _ in self.layers()]
+        layers = [name + "." for name, _ in self._wrappers()]
         out = {}
         for key, value in state_dict.items():
             layer = next((p for p in layers if key.startswith(p)), None)
@@ -457,9 +510,14 @@ class AdapterSet:
                 out[layer + key[len(layer) + 5:]] = value
         return out
 
+    def _wrappers(self) -> list[tuple[str, AdaptedLayer | AdaptedExperts]]:
+        """The modules peftlab put in the model's tree in place of the originals."""
+        return [(n, m) for n, m in self.model.named_modules()
+                if isinstance(m, (AdaptedLayer, AdaptedExperts))]
+
     def _unwrap_all(self) -> None:
-        for name, layer in list(self.layers()):
-            self._set_module(name, layer.base)
+        for name, module in self._wrappers():
+            self._set_module(name, module.base)
 
 
 def attached(model: nn.Module) -> AdapterSet | None:
@@ -499,13 +557,13 @@ def _save_pretrained(model: nn.Module, *args: Any, **kwargs: Any) -> Any:
             "trainer = peftlab.adapter_checkpoints(trainer)")
     if kwargs.get("state_dict") is not None:
         kwargs["state_dict"] = adapters.plain_state_dict(kwargs["state_dict"])
-    layers = list(adapters.layers())
+    wrappers = adapters._wrappers()
     adapters._unwrap_all()
     try:
         return type(model).save_pretrained(model, *args, **kwargs)
     finally:
-        for name, layer in layers:
-            adapters._set_module(name, layer)
+        for name, wrapper in wrappers:
+            adapters._set_module(name, wrapper)
 
 
 def detach(model: nn.Module, keep_merged: bool = False) -> nn.Module:

@@ -21,6 +21,11 @@ class AdapterNameError(PeftlabError, ValueError):
     """An adapter name is invalid, unknown, or already taken."""
 
 
+class PartialTargetWarning(UserWarning):
+    """An adapter's targets reach only part of a role in some block (on Qwen2-MoE, the shared
+    expert's ``down_proj`` but not the routed experts'); also listed in ``summary()``."""
+
+
 class AdapterStateError(PeftlabError, RuntimeError):
     """The operation does not fit the adapter's state (merged twice, not active, ...)."""
 

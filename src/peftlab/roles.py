@@ -4,6 +4,11 @@ Methods speak only about roles (``query``, ``ffn_down``, ...). A :class:`RoleMap
 architecture family, which modules play each role: a regular expression searched in the full module
 name, and for fused projections (GPT-2's ``c_attn``, Phi-3's ``qkv_proj``) which output features
 belong to the role. Adding an architecture is adding a map to :data:`ROLE_MAPS`.
+
+In mixture-of-experts models a role is also played by the routed experts' 3-D parameters (see
+:mod:`peftlab.experts`), named ``<experts module>.<parameter>`` like ``mlp.experts.down_proj``;
+a role's pattern is searched in those names too. ``experts_select`` picks the role's rows of each
+expert's ``[out, in]`` matrix in a fused ``gate_up_proj``.
 """
 
 from __future__ import annotations
@@ -25,11 +30,14 @@ Selector = Callable[[Any, int], torch.Tensor]
 
 @dataclasses.dataclass(frozen=True)
 class Role:
-    """Where one role lives: ``pattern`` is searched in module names; ``select`` picks the role's
-    output features when the module is fused (``None``: the whole module)."""
+    """Where one role lives: ``pattern`` is searched in module names (and in the names of 3-D
+    expert parameters); ``select`` picks the role's output features when a matched Linear module is
+    fused, ``experts_select`` the role's output rows of each expert when a matched expert parameter
+    is (``None``: all of them)."""
 
     pattern: str
     select: Selector | None = None
+    experts_select: Selector | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,6 +57,15 @@ def even_part(i: int, n: int) -> Selector:
     def select(config: Any, out: int) -> torch.Tensor:
         size = out // n
         return torch.arange(i * size, (i + 1) * size)
+
+    return select
+
+
+def interleaved_part(i: int, n: int) -> Selector:
+    """Every ``n``-th output from ``i`` on (gpt-oss's expert ``gate_up_proj``: gate, up, gate, ...)."""
+
+    def select(config: Any, out: int) -> torch.Tensor:
+        return torch.arange(i, out, n)
 
     return select
 
@@ -172,12 +189,50 @@ VIT = RoleMap({
     "ffn_down": rf"{_N}(mlp\.fc2|output\.dense)$",
 })
 
+
+
+def _moe(mlp: str, shared: str | None, interleaved: bool = False, attention: bool = True) -> RoleMap:
+    """A LLaMA-style block whose FFN ``mlp`` holds routed experts (``mlp.experts.gate_up_proj`` with
+    gate then up, or interleaved, and ``mlp.experts.down_proj``), optionally a shared expert of
+    Linear layers ``mlp.<shared>.{gate,up,down}_proj``, and in dense layers of the same model
+    (``first_k_dense_replace``, ``mlp_only_layers``) a plain ``mlp.{gate,up,down}_proj``. Each FFN
+    role covers all of them. ``attention``: whether q/k/v are separate ``self_attn`` projections
+    (DeepSeek's latent attention has none)."""
+    part = interleaved_part if interleaved else even_part
+    linear = rf"{mlp}\.(?:{shared}\.)?" if shared else rf"{mlp}\."
+
+    def ffn(proj: str, expert_param: str, select: Selector | None) -> Role:
+        return Role(rf"{_N}(?:{linear}{proj}|{mlp}\.experts\.{expert_param})$", experts_select=select)
+
+    roles: dict[str, Role | str] = {
+        "attn_out": rf"{_N}self_attn\.o_proj$",
+        "ffn_gate": ffn("gate_proj", "gate_up_proj", part(0, 2)),
+        "ffn_up": ffn("up_proj", "gate_up_proj", part(1, 2)),
+        "ffn_down": ffn("down_proj", "down_proj", None),
+    }
+    if attention:
+        roles.update({r: rf"{_N}self_attn\.{p}_proj$" for r, p in
+                      (("query", "q"), ("key", "k"), ("value", "v"))})
+    return RoleMap(roles)
+
+
+MIXTRAL = _moe("mlp", None)  # also OLMoE, PhiMoE, Qwen3-MoE (and its dense mlp_only_layers)
+QWEN2_MOE = _moe("mlp", "shared_expert")
+DEEPSEEK_V3 = _moe("mlp", "shared_experts", attention=False)
+GLM4_MOE = _moe("mlp", "shared_experts")  # also ERNIE-4.5-MoE
+GPT_OSS = _moe("mlp", None, interleaved=True)
+GRANITEMOE = _moe("block_sparse_moe", None)
+
 ROLE_MAPS: Mapping[str, RoleMap] = {
     "bert": BERT, "roberta": BERT, "xlm-roberta": BERT, "camembert": BERT, "electra": BERT,
     "deberta-v2": DEBERTA_V2, "distilbert": DISTILBERT, "gpt2": GPT2,
     "llama": LLAMA, "mistral": LLAMA, "qwen2": LLAMA, "qwen3": LLAMA, "gemma": LLAMA,
     "gemma2": LLAMA, "gemma3_text": LLAMA, "phi3": PHI3, "t5": T5, "mt5": T5, "bart": BART,
     "mbart": BART, "opt": OPT, "gpt_neox": GPT_NEOX, "vit": VIT,
+    # mixture of experts: the FFN roles reach the routed experts' 3-D parameters (peftlab.experts)
+    "mixtral": MIXTRAL, "olmoe": MIXTRAL, "phimoe": MIXTRAL, "qwen3_moe": MIXTRAL,
+    "qwen2_moe": QWEN2_MOE, "deepseek_v3": DEEPSEEK_V3, "glm4_moe": GLM4_MOE, "ernie4_5_moe": GLM4_MOE,
+    "gpt_oss": GPT_OSS, "granitemoe": GRANITEMOE,
 }
 
 

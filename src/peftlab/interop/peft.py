@@ -9,6 +9,12 @@ whose keys are ``base_model.model.<module>.<tensor>``:
     (IA)³   <module>.ia3_l, [out, 1] rescaling the output, or [1, in] rescaling the input for
             modules in feedforward_modules
     extras  <module>.<param> of every module in modules_to_save (a classifier head, ...)
+    experts LoRA on 3-D expert parameters (``target_parameters``, peft's ``lora.ParamWrapper``):
+            <experts>.lora_A.weight [E·r, in] and <experts>.lora_B.weight [out, r·E] (see
+            :class:`peftlab.methods.lora.ExpertLoRA` for which rows belong to which expert). When
+            several parameters of one experts module are targeted, peft nests one wrapper per
+            parameter, and the key says which: the parameter registered first in the module is the
+            innermost, ``<experts>.base_layer.base_layer...``, the last one ``<experts>``
 
 How peftlab maps onto it:
 
@@ -20,6 +26,10 @@ How peftlab maps onto it:
 - Import builds a config whose targets are the module names found in the file, as anchored
   regexes, so the adapter acts exactly where the file says whatever defaults peft used (its BERT
   (IA)³ default also rescales ``attention.output.dense``).
+- LoRA on routed experts is exported with ``target_parameters`` (each parameter's full name) and
+  imported from it; peftlab's expert LoRA has peft's exact layout, so both ways are a renaming of
+  keys, and the parameter counts are equal. (IA)³ on routed experts cannot be exported: peft's
+  (IA)³ has no ``target_parameters``, so the export refuses rather than drop the vectors.
 
 Import checks everything (config, every key, every shape) before the model changes and never
 reads a pickle (``adapter_model.bin``).
@@ -42,6 +52,7 @@ from transformers.pytorch_utils import Conv1D
 
 from peftlab.config import clip
 from peftlab.errors import AdapterLoadError, ConfigError, PeftlabError
+from peftlab.experts import AdaptedExperts, expert_parameters, experts_layout
 from peftlab.io import CONFIG_FILE, FORMAT, WEIGHTS_FILE, read_config, read_tensors, write_dir_atomic
 from peftlab.layer import AdaptedLayer, weight_out_in
 from peftlab.methods.ia3 import IA3Config
@@ -68,6 +79,7 @@ _KNOWN_KEYS = {
         "r", "lora_alpha", "lora_dropout", "use_rslora", "rank_pattern", "alpha_pattern", "bias",
         "init_lora_weights", "layers_to_transform", "layers_pattern", "megatron_core",
         "qalora_group_size", "loftq_config", "eva_config", "ensure_weight_tying", "runtime_config",
+        "target_parameters",
     },
     "IA3": _COMMON_KEYS | {"feedforward_modules", "init_ia3_weights"},
 }
@@ -91,20 +103,31 @@ def export_peft(adapters: AdapterSet, name: str, path: Path) -> Path:
     ``peft.PeftModel.from_pretrained(base_model, path)`` then computes what peftlab computes."""
     adapter = adapters[name]
     model = adapters.model
+    experts = [s.module for s in adapter.sites if s.num_experts is not None]
     if isinstance(adapter.config, LoRAConfig):
-        fields, tensors = _lora_fields(adapter)
+        fields, tensors = _lora_fields(adapter, _expert_keys(model, experts))
     elif isinstance(adapter.config, IA3Config):
+        if experts:
+            raise ConfigError(
+                f"(IA)³ adapter {name!r} scales routed experts' 3-D parameters ({experts[0]}, ...), "
+                "which peft's (IA)³ cannot express (it has no target_parameters); it cannot be "
+                "exported to peft. Keep it in peftlab's format (save), or merge it into the weights")
         fields, tensors = _ia3_fields(adapter)
     else:
         raise ConfigError(f"peft's format holds LoRA and (IA)³ adapters; {name!r} is a "
                           f"{adapter.config.method} adapter")
     linear = dict(linear_modules(model))
     names = list(linear)
-    fields["target_modules"] = _as_peft_names([s.module for s in adapter.sites], names, dotted=True)
+    sites = [s.module for s in adapter.sites if s.num_experts is None]
+    fields["target_modules"] = _as_peft_names(sites, names, dotted=True)
+    if experts:
+        fields["target_parameters"] = experts  # full names: peft matches them exactly
+    if fields["peft_type"] == "LORA":
+        _refuse_peft_rewrite(model, fields)
     if "feedforward_modules" in fields:
         fields["feedforward_modules"] = _as_peft_names(fields["feedforward_modules"], names, dotted=False)
     # peft warns and flips this flag unless it matches the layer type (transformers Conv1D).
-    fields["fan_in_fan_out"] = all(isinstance(linear[s.module], Conv1D) for s in adapter.sites)
+    fields["fan_in_fan_out"] = bool(sites) and all(isinstance(linear[s], Conv1D) for s in sites)
     extras = list(adapter.extras)
     # peft wraps every module whose name ends with a modules_to_save entry (task classes add
     # their heads) and refuses to load unless the file holds the tensors of each one.
@@ -117,7 +140,7 @@ def export_peft(adapters: AdapterSet, name: str, path: Path) -> Path:
         task = None  # peft's task class would demand head tensors this adapter does not carry
     for module in extras:
         extra = model.get_submodule(module)
-        if any(isinstance(m, AdaptedLayer) for m in extra.modules()):
+        if any(isinstance(m, (AdaptedLayer, AdaptedExperts)) for m in extra.modules()):
             raise ConfigError(f"extra module {module!r} holds adapted layers; peft cannot save a module "
                               "both in modules_to_save and as an adapter target")
         for key, t in extra.state_dict().items():
@@ -136,19 +159,22 @@ def export_peft(adapters: AdapterSet, name: str, path: Path) -> Path:
     return write_dir_atomic(path, {CONFIG_FILE: blob, WEIGHTS_FILE: weights})
 
 
-def _lora_fields(adapter: Adapter) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+def _lora_fields(adapter: Adapter, keys: dict[str, str]) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """peft's LoRA config fields and tensors; ``keys`` maps expert sites to peft's module keys."""
     config = adapter.config
     assert isinstance(config, LoRAConfig)
     tensors: dict[str, torch.Tensor] = {}
     rank_alpha: dict[str, tuple[int, float]] = {}
     for module, piece in adapter.pieces.items():
         lora_a, lora_b = piece.lora_A, piece.full_B()
-        rank = lora_a.shape[0]  # parts·r on a fused projection
+        # parts·r on a fused projection; r per expert on expert parameters (lora_A is [E·r, in])
+        rank = getattr(piece, "rank", lora_a.shape[0])
         # peft scales by alpha/rank (rsLoRA alpha/√rank): this alpha keeps our scale exactly.
         alpha = config.scaling * (math.sqrt(rank) if config.rslora else rank)
         rank_alpha[module] = (rank, _tidy(alpha))
-        tensors[PREFIX + module + LORA_A] = lora_a
-        tensors[PREFIX + module + LORA_B] = lora_b
+        key = keys.get(module, module)
+        tensors[PREFIX + key + LORA_A] = lora_a
+        tensors[PREFIX + key + LORA_B] = lora_b
     (r, alpha), _ = Counter(rank_alpha.values()).most_common(1)[0]
     fields = {
         "peft_type": "LORA", "r": r, "lora_alpha": alpha, "lora_dropout": config.dropout,
@@ -171,6 +197,62 @@ def _ia3_fields(adapter: Adapter) -> tuple[dict[str, Any], dict[str, torch.Tenso
         else:
             tensors[PREFIX + module + IA3_L] = l_out.reshape(-1, 1)
     return {"peft_type": "IA3", "feedforward_modules": feedforward, "init_ia3_weights": True}, tensors
+
+
+def _refuse_peft_rewrite(model: nn.Module, fields: dict[str, Any]) -> None:
+    """Refuse when peft would load this LoRA config onto other weights than it names.
+
+    With transformers 5, peft rewrites the LoRA config of MoE model types whose checkpoints were
+    converted from transformers 4 (DeepSeek-V3, GLM-4-MoE, ERNIE-4.5-MoE, Qwen3-MoE, OLMoE, ...):
+    every ``target_modules`` entry ending in ``gate_proj``/``up_proj``/``down_proj`` becomes the
+    routed experts' ``gate_up_proj``/``down_proj`` (rank doubled for gate+up), and a regex becomes
+    bare leaf names. A LoRA on a shared expert's or a dense layer's Linear ``down_proj`` would then
+    land on the routed experts. peft's own converter is asked whether it changes this config; when
+    peft is not installed there is nothing to ask."""
+    try:
+        from peft import LoraConfig
+        from peft.utils.transformers_weight_conversion import convert_peft_config_for_transformers
+    except Exception:  # peft absent, or a version without the conversion
+        return
+    def state(modules, parameters, ranks, alphas):
+        return (modules if isinstance(modules, str) else set(modules or ()), set(parameters or ()),
+                dict(ranks or {}), dict(alphas or {}))
+
+    targets = fields["target_modules"]
+    before = state(targets, fields.get("target_parameters"), fields["rank_pattern"], fields["alpha_pattern"])
+    probe = LoraConfig(r=fields["r"], lora_alpha=fields["lora_alpha"], target_modules=targets,
+                       target_parameters=list(before[1]), rank_pattern=dict(before[2]),
+                       alpha_pattern=dict(before[3]))
+    try:
+        convert_peft_config_for_transformers(probe, model=model, conversions=None)
+        after = state(probe.target_modules, probe.target_parameters, probe.rank_pattern, probe.alpha_pattern)
+        changed, reason = after != before, "rewrites its target_modules onto the routed experts' parameters"
+    except ValueError as e:  # peft refuses gate without up, ...
+        changed, reason = True, f"refuses it ({e})"
+    if changed:
+        model_type = getattr(getattr(model, "config", None), "model_type", None)
+        raise ConfigError(
+            f"peft cannot hold this adapter for a {model_type!r} model: on load it {reason}, so "
+            f"the LoRA on {clip(str(targets), 150)} would act on other weights (peft's conversion of "
+            "transformers-4 MoE configs). Keep it in peftlab's format (save), or leave the Linear "
+            "gate/up/down projections (shared experts, dense layers) out of the adapter")
+
+
+def _expert_keys(model: nn.Module, params: list[str]) -> dict[str, str]:
+    """peft's module key for each expert parameter in ``params`` (``<experts>.<param>``) when
+    exactly ``params`` are targeted: peft wraps an experts module once per targeted parameter, in
+    the module's parameter order, each wrapper around the previous one, so the first parameter's
+    tensors sit under ``<experts>.base_layer`` once per later targeted parameter."""
+    by_module: dict[str, list[str]] = {}
+    for p in params:
+        module, _, param = p.rpartition(".")
+        by_module.setdefault(module, []).append(param)
+    keys = {}
+    for module, chosen in by_module.items():
+        order = [p for p in experts_layout(model.get_submodule(module)) if p in chosen]
+        for i, param in enumerate(order):
+            keys[f"{module}.{param}"] = module + ".base_layer" * (len(order) - 1 - i)
+    return keys
 
 
 def _as_peft_names(wanted: list[str], names: list[str], dotted: bool) -> list[str] | str:
@@ -207,7 +289,9 @@ def _module_names(model: nn.Module) -> list[str]:
         for name, child in module.named_children():
             full = f"{prefix}.{name}" if prefix else name
             out.append(full)
-            if not isinstance(child, AdaptedLayer):
+            if isinstance(child, AdaptedExperts):
+                out += walk(child.base, full)
+            elif not isinstance(child, AdaptedLayer):
                 out += walk(child, full)
         return out
 
@@ -237,18 +321,28 @@ def import_peft(adapters: AdapterSet, path: Path, name: str) -> str:
     _refuse_unsupported(data, path)
     shapes = _tensor_shapes(path)
     suffixes = (LORA_A, LORA_B) if peft_type == "LORA" else (IA3_L,)
-    modules, others = _split_keys(shapes, suffixes, path)
-    if not modules:
+    keys, others = _split_keys(shapes, suffixes, path)
+    if not keys:
         raise AdapterLoadError(f"{path} holds no {peft_type} tensors")
-    linear = {n: weight_out_in(m).shape for n, m in linear_modules(adapters.model)}
-    unknown = [m for m in modules if m not in linear]
+    # site name -> its key in the file: itself for a Linear module, the (nested) experts module
+    # for an expert parameter in target_parameters
+    site_keys = {site: key for key, site in _expert_sites(adapters.model, data, path).items()}
+    linear = {n: tuple(weight_out_in(m).shape) for n, m in linear_modules(adapters.model)}
+    linear.update({n: (p.out_features, p.in_features, p.num_experts)
+                   for n, p in expert_parameters(adapters.model) if n in site_keys})
+    site_keys.update({m: m for m in keys if m in linear and m not in site_keys})
+    unknown = sorted(set(keys) - set(site_keys.values()))
     if unknown:
         raise AdapterLoadError(f"{path} adapts modules this model has no Linear/Conv1D module for: "
                                f"{clip(str(unknown[:5]))}{'...' if len(unknown) > 5 else ''}")
-    modules = [m for m in linear if m in modules]  # model order, like the sites
+    missing = sorted(m for m, k in site_keys.items() if k not in keys)
+    if missing:
+        raise AdapterLoadError(f"{path} lists {missing[:3]} in target_parameters but holds no tensors "
+                               "for them")
+    modules = [m for m in linear if m in site_keys]  # model order, like the sites
     try:
         if peft_type == "LORA":
-            config, expected = _lora_config(data, modules, linear, path)
+            config, expected = _lora_config(data, modules, linear, site_keys, path)
         else:
             config, expected = _ia3_config(data, modules, linear, shapes, path)
     except ConfigError as e:
@@ -265,8 +359,8 @@ def import_peft(adapters: AdapterSet, path: Path, name: str) -> str:
     with torch.no_grad():
         for module, piece in built.pieces.items():
             if peft_type == "LORA":
-                piece.lora_A.copy_(tensors[PREFIX + module + LORA_A])
-                piece.lora_B.copy_(tensors[PREFIX + module + LORA_B])
+                piece.lora_A.copy_(tensors[PREFIX + site_keys[module] + LORA_A])
+                piece.lora_B.copy_(tensors[PREFIX + site_keys[module] + LORA_B])
             else:
                 piece.ia3_l.copy_(tensors[PREFIX + module + IA3_L].reshape(-1))
     for module, m in extras.items():
@@ -325,11 +419,48 @@ def _split_keys(shapes: dict[str, tuple[int, ...]], suffixes: tuple[str, ...], p
     return modules, others
 
 
+def _expert_sites(model: nn.Module, data: dict[str, Any], path: Path) -> dict[str, str]:
+    """peft's module key -> expert site for the parameters that ``target_parameters`` reaches.
+    peft matches each parameter's full name, or its end after a dot, against the list; one that
+    is not a 3-D expert parameter is refused (peftlab adapts no other parameter)."""
+    rule = data.get("target_parameters")
+    if not rule:
+        return {}
+    if not isinstance(rule, list) or not all(isinstance(t, str) for t in rule):
+        raise AdapterLoadError(f"{path}: target_parameters must be a list of parameter names")
+    if data.get("peft_type") != "LORA":
+        raise AdapterLoadError(f"{path}: target_parameters are supported for LoRA only")
+    experts = dict(expert_parameters(model))
+    hits = [n for n in _parameter_names(model) if n in rule or any(n.endswith("." + t) for t in rule)]
+    other = [n for n in hits if n not in experts]
+    if other:
+        raise AdapterLoadError(f"{path}: target_parameters {clip(str(rule))} reach {clip(str(other[:3]))}, "
+                               "which are not routed experts' 3-D parameters; peftlab adapts no other "
+                               "parameter directly")
+    if not hits:
+        raise AdapterLoadError(f"{path}: target_parameters {clip(str(rule))} match no parameter of this "
+                               "model")
+    return {key: site for site, key in _expert_keys(model, hits).items()}
+
+
+def _parameter_names(model: nn.Module) -> list[str]:
+    """Every parameter's name as peft sees it (wrappers and adapters left out)."""
+
+    def walk(module: nn.Module, prefix: str) -> list[str]:
+        out = [f"{prefix}.{n}" if prefix else n for n, _ in module.named_parameters(recurse=False)]
+        for name, child in module.named_children():
+            full = f"{prefix}.{name}" if prefix else name
+            out += walk(child.base if isinstance(child, (AdaptedLayer, AdaptedExperts)) else child, full)
+        return out
+
+    return walk(model, "")
+
+
 def _anchored(modules: list[str]) -> tuple[str, ...]:
     return tuple(f"^{re.escape(m)}$" for m in modules)
 
 
-def _lora_config(data, modules, linear, path) -> tuple[LoRAConfig, dict[str, tuple[int, ...]]]:
+def _lora_config(data, modules, linear, keys, path) -> tuple[LoRAConfig, dict[str, tuple[int, ...]]]:
     r = _get(data, "r", int, 8)
     alpha = _get(data, "lora_alpha", float, 8.0)
     rank_pattern = _patterns(data, "rank_pattern", int)
@@ -347,9 +478,10 @@ def _lora_config(data, modules, linear, path) -> tuple[LoRAConfig, dict[str, tup
                         targets=_anchored(modules), rslora=_get(data, "use_rslora", bool, False))
     expected = {}
     for m in modules:
-        out_f, in_f = linear[m]
-        expected[PREFIX + m + LORA_A] = (rank, in_f)
-        expected[PREFIX + m + LORA_B] = (out_f, rank)
+        out_f, in_f, *experts = linear[m]  # expert parameters: r per expert, [E·r, in], [out, r·E]
+        n = rank * experts[0] if experts else rank
+        expected[PREFIX + keys[m] + LORA_A] = (n, in_f)
+        expected[PREFIX + keys[m] + LORA_B] = (out_f, n)
     return config, expected
 
 

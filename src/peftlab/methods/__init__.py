@@ -2,7 +2,8 @@
 
 Each method lives in its own module with the paper's math in the docstring. A method is plain
 data: its config class, a function building the piece for one site, and optionally a function
-building a module shared by all of the adapter's pieces (Compacter's rules).
+building a module shared by all of the adapter's pieces (Compacter's rules). ``experts`` says
+whether ``build`` also handles the 3-D parameters of routed experts (sites with ``num_experts``).
 """
 
 from __future__ import annotations
@@ -26,11 +27,12 @@ class Method:
     config: type[AdapterConfig]
     build: Callable[[AdapterConfig, Site, nn.Module | None], Piece]
     shared: Callable[[AdapterConfig, list[Site]], nn.Module | None] | None = None
+    experts: bool = False
 
 
 METHODS: dict[str, Method] = {
-    "lora": Method(lora.LoRAConfig, lora.build),
-    "ia3": Method(ia3.IA3Config, ia3.build),
+    "lora": Method(lora.LoRAConfig, lora.build, experts=True),
+    "ia3": Method(ia3.IA3Config, ia3.build, experts=True),
     "bottleneck": Method(bottleneck.BottleneckConfig, bottleneck.build),
     "compacter": Method(compacter.CompacterConfig, compacter.build, compacter.make_shared),
     "fusion": Method(fusion.FusionConfig, fusion.build),  # built by AdapterSet.add_fusion

@@ -11,6 +11,12 @@ merged (the erased weights could not come back).
 We follow the paper: the FFN vector scales the activation *after* the nonlinearity (the down
 projection's input). AdapterHub scales the up projection's output, before the nonlinearity.
 On a fused qkv projection only the key and value features are rescaled.
+
+On a 3-D expert parameter (:mod:`peftlab.experts`, e.g. the routed experts' ``down_proj``) each
+expert gets its own vector, ``ia3_l [E, n]``: ``W_e' = W_e·diag(l_e)`` when scaling the input (the
+paper's ``l_ff`` after the nonlinearity, per expert), ``diag(l_e)·W_e`` (and ``l_e ⊙ b_e``) when
+scaling the output. Parameters: ``E·ffn`` per MoE ``down_proj``. HF peft's (IA)³ cannot target
+parameters, so these adapters cannot be exported to peft.
 """
 
 from __future__ import annotations
@@ -92,6 +98,46 @@ class IA3(Piece):
             bias.mul_(v)
 
 
+class ExpertIA3(Piece):
+    """(IA)³ on a 3-D expert parameter: one vector per expert over its input or targeted outputs."""
+
+    kind = "scale"
+
+    def __init__(self, site: Site, scale_input: bool) -> None:
+        super().__init__()
+        index = site.out_index
+        if scale_input and index is not None:
+            raise TargetError(f"(IA)³ cannot rescale the input of fused expert parameter {site.module!r}")
+        assert site.num_experts is not None
+        self.scale_input = scale_input
+        self.out_features = site.out_features
+        n = site.in_features if scale_input else (site.out_features if index is None else len(index))
+        self.ia3_l = nn.Parameter(torch.ones(site.num_experts, n))
+        self.sliced = index is not None
+        if self.sliced:
+            self.register_buffer("index", index, False)
+
+    def _full(self, v: torch.Tensor, fill: float) -> torch.Tensor:
+        if not self.sliced:
+            return v
+        return v.new_full((v.shape[0], self.out_features), fill).index_copy(1, self.index, v)
+
+    def scales(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """``(l_in [E, in], None)`` or ``(None, l_out [E, out])``."""
+        return (self.ia3_l, None) if self.scale_input else (None, self._full(self.ia3_l, 1.0))
+
+    def merge_into(self, weight: torch.Tensor, bias: torch.Tensor | None, sign: int) -> None:
+        """Scale ``weight [E, out, in]`` (a view of the stored parameter) and its ``[E, out]`` bias."""
+        v = (self.ia3_l if sign > 0 else 1.0 / self.ia3_l).to(weight.dtype)
+        if self.scale_input:
+            weight.mul_(v[:, None, :])
+            return
+        v = self._full(v, 1.0)
+        weight.mul_(v[:, :, None])
+        if bias is not None:
+            bias.mul_(v)
+
+
 def is_input_scaled(config: IA3Config, site: Site) -> bool:
     """Whether ``site`` is one of ``config.scale_input`` (by role, or by regex on its name)."""
     for entry in config.scale_input:
@@ -100,6 +146,6 @@ def is_input_scaled(config: IA3Config, site: Site) -> bool:
     return False
 
 
-def build(config: IA3Config, site: Site, shared: nn.Module | None = None) -> IA3:
-    return IA3(site, is_input_scaled(config, site))
-
+def build(config: IA3Config, site: Site, shared: nn.Module | None = None) -> Piece:
+    scale_input = is_input_scaled(config, site)
+    return IA3(site, scale_input) if site.num_experts is None else ExpertIA3(site, scale_input)

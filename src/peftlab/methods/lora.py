@@ -10,6 +10,15 @@ On a fused projection (GPT-2's ``c_attn``), each targeted role gets its own ``A`
 that role's output features only, so ``query``+``value`` on ``c_attn`` cost what they cost on
 separate ``q``/``v`` projections. They are stored stacked: ``lora_A`` is ``[parts·r, k]`` and
 ``lora_B`` is ``[targeted outputs, r]``; the update is computed as one rank ``parts·r`` product.
+
+On a 3-D expert parameter (:mod:`peftlab.experts`) every expert ``e`` gets its own update,
+``W_e + s·B_e·A_e``, laid out exactly as HF peft's ``target_parameters`` (``lora.ParamWrapper``), so
+parameter counts match peft's and its files map key for key: ``lora_A`` is ``[E·r, in]`` with
+``A_e = lora_A[e·r:(e+1)·r]`` and ``lora_B`` is ``[out, r·E]`` with ``B_e = lora_B[:, e::E]`` (rank
+index major, expert minor). Trainable parameters: ``E·r·(in + out)``. Like peft, the update is one
+rank-r update per expert of the whole targeted rows, also when gate and up of a fused
+``gate_up_proj`` are both targeted (one ``B_e`` over both halves, not one per role); dropout is
+refused, because an update of the weights cannot see a dropped-out input.
 """
 
 from __future__ import annotations
@@ -22,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from peftlab.config import AdapterConfig
-from peftlab.errors import ConfigError
+from peftlab.errors import ConfigError, TargetError
 from peftlab.layer import Piece
 from peftlab.sites import Site
 
@@ -137,5 +146,64 @@ class _LoRALinear(torch.autograd.Function):
         return grad_x, None, None, grad_A, grad_B, None
 
 
-def build(config: LoRAConfig, site: Site, shared: nn.Module | None = None) -> LoRA:
-    return LoRA(config, site)
+class ExpertLoRA(Piece):
+    """LoRA on a 3-D expert parameter, one rank-r update per expert; see the module docstring."""
+
+    kind = "delta"
+
+    def __init__(self, config: LoRAConfig, site: Site) -> None:
+        super().__init__()
+        if config.dropout:
+            raise ConfigError(
+                f"LoRA dropout acts on a layer's input, which an update of the routed experts' "
+                f"weights ({site.module}) cannot see (peft refuses it too); use dropout=0 when "
+                "targets reach routed experts")
+        assert site.num_experts is not None
+        e, r = site.num_experts, config.r
+        index = _rows(site)
+        self.num_experts, self.rank, self.scaling = e, r, config.scaling
+        self.out_features = site.out_features
+        self.lora_A = nn.Parameter(torch.empty(e * r, site.in_features))
+        self.lora_B = nn.Parameter(torch.zeros(site.out_features if index is None else len(index), r * e))
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # as peft: over the whole [E·r, in]
+        self.sliced = index is not None
+        if self.sliced:
+            self.register_buffer("index", index, False)
+
+    def full_B(self) -> torch.Tensor:
+        """``lora_B`` as ``[out, r·E]``, zero on the rows of an untargeted fused part."""
+        if not self.sliced:
+            return self.lora_B
+        return self.lora_B.new_zeros(self.out_features, self.lora_B.shape[1]).index_copy(
+            0, self.index, self.lora_B)
+
+    def factors(self) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """``(A [E, r, in], B [E, out, r], s)`` with ``ΔW_e = s·B[e]·A[e]``."""
+        e = self.num_experts
+        a = self.lora_A.view(e, self.rank, -1)
+        b = self.full_B().view(self.out_features, self.rank, e).permute(2, 0, 1)
+        return a, b, self.scaling
+
+    def delta_weight(self) -> torch.Tensor:
+        """``s·B_e·A_e`` for every expert, as ``[E, out, in]``."""
+        a, b, s = self.factors()
+        return torch.bmm(b, a) * s
+
+    def merge_into(self, weight: torch.Tensor, bias: torch.Tensor | None, sign: int) -> None:
+        """Add or remove the update on ``weight [E, out, in]`` (a view of the stored parameter)."""
+        weight.add_(self.delta_weight().to(weight.dtype), alpha=sign)
+
+
+def _rows(site: Site) -> torch.Tensor | None:
+    """The targeted rows of each expert's matrix; ``None`` when the targets cover all of them (gate
+    and up of a fused ``gate_up_proj``), which is then one update over the whole parameter."""
+    index = site.out_index
+    if index is None:
+        return None
+    if len(index) != len(set(index.tolist())):
+        raise TargetError(f"targets {list(site.roles)} select some rows of {site.module} twice")
+    return None if len(index) == site.out_features else index.sort().values
+
+
+def build(config: LoRAConfig, site: Site, shared: nn.Module | None = None) -> Piece:
+    return LoRA(config, site) if site.num_experts is None else ExpertLoRA(config, site)
