@@ -24,6 +24,8 @@ def test_readme_python_examples_run(tmp_path, monkeypatch):
         exec(compile(block, "README.md", "exec"), namespace)
     assert (tmp_path / "out" / "sst2" / "adapter_model.safetensors").is_file()
     assert namespace["mine"].summary()["roles"].parameters == 2 * 2 * 2 * (16 + 16)
+    bloom = namespace["bloom_adapters"].summary()
+    assert bloom["lora"].sites == 2 and "roles inferred" in str(bloom)
 
 
 def test_readme_cli_examples_run(tmp_path, monkeypatch):
