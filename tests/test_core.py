@@ -300,7 +300,7 @@ def test_unknown_architectures_need_regexes_or_a_role_map():
             return self.mlp_out(self.attn_q(x))
 
     model = torch.nn.Sequential(Block(), Block())
-    with pytest.raises(peftlab.TargetError, match=r"no role map.*N\.attn_q"):
+    with pytest.raises(peftlab.TargetError, match=r"no built-in role map.*N\.attn_q"):
         peftlab.attach(model).add("x", peftlab.LoRAConfig())
     peftlab.attach(model).add("regex", peftlab.LoRAConfig(targets=(r"attn_q$",)))
     assert peftlab.attach(model).summary()["regex"].sites == 2

@@ -30,6 +30,8 @@ if TYPE_CHECKING:
     from peftlab.adapter_set import AdapterSet, attach, detach
     from peftlab.checkpoints import adapter_checkpoints
     from peftlab.config import AdapterConfig
+    from peftlab.describe import RoleTable, describe_roles
+    from peftlab.infer import infer_role_map
     from peftlab.methods.bottleneck import BottleneckConfig
     from peftlab.methods.compacter import CompacterConfig
     from peftlab.methods.fusion import FusionConfig
@@ -44,7 +46,8 @@ _LAZY = {
     "AdapterConfig": "config", "BottleneckConfig": "methods.bottleneck",
     "CompacterConfig": "methods.compacter", "FusionConfig": "methods.fusion", "IA3Config": "methods.ia3",
     "LoRAConfig": "methods.lora", "ROLE_MAPS": "roles", "ROLES": "roles", "Role": "roles",
-    "RoleMap": "roles",
+    "RoleMap": "roles", "RoleTable": "describe", "describe_roles": "describe",
+    "infer_role_map": "infer",
 }
 
 
@@ -66,6 +69,6 @@ __all__ = [
     "ROLES", "ROLE_MAPS", "AdapterConfig", "AdapterLoadError", "AdapterNameError",
     "AdapterSaveError", "AdapterSet", "AdapterStateError", "BottleneckConfig", "CompacterConfig",
     "ConfigError", "DataError", "FusionConfig", "IA3Config", "LoRAConfig", "NonFiniteLossError",
-    "PartialTargetWarning", "PeftlabError", "Role", "RoleMap", "TargetError", "UsageError",
-    "adapter_checkpoints", "attach", "detach",
+    "PartialTargetWarning", "PeftlabError", "Role", "RoleMap", "RoleTable", "TargetError",
+    "UsageError", "adapter_checkpoints", "attach", "describe_roles", "detach", "infer_role_map",
 ]

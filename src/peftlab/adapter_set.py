@@ -89,10 +89,12 @@ class SummaryRow:
 
 @dataclasses.dataclass(frozen=True)
 class Summary:
-    """Per-adapter trainable parameters and their share of the base model."""
+    """Per-adapter trainable parameters and their share of the base model; ``notes`` say where
+    the roles came from when they were inferred, and which roles cover a whole fused module."""
 
     base_parameters: int
     rows: tuple[SummaryRow, ...]
+    notes: tuple[str, ...] = ()
 
     def __getitem__(self, name: str) -> SummaryRow:
         for row in self.rows:
@@ -109,6 +111,7 @@ class Summary:
                          f"{r.sites:>6}  {state}")
         lines.append(f"base model parameters: {self.base_parameters:,}")
         lines += [f"note ({r.name}): {note}" for r in self.rows for note in r.notes]
+        lines += [f"note: {n}" for n in self.notes]
         return "\n".join(lines)
 
 
@@ -158,7 +161,23 @@ class AdapterSet:
                        len(a.sites), n in self._active, a.merged, a.notes)
             for n, a in self._adapters.items()
         )
-        return Summary(base, rows)
+        return Summary(base, rows, self._notes())
+
+    def _notes(self) -> tuple[str, ...]:
+        """Remarks on the roles the adapters use: inferred, or a whole fused module."""
+        used = [(n, r) for n, a in self._adapters.items() for s in a.sites for r in s.roles if r]
+        if not used:
+            return ()
+        notes = []
+        if self.role_map is not None and self.role_map.source == "inferred":
+            model_type = getattr(getattr(self.model, "config", None), "model_type", None)
+            notes.append(f"roles inferred from the model's structure (no built-in map for "
+                         f"model_type {model_type!r}); check them with peftlab.describe_roles(model)")
+        for name, role in used:
+            found = self.role_map.get(role) if self.role_map is not None else None
+            if found is not None and found.note:
+                notes.append(f"{name}: {found.note}")
+        return tuple(dict.fromkeys(notes))
 
     def layers(self) -> Iterator[tuple[str, AdaptedLayer | AdaptedParameter]]:
         """Every wrapped module: Linear layers and adapted 3-D expert parameters."""

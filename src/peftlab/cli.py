@@ -1,4 +1,4 @@
-"""The ``peftlab`` command: train, eval, merge, export, inspect and demo.
+"""The ``peftlab`` command: train, eval, merge, export, inspect, inspect-model and demo.
 
 Exit codes: 0 success; 2 bad input (a one-line ``error:`` message naming the problem and the
 fix; nothing in ``--out`` was written); 3 training diverged (NaN/inf loss; checkpoints kept).
@@ -432,6 +432,49 @@ def inspect(
         for k, v in rows:
             table.add_row(k, v)
         Console().print(table)
+
+
+# ---- inspect-model --------------------------------------------------------------------------------
+def model_skeleton(path: Path) -> Any:
+    """The model a ``save_pretrained`` folder describes, built from its config alone on the meta
+    device (no weights read, no memory used): its ``architectures`` class, else ``AutoModel``."""
+    import torch
+    import transformers
+
+    if not (path / "config.json").is_file():
+        raise UsageError(f"{path} has no config.json; pass a model folder written by save_pretrained "
+                         "(only config.json is needed)")
+    try:
+        config = transformers.AutoConfig.from_pretrained(str(path))
+    except (ValueError, KeyError, OSError) as e:
+        raise UsageError(f"{path}/config.json is not a transformers config this version can read "
+                         f"({' '.join(str(e).split())[:300]})") from None
+    names = getattr(config, "architectures", None) or []
+    model_class = getattr(transformers, names[0], None) if names else None
+    try:
+        with torch.device("meta"):
+            if model_class is not None:
+                return model_class(config)
+            return transformers.AutoModel.from_config(config)
+    except Exception as e:  # noqa: BLE001 - transformers raises many kinds for a bad config
+        raise UsageError(f"could not build the model of {path}/config.json: "
+                         f"{type(e).__name__}: {' '.join(str(e).split())[:300]}") from None
+
+
+@app.command("inspect-model")
+def inspect_model(
+    model: Annotated[Path, typer.Argument(help="Model folder (save_pretrained; config.json suffices).")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
+) -> None:
+    """Show which modules each role (query, value, ffn_down, ...) targets on MODEL: the built-in
+    role map, or the one inferred from the model's structure, with notes."""
+    with _errors():
+        import dataclasses
+
+        from peftlab.describe import describe_roles
+
+        table = describe_roles(model_skeleton(model))
+        print(json.dumps(dataclasses.asdict(table), indent=2) if as_json else table)
 
 
 # ---- demo -----------------------------------------------------------------------------------------

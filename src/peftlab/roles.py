@@ -33,18 +33,26 @@ class Role:
     """Where one role lives: ``pattern`` is searched in module names (and in the names of 3-D
     expert parameters); ``select`` picks the role's output features when a matched Linear module is
     fused, ``experts_select`` the role's output rows of each expert when a matched expert parameter
-    is (``None``: all of them)."""
+    is (``None``: all of them). ``note`` is shown to users (summaries, ``peftlab inspect-model``).
+    ``whole_fused`` marks a role that shares a whole fused module with other roles because its
+    slice is unknown: targets naming several such roles act once on the whole module."""
 
     pattern: str
     select: Selector | None = None
     experts_select: Selector | None = None
+    note: str | None = None
+    whole_fused: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
 class RoleMap:
-    """Role name -> :class:`Role` (or a bare pattern string) for one architecture family."""
+    """Role name -> :class:`Role` (or a bare pattern string) for one architecture family.
+    ``source`` says where the map came from (``"built-in"``, ``"inferred"``, ``"given"``);
+    ``notes`` are remarks on the whole map (what inference left out and why)."""
 
     roles: Mapping[str, Role | str]
+    source: str = "given"
+    notes: tuple[str, ...] = ()
 
     def get(self, role: str) -> Role | None:
         r = self.roles.get(role)
@@ -236,7 +244,12 @@ ROLE_MAPS: Mapping[str, RoleMap] = {
 }
 
 
-def role_map_for(model: torch.nn.Module) -> RoleMap | None:
-    """The built-in role map for ``model.config.model_type``, or ``None`` when unknown."""
+def role_map_for(model: torch.nn.Module) -> RoleMap:
+    """The built-in role map for ``model.config.model_type``; for any other model, the map
+    inferred from its structure (see :mod:`peftlab.infer`)."""
     model_type = getattr(getattr(model, "config", None), "model_type", None)
-    return ROLE_MAPS.get(model_type) if isinstance(model_type, str) else None
+    if isinstance(model_type, str) and model_type in ROLE_MAPS:
+        return dataclasses.replace(ROLE_MAPS[model_type], source="built-in")
+    from peftlab.infer import infer_role_map  # infer builds RoleMaps, so it imports this module
+
+    return infer_role_map(model)

@@ -156,6 +156,9 @@ def find_sites(model: nn.Module, targets: tuple[str, ...], role_map: RoleMap | N
         if name not in found:
             continue
         parts = found[name]
+        if len(parts) > 1 and all(p.index is None and _whole_fused(role_map, p.role) for p in parts):
+            # Roles sharing a fused module whose slices are unknown: act once on all of it.
+            parts = parts[:1]
         if len(parts) > 1 and any(p.index is None for p in parts):
             raise TargetError(
                 f"module {name!r} is matched by several targets {[p.role for p in parts]}, one of "
@@ -203,18 +206,26 @@ def partial_roles(model: nn.Module, sites: list[Site], role_map: RoleMap | None)
     return notes
 
 
+def _whole_fused(role_map: RoleMap | None, role: str | None) -> bool:
+    found = role_map.get(role) if role_map is not None and role is not None else None
+    return found is not None and found.whole_fused
+
+
 def _pattern(model: nn.Module, target: str, role_map: RoleMap | None):
     if target not in ROLES:
         return target, None, None
-    if role_map is None:
+    role = role_map.get(target) if role_map is not None else None
+    if role is None and (role_map is None or role_map.source == "inferred"):
         model_type = getattr(getattr(model, "config", None), "model_type", None)
+        known = sorted(role_map.roles) if role_map is not None else []
+        notes = "".join(f"; {n}" for n in role_map.notes) if role_map is not None else ""
         raise TargetError(
-            f"peftlab has no role map for this model (model_type={model_type!r}), so role "
-            f"{target!r} cannot be found. Pass module-name regexes as targets instead, e.g. "
-            "targets=(r'attn\\.q_proj$',), or attach(model, role_map=RoleMap({...})). "
+            f"peftlab has no built-in role map for this model (model_type={model_type!r}) and did "
+            f"not find role {target!r} in its structure (roles found: {known}{notes}). Pass "
+            "module-name regexes as targets instead, e.g. targets=(r'attn\\.q_proj$',), or "
+            "attach(model, role_map=RoleMap({...})). "
             f"This model's linear modules: {_describe(model)}"
         )
-    role = role_map.get(target)
     if role is None:
         known = sorted(r for r in role_map.roles)
         raise TargetError(f"this model family has no role {target!r}; its roles are {known}")

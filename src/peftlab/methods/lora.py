@@ -123,12 +123,14 @@ class _LoRALinear(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, A, B, s):  # type: ignore[override]
-        x2 = x.reshape(-1, x.shape[-1])
-        xa = F.linear(x2, A)
-        y = F.linear(x2, weight, bias).addmm_(xa, B.t(), alpha=s)
+        xa = F.linear(x.reshape(-1, x.shape[-1]), A)
+        y = F.linear(x, weight, bias)
+        # The update goes in through a 2-D view, and ``y`` itself is returned: an output that is
+        # a view would make models that scale it in place (Longformer's query) fail.
+        y.view(-1, y.shape[-1]).addmm_(xa, B.t(), alpha=s)
         ctx.save_for_backward(x, xa, weight, A, B)
         ctx.s = s
-        return y.view(*x.shape[:-1], y.shape[-1])
+        return y
 
     @staticmethod
     def backward(ctx, g):  # type: ignore[override]
