@@ -19,7 +19,9 @@ adds a second full fine-tuning baseline (e.g. at another ``--lr``) and ``--targe
     python benchmarks/glue_small.py --epochs 1 --out DIR --targets-only --full-from /tmp/full
 
 Writes ``report.md``, ``report.json``, the plots, ``runs/`` and ``targets.md`` to ``--out``
-(default ``benchmarks/results/glue_small[_<preset>]``; it must be new or empty).
+(default ``benchmarks/results/glue_small[_<preset>]``; it must be new or empty, unless
+``--resume`` continues the comparison there: the full run takes several sessions of
+``--time-budget 150 --resume``).
 """
 
 from __future__ import annotations
@@ -30,6 +32,8 @@ import sys
 import time
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_DATA = HERE.parent.parent / "shared" / "data"
@@ -61,7 +65,15 @@ def main() -> int:
     ap.add_argument("--fusion-lr", type=float, default=5e-5)
     ap.add_argument("--lr", action="append", default=[],
                     help="method=rate (default: the method's); repeatable")
-    ap.add_argument("--time-budget", type=float, help="minutes")
+    ap.add_argument("--time-budget", type=float, help="minutes (per invocation; see --resume)")
+    ap.add_argument("--resume", action="store_true",
+                    help="continue the comparison in --out: finished runs are kept (same arguments)")
+    ap.add_argument("--no-lr-search", dest="lr_search", action="store_false",
+                    help="train at the default rates (default: each rate chosen on held-out training data)")
+    ap.add_argument("--patience", type=int, default=3,
+                    help="early stopping on held-out training data, in evaluations; 0: off")
+    ap.add_argument("--max-steps", type=int, help="equal budget in steps (instead of epochs)")
+    ap.add_argument("--max-minutes", type=float, help="equal budget in training minutes per run")
     ap.add_argument("--no-group-by-length", dest="group_by_length", action="store_false",
                     help="plain random batches (default: batches of similar length)")
     ap.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
@@ -109,7 +121,9 @@ def main() -> int:
         max_train_samples=args.max_train_samples or preset["max_train_samples"],
         max_eval_samples=args.max_eval_samples or preset.get("max_eval_samples"),
         time_budget=args.time_budget, metrics={t: m for t, m in METRICS.items() if t in tasks},
-        fusion_lr=args.fusion_lr, lrs=lrs, group_by_length=args.group_by_length)
+        fusion_lr=args.fusion_lr, lrs=lrs, group_by_length=args.group_by_length,
+        lr_search=args.lr_search, patience=args.patience or None, max_steps=args.max_steps,
+        max_minutes=args.max_minutes, resume=args.resume)
     started = time.perf_counter()
     try:
         report = run_compare(opts)
@@ -123,20 +137,19 @@ def main() -> int:
 
 
 def trivial_scores(report: dict[str, Any]) -> dict[str, float]:
-    """Each task's score of a constant prediction on its validation split: the majority class's
-    share for accuracy, 0 for correlations (Matthews, Pearson, Spearman)."""
-    from collections import Counter
-
+    """Each task's score of a constant prediction on its validation split (the majority class's
+    share for accuracy, 0 for correlations): the report's own, else computed from the labels."""
     from peftlab.data import load_task
+    from peftlab.metrics import constant_score
 
-    out = {}
+    out = dict(report.get("summary", {}).get("constant", {}))
     for task, info in report["tasks"].items():
-        if info["metric"] == "accuracy":
+        if task not in out and info["task"] == "classification":
             data = load_task(info["data"], splits=("validation",),
                              max_samples={"validation": report["settings"]["max_eval_samples"]})
-            labels = Counter(r["label"] for r in data["validation"].rows)
-            out[task] = max(labels.values()) / sum(labels.values())
-        elif info["metric"] in ("matthews", "pearson", "spearman"):
+            labels = np.array([r["label"] for r in data["validation"].rows])
+            out[task] = constant_score("classification", info["metric"], labels, max(2, info["num_labels"]))
+        elif task not in out:
             out[task] = 0.0
     return out
 
