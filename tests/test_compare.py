@@ -433,3 +433,19 @@ def test_the_rate_search_never_reads_the_validation_split(work, tmp_path):
         results.append(search_lr(opts, load_task(folder), DEFAULT_LR["lora"]))
     assert results[0] == results[1]
     assert len({t.score for t in results[0].trials}) > 1  # the trials did differ from each other
+
+
+def test_compare_runs_on_a_decoder_only_model(work):
+    from peftlab.compare import CompareOptions, run_compare
+
+    torch.manual_seed(0)
+    gpt2 = work["root"] / "gpt2"
+    config = T.GPT2Config(vocab_size=len(SPECIAL) + len(WORDS), n_embd=64, n_layer=2, n_head=2,
+                          n_positions=64, bos_token_id=0, eos_token_id=0)
+    T.GPT2ForSequenceClassification(config).save_pretrained(gpt2)
+    T.BertTokenizer(vocab={w: i for i, w in enumerate(SPECIAL + WORDS)}).save_pretrained(gpt2)
+    report = run_compare(CompareOptions(
+        model=str(gpt2), data=(str(work["sent"]),), out=work["root"] / "gpt2-report", methods=("lora", "ia3"),
+        epochs=1, batch_size=8, max_length=16, lr_search=False, quiet=True))
+    assert not report["skipped"] and {r["method"] for r in report["runs"]} == {"lora", "ia3"}
+    assert report["measurements"]["lora"]["merged_latency_ratio"] is not None
