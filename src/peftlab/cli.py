@@ -101,6 +101,10 @@ def train(
         help="Early stopping: hold out 10% of the training data, evaluate on it (--eval-every, default "
              "8 times a run), stop after this many evaluations without improvement, keep the best.")
     ] = None,
+    pooling: Annotated[str, typer.Option(
+        help="How a classification head reads the backbone: auto (what the model folder declares, "
+             "e.g. sentence-transformers' mean pooling, else cls), cls ([CLS] + pooler) or mean.")
+    ] = "auto",
     group_by_length: Annotated[bool, typer.Option(
         help="Random batches of similar-length examples: less padding, faster steps.")] = False,
     name: Annotated[str | None, typer.Option(help="Adapter name (default: the method).")] = None,
@@ -120,7 +124,7 @@ def train(
             max_train_samples=max_train_samples, max_eval_samples=max_eval_samples,
             eval_every=eval_every, save_every=save_every, max_grad_norm=max_grad_norm,
             warmup=warmup, max_steps=max_steps, max_minutes=max_minutes, patience=patience,
-            group_by_length=group_by_length, name=name, resume=resume, quiet=quiet),
+            pooling=pooling, group_by_length=group_by_length, name=name, resume=resume, quiet=quiet),
             _console())
         _leave_process_group()
 
@@ -217,6 +221,14 @@ class _Trained:
                 "the --model it was trained on")
         return name
 
+    def pooling(self) -> str:
+        """How the trained head reads the backbone: recorded in the adapter (``cls`` for adapters
+        from before pooling was recorded); a full model folder declares its own."""
+        if self.adapter is None:
+            return "auto"
+        head = self.config.get("head")
+        return str(head.get("pooling", "cls")) if isinstance(head, dict) else "cls"
+
     def task_and_labels(self, data_task: str) -> tuple[str, int | None]:
         """The task and head size recorded by the run, else by a full model's config.json (so
         that a head is never silently re-initialised), else left to the data."""
@@ -256,7 +268,7 @@ def eval_(
         task_data = load_task(data, splits=(split,), task=run_task if task == "auto" else task,
                               num_labels=num_labels)
         model_id = trained.base_model(model)
-        net, tokenizer, _ = load_model(model_id, task_data.task, task_data.num_labels)
+        net, tokenizer, _ = load_model(model_id, task_data.task, task_data.num_labels, trained.pooling())
         if trained.adapter is not None:
             trained.attach_to(net)
         length = resolve_max_length(max_length or trained.run.get("max_length"), net)
@@ -298,6 +310,7 @@ def merge(
                 f"{method} adapters cannot be merged: they add a nonlinear module (x + up(f(down(x)))) "
                 "that no weight matrix can absorb; serve the base model with the adapter attached, or "
                 "train lora/ia3 to get a mergeable adapter")
+        _refuse_mean_pooling(trained, "merged into a plain transformers model")
         _check_new_dir(out)
         import torch
 
@@ -305,7 +318,7 @@ def merge(
         from peftlab.train import load_model, save_model_atomic
 
         task, num_labels = trained.task_and_labels("classification")
-        net, tokenizer, _ = load_model(trained.base_model(model), task, num_labels or 2)
+        net, tokenizer, _ = load_model(trained.base_model(model), task, num_labels or 2, "cls")
         name = trained.attach_to(net)
         net.eval()
         probe = tokenizer(["peftlab checks that merging keeps the outputs"], return_tensors="pt")
@@ -318,6 +331,14 @@ def merge(
         save_model_atomic(net, tokenizer, out)
         _console().print(f"merged {method} adapter {name!r} into {out} (max output change on a "
                          f"probe sentence: {diff:.2e}); load it with from_pretrained({str(out)!r})")
+
+
+def _refuse_mean_pooling(trained: _Trained, doing: str) -> None:
+    if trained.pooling() == "mean":
+        raise UsageError(
+            f"{trained.adapter} was trained with a mean-pooling head, which plain transformers "
+            f"cannot express, so it cannot be {doing} without classifying differently. Use the "
+            "adapter with peftlab (eval), or train with --pooling cls for a transformers head")
 
 
 # ---- export ---------------------------------------------------------------------------------------
@@ -342,9 +363,10 @@ def export(
         except ImportError:
             raise UsageError("export to peft is not available in this peftlab installation "
                              "(peftlab.interop.peft is missing)") from None
+        _refuse_mean_pooling(trained, "exported to peft's format")
         _check_new_dir(out)
         task, num_labels = trained.task_and_labels("classification")
-        net, _, _ = load_model(trained.base_model(model), task, num_labels or 2)
+        net, _, _ = load_model(trained.base_model(model), task, num_labels or 2, "cls")
         name = trained.attach_to(net)
         from peftlab import attach
 
@@ -672,6 +694,8 @@ def compare(
     patience: Annotated[int, typer.Option(
         help="Early stopping: stop after this many evaluations (8 per run) without improvement on "
              "10% of the training data held out, and keep the best; 0 trains every step.")] = 3,
+    pooling: Annotated[str, typer.Option(
+        help="Classification head's reading of the backbone: auto, cls or mean (see train).")] = "auto",
     lr_search: Annotated[bool, typer.Option(
         help="Choose each method's rate (not given by --lr) per task and seed on held-out training "
              "data; costs about as much again as the training.")] = True,
@@ -697,7 +721,7 @@ def compare(
             max_train_samples=max_train_samples, max_eval_samples=max_eval_samples,
             time_budget=time_budget, metrics=parse_metrics(metric or []), fusion_lr=fusion_lr,
             lrs=parse_lrs(lr or []), lr_search=lr_search, group_by_length=group_by_length,
-            max_steps=max_steps, max_minutes=max_minutes, patience=patience or None,
+            max_steps=max_steps, max_minutes=max_minutes, patience=patience or None, pooling=pooling,
             resume=resume, quiet=quiet),
             _console())
 

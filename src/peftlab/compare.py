@@ -76,6 +76,7 @@ class CompareOptions:
     max_steps: int | None = None  # equal steps for every method (instead of epochs)
     max_minutes: float | None = None  # equal training wall time for every run
     patience: int | None = 3  # early stopping on held-out training data; None: train every step
+    pooling: str = "auto"  # the classification head's reading of the backbone (peftlab.heads)
     group_by_length: bool = True
     measure_steps: int = 5
     quiet: bool = False
@@ -107,6 +108,8 @@ class CompareOptions:
             args += ["--no-lr-search"]
         if self.patience != 3:
             args += ["--patience", str(self.patience or 0)]
+        if self.pooling != "auto":
+            args += ["--pooling", self.pooling]
         for flag, budget in (("--max-steps", self.max_steps), ("--max-minutes", self.max_minutes)):
             if budget is not None:
                 args += [flag, f"{budget:g}"]
@@ -296,7 +299,7 @@ def _new_report(opts: CompareOptions, tasks: dict[str, dict[str, Any]], stage1: 
             "seeds": list(opts.seeds), "max_train_samples": opts.max_train_samples,
             "max_eval_samples": opts.max_eval_samples, "time_budget_minutes": opts.time_budget,
             "fusion_lr": opts.fusion_lr, "fusion_members": FUSION_MEMBER_METHOD,
-            "group_by_length": opts.group_by_length, "patience": opts.patience,
+            "group_by_length": opts.group_by_length, "patience": opts.patience, "pooling": opts.pooling,
             "max_steps": opts.max_steps, "max_minutes": opts.max_minutes,
             "learning_rates": {m: opts.lrs.get(m, "auto" if opts.lr_search else DEFAULT_LR[m])
                                for m in stage1},
@@ -359,7 +362,7 @@ def run_compare(opts: CompareOptions, console: Console | None = None,
     stage1 = singles + ([FUSION_MEMBER_METHOD] if fusion and FUSION_MEMBER_METHOD not in singles else [])
     budget = _Budget(opts.time_budget)
     first = tasks[names[0]]["data"]
-    base, tokenizer, heads = load_model(opts.model, first.task, first.num_labels)
+    base, tokenizer, heads = load_model(opts.model, first.task, first.num_labels, opts.pooling)
     limit = getattr(base.config, "max_position_embeddings", None)
     if isinstance(limit, int) and opts.max_length > limit:
         raise UsageError(f"--max-length {opts.max_length} is longer than the model's {limit} positions")
@@ -484,7 +487,8 @@ def _single_run(opts: CompareOptions, tasks: dict[str, dict[str, Any]], task: st
         batch_size=opts.batch_size, max_length=opts.max_length, seed=seed,
         max_train_samples=opts.max_train_samples, max_eval_samples=opts.max_eval_samples,
         lr=opts.lrs.get(method), group_by_length=opts.group_by_length, name=method, checkpoints=False,
-        max_steps=opts.max_steps, max_minutes=opts.max_minutes, patience=opts.patience, quiet=True)
+        max_steps=opts.max_steps, max_minutes=opts.max_minutes, patience=opts.patience,
+        pooling=opts.pooling, quiet=True)
     search = None
     if opts.lr_search and method not in opts.lrs:
         search = search_lr(train_opts, t["data"], DEFAULT_LR[method], metric=t["metric"])
@@ -548,7 +552,7 @@ def _fusion_run(opts: CompareOptions, tasks: dict[str, dict[str, Any]], target: 
 
     data: TaskData = tasks[target]["data"]
     set_seed(seed)
-    model, tokenizer, heads = load_model(opts.model, data.task, data.num_labels)
+    model, tokenizer, heads = load_model(opts.model, data.task, data.num_labels, opts.pooling)
     adapters = attach(model)
     for task in tasks:
         path = _run_dir(out, seed, task, FUSION_MEMBER_METHOD) / ADAPTER_DIR

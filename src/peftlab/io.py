@@ -25,6 +25,7 @@ from safetensors.torch import save, save_file
 
 from peftlab.config import clip
 from peftlab.errors import AdapterLoadError, AdapterSaveError, ConfigError, PeftlabError
+from peftlab.heads import pooling_of
 
 if TYPE_CHECKING:
     from peftlab.adapter_set import Adapter, AdapterSet
@@ -235,6 +236,8 @@ def adapter_files(adapters: AdapterSet, name: str,
     }
     if adapter.members:  # a fusion: its members are separate adapters, loaded before it
         config["members"] = list(adapter.members)
+    if pooling_of(adapters.model) != "cls":  # the head reads the backbone another way (heads.py)
+        config["head"] = {"pooling": pooling_of(adapters.model)}
     blob = json.dumps(config, indent=2).encode()
     return {CONFIG_FILE: blob, WEIGHTS_FILE: {k: v.detach().contiguous().cpu() for k, v in tensors.items()}}
 
@@ -300,6 +303,12 @@ def load_adapter(adapters: AdapterSet, path: Path, name: str | None) -> str:
     if base.get("model_type") != model_type:
         raise AdapterLoadError(f"{path} was trained on a {clip(repr(base.get('model_type')))} model, "
                                f"this model is {model_type!r}")
+    head = data.get("head", {})
+    pooling = head.get("pooling", "cls") if isinstance(head, dict) else None
+    if pooling != pooling_of(adapters.model):
+        raise AdapterLoadError(f"{path} was trained with a {clip(repr(pooling))}-pooling head, this "
+                               f"model reads {pooling_of(adapters.model)!r}; load the model with the "
+                               "same pooling (peftlab.train.load_model(..., pooling=...))")
     extras = data.get("extra_modules", [])
     if not isinstance(extras, list) or not all(isinstance(e, str) for e in extras):
         raise AdapterLoadError(f"{path}: extra_modules must be a list of module names")

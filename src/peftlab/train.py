@@ -58,6 +58,7 @@ from peftlab.adapter_set import attach, check_name
 from peftlab.config import AdapterConfig
 from peftlab.data import FIELDS, TaskData, load_task, tokenize
 from peftlab.errors import ConfigError, DataError, NonFiniteLossError, UsageError
+from peftlab.heads import HEAD_CONFIG, HEAD_FILE, MeanPoolClassifier, pooling_of, resolve_pooling
 from peftlab.io import WEIGHTS_FILE, write_atomic
 from peftlab.metrics import PRIMARY, compute, perplexity, predicted
 
@@ -185,9 +186,12 @@ def _quiet_transformers() -> None:
     hf_logging.disable_progress_bar()
 
 
-def load_model(model_id: str, task: str, num_labels: int) -> tuple[nn.Module, Any, tuple[str, ...]]:
+def load_model(model_id: str, task: str, num_labels: int,
+               pooling: str = "auto") -> tuple[nn.Module, Any, tuple[str, ...]]:
     """Model, tokenizer and the names of its task-head modules (trained and saved with the
-    adapter). ``model_id`` is a local folder saved with ``save_pretrained`` or a Hub id."""
+    adapter). ``model_id`` is a local folder saved with ``save_pretrained`` or a Hub id.
+    ``pooling`` (auto, cls, mean) chooses a classification head's reading of the backbone
+    (:mod:`peftlab.heads`; auto: what the model folder declares, else [CLS])."""
     from transformers import (
         AutoConfig,
         AutoModelForCausalLM,
@@ -222,8 +226,19 @@ def load_model(model_id: str, task: str, num_labels: int) -> tuple[nn.Module, An
     except (OSError, ValueError, TypeError) as e:
         raise UsageError(f"no usable tokenizer in {model_id} ({_first_line(e)}); save one next to "
                          "the model with tokenizer.save_pretrained") from None
+    mean = task != "causal-lm" and resolve_pooling(pooling, path if path.exists() else None) == "mean"
+    if not mean and (path / HEAD_CONFIG).is_file():
+        raise UsageError(f"{model_id} holds a mean-pooling classifier (peftlab_head.json); it cannot "
+                         "be read with --pooling cls")
     try:
-        model = auto.from_pretrained(source, config=config, **kwargs)
+        if mean:
+            from transformers import AutoModel
+
+            model = MeanPoolClassifier(AutoModel.from_pretrained(source, config=config), num_labels)
+            if (path / HEAD_FILE).is_file():
+                model.load_head(path)
+        else:
+            model = auto.from_pretrained(source, config=config, **kwargs)
     except ValueError as e:
         raise UsageError(f"{model_id} ({config.model_type}) cannot be loaded for {task} "
                          f"({_first_line(e)})") from None
@@ -247,6 +262,8 @@ def head_modules(model: nn.Module, task: str) -> tuple[str, ...]:
     trained and 78% without."""
     if task == "causal-lm":
         return ()
+    if isinstance(model, MeanPoolClassifier):
+        return ("classifier",)
     prefix = getattr(model, "base_model_prefix", "")
     heads = [name for name, child in model.named_children()
              if name != prefix and any(True for _ in child.parameters())]
@@ -270,7 +287,8 @@ CHECKPOINTS = "checkpoints"
 # Arguments that must not change between a run and its --resume.
 _RESUME_KEYS = ("model", "data", "method", "sets", "task", "epochs", "lr", "batch_size", "max_length",
                 "seed", "max_train_samples", "max_eval_samples", "eval_every", "save_every",
-                "max_grad_norm", "warmup", "name", "lr_search", "max_steps", "max_minutes", "patience")
+                "max_grad_norm", "warmup", "name", "lr_search", "max_steps", "max_minutes", "patience",
+                "pooling")
 
 
 def json_bytes(obj: Any) -> bytes:
@@ -362,6 +380,7 @@ class TrainOptions:
     max_steps: int | None = None  # a budget in steps, whatever the epochs (equal-steps comparisons)
     max_minutes: float | None = None  # a budget in training wall time (equal-time comparisons)
     patience: int | None = None  # early stopping on held-out training data, in evaluations
+    pooling: str = "auto"  # a classification head's reading of the backbone (peftlab.heads)
     group_by_length: bool = False
     name: str | None = None
     resume: bool = False
@@ -606,7 +625,10 @@ def save_model_atomic(model: nn.Module, tokenizer: Any, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     try:
-        model.save_pretrained(tmp)
+        if isinstance(model, MeanPoolClassifier):
+            model.save_head(tmp)  # plain transformers has no mean-pooled classifier class
+        else:
+            model.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         if path.exists():
@@ -721,7 +743,7 @@ def run_training(opts: TrainOptions, console: Console | None = None,
             f"{t.lr:g}: {t.score:.4f}" for t in search.trials if t.rung == 2) + ")")
     # Seeded before loading: a new head is initialised while the model loads.
     set_seed(opts.seed)
-    model, tokenizer, heads = load_model(opts.model, data.task, data.num_labels)
+    model, tokenizer, heads = load_model(opts.model, data.task, data.num_labels, opts.pooling)
     max_length = resolve_max_length(opts.max_length, model)
 
     if config is None:
@@ -765,6 +787,7 @@ def run_training(opts: TrainOptions, console: Console | None = None,
             write_atomic(out / RUN_FILE, json_bytes({
                 "peftlab_run": 1, "args": record, "task": data.task, "num_labels": data.num_labels,
                 "pair": data.pair, "max_length": max_length, "heads": list(heads),
+                "pooling": pooling_of(model),
                 "adapter_name": name if config else None,
                 "train_examples": len(train_set), "eval_examples": len(eval_set)}))
     _say(console, opts.quiet, summary)
@@ -866,6 +889,7 @@ def run_training(opts: TrainOptions, console: Console | None = None,
         "eval": {k[5:]: v for k, v in final.items()
                  if k.startswith("eval_") and not k.endswith(("_runtime", "_per_second"))},
         "primary_metric": primary,
+        "pooling": None if data.task == "causal-lm" else pooling_of(model),
         "steps": trainer.state.global_step,
         "planned_steps": total_steps,
         "best_step": _best_step(trainer.state) if opts.patience else None,
