@@ -222,7 +222,7 @@ class _Setup:
 def _setup(base: nn.Module, method: str, batch: dict[str, torch.Tensor], heads: Sequence[str],
            members: int, device: torch.device) -> _Setup:
     """Copy, prepare, count, and take the warm-up step (which also collects the saved tensors)."""
-    model = copy.deepcopy(base).to(device)
+    model = _copy(base, share_frozen=method != FULL, heads=heads).to(device)
     name, params = prepare(model, method, heads, members)
     head_ids = {id(p) for h in heads for p in model.get_submodule(h).parameters()}
     counts: dict[str, Any] = {
@@ -250,6 +250,17 @@ def _setup(base: nn.Module, method: str, batch: dict[str, torch.Tensor], heads: 
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return _Setup(method, model, name, params, optimizer, counts, saved.total)
+
+
+def _copy(base: nn.Module, share_frozen: bool, heads: Sequence[str] = ()) -> nn.Module:
+    """A copy of ``base`` to train one method on. With ``share_frozen`` every tensor but the
+    heads' is the base's own (an adapter method never changes them, and the measurement never
+    merges), so eight methods cost one model's weights rather than eight."""
+    if not share_frozen:
+        return copy.deepcopy(base)
+    own = {id(p) for h in heads for p in base.get_submodule(h).parameters()}
+    memo: dict[int, Any] = {id(t): t for t in (*base.parameters(), *base.buffers()) if id(t) not in own}
+    return copy.deepcopy(base, memo)
 
 
 def _step(s: _Setup, batch: dict[str, torch.Tensor], device: torch.device) -> None:
@@ -318,7 +329,7 @@ def measure_methods(base: nn.Module, methods: Sequence[str], batch: dict[str, to
     cuda = device.type == "cuda"
     batch = {k: v.to(device) for k, v in batch.items()}
     inputs = {k: v for k, v in batch.items() if k != "labels"}
-    base_eval = copy.deepcopy(base).to(device).eval()
+    base_eval = _copy(base, share_frozen=True).to(device).eval()
     base_bytes = tensor_bytes(list(base.parameters()))
     if cuda:
         before = torch.cuda.memory_allocated(device)
@@ -341,7 +352,9 @@ def measure_methods(base: nn.Module, methods: Sequence[str], batch: dict[str, to
     for s in mergeable.values():
         from peftlab.adapter_set import attach
 
-        attach(s.model).merge(s.name)
+        # A merged adapter runs no piece: its layers take exactly the path of layers with no
+        # active adapter, timed here without merging (the copies share the base weights).
+        attach(s.model).activate()
     merged, _ = _latencies({k: s.model for k, s in mergeable.items()}, base_eval, inputs, forwards,
                            device) if mergeable else ({}, base_fwd)
 
