@@ -281,3 +281,21 @@ def test_unused_fields_are_listed(tmp_path):
     rows = [{"text": "good", "label": 1, "idx": 0}, {"text": "bad", "label": 0, "idx": 1}]
     (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     assert load_task(tmp_path, splits=("train",))["train"].ignored == ("idx",)
+
+
+def test_ia3_on_moe_experts_with_a_zero_scale_is_not_merged():
+    torch.manual_seed(0)
+    config = T.MixtralConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                             num_key_value_heads=1, intermediate_size=64, vocab_size=100,
+                             num_local_experts=4, num_experts_per_tok=2)
+    model = T.MixtralForCausalLM(config).eval()
+    adapters = peftlab.attach(model)
+    adapters.add("x", peftlab.IA3Config(targets=("ffn_down",)))
+    adapters.activate("x")
+    piece = next(iter(adapters["x"].pieces.values()))
+    with torch.no_grad():
+        piece.ia3_l[1, 3] = 0.0
+    weights = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with pytest.raises(peftlab.AdapterStateError, match="scale.*0"):
+        adapters.merge("x")
+    assert all(torch.equal(p, weights[n]) for n, p in model.named_parameters())

@@ -79,13 +79,7 @@ class IA3(Piece):
         return (self.ia3_l, None) if self.scale_input else (None, self._full(self.ia3_l, 1.0))
 
     def merge_problem(self) -> str | None:
-        # Unmerging divides by l: a zero (or subnormal, whose inverse overflows) erases the rows.
-        tiny = torch.finfo(self.ia3_l.dtype).tiny
-        zeros = int((self.ia3_l.abs() < tiny).sum())
-        if zeros:
-            return (f"{zeros} (IA)³ scale(s) are 0, which would erase those weights for good "
-                    "(unmerge divides by the scale); keep this adapter unmerged")
-        return None
+        return zero_scales(self.ia3_l)
 
     def merge_into(self, weight: torch.Tensor, bias: torch.Tensor | None, sign: int) -> None:
         v = (self.ia3_l if sign > 0 else 1.0 / self.ia3_l).to(weight.dtype)
@@ -96,6 +90,16 @@ class IA3(Piece):
         weight.mul_(v[:, None])
         if bias is not None:
             bias.mul_(v)
+
+
+def zero_scales(scales: torch.Tensor) -> str | None:
+    """Why ``scales`` cannot be merged reversibly: unmerging divides by them, and a zero (or a
+    subnormal, whose inverse overflows) erases the weights it scales for good."""
+    zeros = int((scales.abs() < torch.finfo(scales.dtype).tiny).sum())
+    if zeros:
+        return (f"{zeros} (IA)³ scale(s) are 0, which would erase those weights for good "
+                "(unmerge divides by the scale); keep this adapter unmerged")
+    return None
 
 
 class ExpertIA3(Piece):
@@ -125,6 +129,9 @@ class ExpertIA3(Piece):
     def scales(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """``(l_in [E, in], None)`` or ``(None, l_out [E, out])``."""
         return (self.ia3_l, None) if self.scale_input else (None, self._full(self.ia3_l, 1.0))
+
+    def merge_problem(self) -> str | None:
+        return zero_scales(self.ia3_l)
 
     def merge_into(self, weight: torch.Tensor, bias: torch.Tensor | None, sign: int) -> None:
         """Scale ``weight [E, out, in]`` (a view of the stored parameter) and its ``[E, out]`` bias."""
