@@ -70,6 +70,16 @@ def test_loaded_and_imported_adapters_follow_the_model_mode(tmp_path):
             assert torch.equal(model(**inputs).last_hidden_state, model(**inputs).last_hidden_state)
 
 
+def test_expert_wrappers_follow_the_model_mode_too():
+    torch.manual_seed(0)
+    config = T.MixtralConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                             num_key_value_heads=1, intermediate_size=64, vocab_size=100,
+                             num_local_experts=4, num_experts_per_tok=2)
+    model = T.MixtralForCausalLM(config).eval()
+    peftlab.attach(model).add("x", peftlab.LoRAConfig(targets=("ffn_down", "query")))
+    assert not any(m.training for m in model.modules())
+
+
 def test_a_new_adapter_on_a_training_model_trains():
     model = tiny_model("bert").train()
     adapters = peftlab.attach(model)

@@ -489,7 +489,7 @@ class AdapterSet:
         experts, param = self._experts_of(module_name)
         if experts is not None:
             if not isinstance(experts, AdaptedExperts):
-                experts = AdaptedExperts(experts)
+                experts = AdaptedExperts(experts).train(experts.training)  # follows what it wraps
                 self._set_module(module_name.rpartition(".")[0], experts)
             return experts.adapt(param)
         module = self.model.get_submodule(module_name)

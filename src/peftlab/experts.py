@@ -101,7 +101,8 @@ class AdaptedExperts(nn.Module):
     def adapt(self, param: str) -> AdaptedParameter:
         """The child for parameter ``param``, created on first use."""
         if param not in self._modules:
-            self.add_module(param, AdaptedParameter(self.base, param, self.layout[param]))
+            child = AdaptedParameter(self.base, param, self.layout[param]).train(self.training)
+            self.add_module(param, child)
         child = self._modules[param]
         assert isinstance(child, AdaptedParameter)
         return child
