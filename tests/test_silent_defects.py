@@ -309,3 +309,22 @@ def test_ia3_on_moe_experts_with_a_zero_scale_is_not_merged():
     with pytest.raises(peftlab.AdapterStateError, match="scale.*0"):
         adapters.merge("x")
     assert all(torch.equal(p, weights[n]) for n, p in model.named_parameters())
+
+
+def test_save_pretrained_after_merging_into_moe_experts(tmp_path):
+    torch.manual_seed(0)
+    config = T.MixtralConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                             num_key_value_heads=1, intermediate_size=64, vocab_size=100,
+                             num_local_experts=4, num_experts_per_tok=2)
+    model = T.MixtralForCausalLM(config).eval()
+    adapters = peftlab.attach(model)
+    adapters.add("x", peftlab.LoRAConfig(targets=("ffn_down", "query")))
+    adapters.activate("x")
+    randomize(adapters.parameters("x"))
+    ids = torch.randint(0, 100, (2, 5), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected = model(ids).logits
+        adapters.merge("x")
+        model.save_pretrained(tmp_path)
+        reloaded = T.MixtralForCausalLM.from_pretrained(tmp_path).eval()
+        torch.testing.assert_close(reloaded(ids).logits, expected, atol=1e-5, rtol=0)
