@@ -2,7 +2,8 @@
 classification and seq2seq auto-mappings, built tiny and random from its config class.
 
 For each type: shrink the config's sizes (hidden 64, 4 heads, 2 kv-heads, head_dim 16,
-intermediate 256, 6 layers, vocab 512, where those attributes exist), build the task model
+intermediate 256, 6 layers, vocab 512, where those attributes exist; hybrids keep an attention
+layer), build the task model
 (causal LM, else seq2seq LM, else sequence classification), then add ``LoRAConfig()``
 (roles query, value) and ``IA3Config()`` (roles key, value, ffn_down) with the default role
 map (built-in or inferred), and run a forward and a backward pass with both active.
@@ -74,7 +75,8 @@ def model_types() -> dict[str, tuple[str, str]]:
 def small_config(config_class: Any, depth: int = 0) -> Any:
     """``config_class`` with every size attribute it has set small (sub-configs too)."""
     default = config_class()
-    settable = set(inspect.signature(config_class.__init__).parameters) | set(vars(default))
+    parameters = set(inspect.signature(config_class.__init__).parameters)
+    settable = parameters | set(vars(default))
     changes: dict[str, Any] = {}
     for value, names in SIZES.items():
         for name in names:
@@ -85,14 +87,24 @@ def small_config(config_class: Any, depth: int = 0) -> Any:
                   None)
     if "kv_lora_rank" in changes:  # multi-head latent attention: keys have all the heads
         changes.update({n: 4 for n in SIZES[2][:3] if n in changes})
-    for name in ("attn_layer_indices", "hybrid_layer_ids"):  # hybrids: one attention layer
-        if isinstance(getattr(default, name, None), list) and name in settable:
+    # Hybrids choosing their attention layers by index (Bamba's attn_layer_indices, None by
+    # default, which leaves no attention at all): one attention layer. Only where the index list
+    # is a parameter of the config: Zamba2 derives its hybrid_layer_ids from its layer types.
+    for name in ("attn_layer_indices", "hybrid_layer_ids"):
+        if name in parameters and (getattr(default, name, None) is None
+                                   or isinstance(getattr(default, name), list)):
             changes[name] = [1]
     for name, current in vars(default).items():
         if name.endswith("_token_id") and isinstance(current, int) and current >= VOCAB:
             changes[name] = 1  # special tokens must fit the small vocabulary
         if isinstance(current, list) and layers and len(current) == layers > 6 and name in settable:
             changes[name] = current[:6]  # per-layer lists (layer_types) follow the layer count
+            if all(isinstance(kind, str) for kind in current):
+                # ... keeping every kind of layer of the full list (Zamba2's first "hybrid"
+                # attention layer is the 7th): missing kinds replace the last ones
+                missing = [kind for kind in dict.fromkeys(current) if kind not in current[:6]]
+                if missing:
+                    changes[name] = current[:6 - len(missing)] + missing
     for name, sub in (getattr(config_class, "sub_configs", None) or {}).items():
         if isinstance(sub, type) and depth < 2:
             try:
@@ -131,8 +143,8 @@ def check(model_type: str, task: str, class_name: str) -> dict[str, Any]:
     record["map"] = "built-in" if model_type in ROLE_MAPS else "inferred"
     inferred = infer_role_map(model)
     record["roles"] = sorted(inferred.roles)
-    record["whole_fused"] = sorted({r.note for r in map(inferred.get, inferred.roles)
-                                    if r is not None and r.note})
+    record["role_notes"] = sorted({r.note for r in map(inferred.get, inferred.roles)
+                                   if r is not None and r.note})
     record["notes"] = list(inferred.notes)
     try:
         with torch.no_grad():
@@ -285,8 +297,8 @@ def write_table(records: list[dict[str, Any]], seconds: float, path: Path) -> st
         "`ffn_down`) both attach through the default role map - the built-in one, else the one",
         "inferred from the model's structure - with no regex, and a forward and backward pass",
         "with both active gives finite adapter gradients, not all zero. A role on a fused",
-        "projection whose layout peftlab does not know covers the whole module (listed under",
-        "*whole fused*); that still counts as attached. Types that cannot be built from their",
+        "projection whose layout peftlab does not know covers the whole module (its note is",
+        "under *notes*); that still counts as attached. Types that cannot be built from their",
         "config with small sizes are listed with the reason and left out of the percentage.",
         "",
         "| model type | task | map | roles found | LoRA | (IA)³ | notes |",
@@ -295,7 +307,7 @@ def write_table(records: list[dict[str, Any]], seconds: float, path: Path) -> st
     for r in records:
         if not r.get("built"):
             continue
-        notes = "; ".join(r.get("whole_fused", []) + [e for e in (r.get("lora_error"), r.get("ia3_error"))
+        notes = "; ".join(r.get("role_notes", []) + [e for e in (r.get("lora_error"), r.get("ia3_error"))
                                                         if e])
         lines.append(f"| {r['type']} | {r['task']} | {r['map']} | {', '.join(r['roles']) or '-'} | "
                      f"{'ok' if r.get('lora_ok') else 'fail'} | {'ok' if r.get('ia3_ok') else 'fail'} | "
@@ -321,7 +333,7 @@ def _causes(built: list[dict[str, Any]]) -> dict[str, list[str]]:
         if "role 'query'" in error:
             cause = "no attention projections found (state-space, RWKV, FNet, XLNet's parameter " \
                     "matrices, I-BERT's QuantLinear, queries from experts (JetMoE) or a gated " \
-                    "low-rank path (AXK2), or no attention layer in the tiny config)"
+                    "low-rank path (AXK2))"
         elif "role 'ffn_down'" in error:
             cause = "(IA)³ finds no `ffn_down`: the feed-forward layers are routed experts only " \
                     "(3-D parameters, not Linear); LoRA passes"

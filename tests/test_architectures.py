@@ -237,17 +237,75 @@ def test_a_fused_projection_with_an_unknown_layout_is_targeted_whole_and_said_so
     assert "lora: " in text and "ia3: " in text
 
 
-def test_routed_experts_get_no_roles_but_shared_experts_do():
+def test_routed_experts_and_shared_experts_get_ffn_roles_routers_none():
     config = T.Qwen2MoeConfig(hidden_size=H, num_hidden_layers=2, num_attention_heads=2,
                               num_key_value_heads=1, intermediate_size=FF, moe_intermediate_size=16,
                               shared_expert_intermediate_size=FF, num_experts=4, num_experts_per_tok=2,
                               vocab_size=V)
     model = T.AutoModel.from_config(config)
     role_map = infer_role_map(model)
-    assert _modules(model, "ffn_down", role_map) == {"layers.N.mlp.shared_expert.down_proj"}
-    assert _modules(model, "ffn_gate", role_map) == {"layers.N.mlp.shared_expert.gate_proj"}
+    assert _modules(model, "ffn_down", role_map) == {"layers.N.mlp.shared_expert.down_proj",
+                                                     "layers.N.mlp.experts.down_proj"}
+    assert _modules(model, "ffn_gate", role_map) == {"layers.N.mlp.shared_expert.gate_proj",
+                                                     "layers.N.mlp.experts.gate_up_proj"}
     everything = set().union(*(_modules(model, r, role_map) for r in role_map.roles))
     assert not any("gate" == m.rsplit(".", 1)[-1] or "expert_gate" in m for m in everything)
+
+
+# ---- multi-head latent attention ----------------------------------------------------------------
+MLA = dict(hidden_size=H, num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=4,
+           kv_lora_rank=16, qk_rope_head_dim=4, qk_nope_head_dim=6, v_head_dim=10, vocab_size=V)
+
+
+def _latent_split(attention) -> tuple[list[int], list[int]]:
+    """Which kv_b_proj features the model's own expand_kv uses as the non-rotary key and as the
+    value: kv_b_proj's weights set so that on an all-ones input each output is its number."""
+    proj = attention.kv_b_proj
+    out, rank = proj.weight.shape
+    with torch.no_grad():
+        proj.weight.copy_(torch.arange(out, dtype=torch.float32)[:, None].expand(out, rank) / rank)
+        key, value = attention.expand_kv(torch.ones(1, 1, 1, rank), torch.full((1, 1, 1, 4), -1.0))
+    key = key.reshape(-1)
+    return key[key >= 0].round().long().tolist(), value.reshape(-1).round().long().tolist()
+
+
+@pytest.mark.parametrize("config", [
+    T.DeepseekV3Config(q_lora_rank=8, n_routed_experts=4, num_experts_per_tok=2, n_group=1,
+                       topk_group=1, moe_intermediate_size=16, intermediate_size=FF, **MLA),
+    T.DeepseekV3Config(q_lora_rank=None, n_routed_experts=4, num_experts_per_tok=2, n_group=1,
+                       topk_group=1, moe_intermediate_size=16, intermediate_size=FF, **MLA),
+    T.MiniCPM3Config(q_lora_rank=8, intermediate_size=FF, **MLA),
+], ids=["deepseek_v3", "deepseek_v3-no-q-lora", "minicpm3-inferred"])
+def test_latent_attention_key_and_value_are_the_models_own_split(config):
+    model = T.AutoModel.from_config(config)
+    attention = model.layers[0].self_attn
+    key, value = _latent_split(attention)
+    assert len(key) == 4 * 6 and len(value) == 4 * 10 and key[:7] == [0, 1, 2, 3, 4, 5, 16]
+    maps = [infer_role_map(model)]
+    if config.model_type in ROLE_MAPS:
+        maps.append(role_map_for(model))
+        assert maps[-1].source == "built-in"
+    q = "q_b_proj" if config.q_lora_rank else "q_proj"
+    for role_map in maps:
+        assert _modules(model, "query", role_map) == {f"layers.N.self_attn.{q}"}
+        for role, want in (("key", key), ("value", value)):
+            (site,) = find_sites(model, (role,), role_map)
+            assert site.module == "layers.0.self_attn.kv_b_proj"
+            assert site.out_index.tolist() == want, (role_map.source, role)
+        assert "non-rotary part" in role_map.get("key").note
+    adapters = peftlab.attach(model)
+    adapters.add("lora", peftlab.LoRAConfig())
+    adapters.add("ia3", peftlab.IA3Config())
+    assert {s.module for s in adapters["ia3"].sites} >= {"layers.0.self_attn.kv_b_proj"}
+
+
+def test_latent_attention_with_a_broken_split_is_targeted_whole(monkeypatch):
+    model = T.AutoModel.from_config(T.MiniCPM3Config(q_lora_rank=8, intermediate_size=FF, **MLA))
+    attention = type(model.layers[0].self_attn)
+    monkeypatch.setattr(attention, "expand_kv", lambda self, kv, rot: (rot, rot))
+    role_map = infer_role_map(model)
+    (site,) = find_sites(model, ("key",), role_map)
+    assert site.out_index is None and "whole fused module" in role_map.get("key").note
 
 
 def test_heads_embeddings_and_patch_projections_get_no_role():

@@ -21,6 +21,7 @@ import transformers as T
 import peftlab
 from peftlab.errors import AdapterLoadError, AdapterStateError, ConfigError, TargetError
 from peftlab.experts import AdaptedExperts
+from peftlab.sites import find_sites
 
 peft = pytest.importorskip("peft")
 
@@ -54,7 +55,8 @@ CONFIGS = {
     "glm4_moe": lambda: T.Glm4MoeConfig(intermediate_size=24, moe_intermediate_size=16, n_routed_experts=4,
                                         num_experts_per_tok=2, first_k_dense_replace=1, n_group=1,
                                         topk_group=1, head_dim=8, **SMALL),
-    "ernie4_5_moe": lambda: T.Ernie4_5_MoeConfig(intermediate_size=24, moe_intermediate_size=16,
+    # two shared experts: 2·12 wide, not 32 (a square [32 -> 32] FFN's direction can't be inferred)
+    "ernie4_5_moe": lambda: T.Ernie4_5_MoeConfig(intermediate_size=24, moe_intermediate_size=12,
                                                  moe_num_experts=4, moe_k=2, **SMALL),
 }
 PARITY = ("mixtral", "qwen2_moe", "qwen3_moe", "gpt_oss")
@@ -482,3 +484,87 @@ def test_threads_see_their_own_weights():
     for t in threads:
         t.join()
     assert not errors
+
+
+# ---- inferred maps find the experts as the built-in maps do ---------------------------------------
+@pytest.mark.parametrize("family", sorted(CONFIGS))
+def test_inferred_map_selects_what_the_built_in_moe_map_selects(family):
+    """Without the built-in map, inference from the structure gives every role of the built-in
+    MoE map the same sites and, on fused gate_up_proj experts (halves, or gpt-oss's interleaved
+    ones) and DeepSeek's latent-attention kv_b_proj, the same output features."""
+    from peftlab.infer import infer_role_map
+    from peftlab.roles import ROLE_MAPS
+
+    model = tiny(family)
+    built_in, inferred = ROLE_MAPS[family], infer_role_map(model)
+    assert inferred.source == "inferred"
+    compared = set()
+    for role in built_in.roles:
+        expected = find_sites(model, (role,), built_in)
+        got = find_sites(model, (role,), inferred)
+        assert [s.module for s in got] == [s.module for s in expected], role
+        for a, b in zip(got, expected):
+            assert a.num_experts == b.num_experts
+            if b.out_index is None:
+                assert a.out_index is None, (role, a.module)
+            else:
+                assert torch.equal(a.out_index, b.out_index), (role, a.module)
+        compared.add(role)
+    assert set(FFN) <= compared and "ffn_gate" in inferred.roles
+    sites = find_sites(model, FFN, inferred)
+    assert any(s.num_experts == 4 for s in sites)
+    gate_up = [s for s in sites if s.module.endswith("experts.gate_up_proj")]
+    assert gate_up and all(s.roles == ("ffn_gate", "ffn_up") for s in gate_up)
+    if family == "gpt_oss":  # interleaved, as transformers' is_concatenated=False says
+        assert gate_up[0].parts[0].index.tolist() == list(range(0, 32, 2))
+    elif family != "deepseek_v3":
+        out = gate_up[0].out_features
+        assert gate_up[0].parts[0].index.tolist() == list(range(out // 2))
+
+
+def test_experts_without_a_gate_up_layout_flag_are_targeted_whole_and_said_so():
+    """An experts module that does not say how gate and up are laid out: ffn_up on the whole
+    gate_up_proj with a note, no ffn_gate on it (never a guessed half)."""
+    from peftlab.infer import infer_role_map
+
+    model = tiny("mixtral")
+    for m in model.modules():
+        if "is_concatenated" in vars(m):
+            del m.is_concatenated
+    role_map = infer_role_map(model)
+    assert "ffn_gate" not in role_map.roles
+    sites = find_sites(model, ("ffn_up",), role_map)
+    assert [s.module for s in sites] == expert_names(model, ("gate_up_proj",))
+    assert all(s.out_index is None for s in sites)
+    assert "does not say how gate and up are laid out" in role_map.get("ffn_up").note
+    assert [s.module for s in find_sites(model, ("ffn_down",), role_map)] == expert_names(
+        model, ("down_proj",))
+
+
+def test_inferred_expert_roles_train_on_a_model_without_a_built_in_map():
+    """FlexOLMo has no built-in map: LoRA() and IA3() by roles reach the routed experts."""
+    from peftlab.roles import ROLE_MAPS
+
+    torch.manual_seed(0)
+    model = T.AutoModelForCausalLM.from_config(T.FlexOlmoConfig(
+        intermediate_size=16, num_experts=4, num_experts_per_tok=2, pad_token_id=0, **SMALL))
+    assert model.config.model_type not in ROLE_MAPS
+    before = logits(model)
+    adapters = peftlab.attach(model)
+    adapters.add("lora", peftlab.LoRAConfig())
+    adapters.add("ia3", peftlab.IA3Config())
+    assert adapters.role_map.source == "inferred"
+    ia3 = {s.module: s for s in adapters["ia3"].sites}
+    assert set(expert_names(model, ("down_proj",))) <= set(ia3)
+    assert all(ia3[e].num_experts == 4 for e in expert_names(model, ("down_proj",)))
+    adapters.activate("lora", "ia3")
+    randomize(adapters.parameters("lora") + adapters.parameters("ia3"), around=0.0)
+    for p in adapters.parameters("ia3"):
+        p.data.add_(1.0)
+    assert (logits(model) - before).abs().max() > 1e-3
+    for name in ("lora", "ia3"):
+        for p in adapters.parameters(name):
+            p.requires_grad_(True)
+    model(input_ids=IDS).logits.square().mean().backward()
+    expert_grads = [adapters["ia3"].pieces[e].ia3_l.grad for e in expert_names(model, ("down_proj",))]
+    assert all(g is not None and torch.isfinite(g).all() and g.abs().sum() > 0 for g in expert_grads)

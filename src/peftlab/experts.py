@@ -72,6 +72,21 @@ def experts_layout(module: nn.Module) -> dict[str, ExpertParam]:
     return found
 
 
+def gate_up_layout(module: nn.Module) -> str | None:
+    """How the experts module ``module`` splits each expert's ``gate_up_proj`` output into gate and
+    up, as transformers marks it: ``"concatenated"`` (``[gate | up]``, halves: ``is_concatenated``)
+    or ``"interleaved"`` (gate, up, gate, up, ...); ``None`` when the module has no gate or does
+    not say (no ``is_concatenated`` flag)."""
+    if isinstance(module, AdaptedExperts):
+        module = module.base
+    if not experts_layout(module) or not getattr(module, "has_gate", False):
+        return None
+    flag = getattr(module, "is_concatenated", None)
+    if not isinstance(flag, bool):
+        return None
+    return "concatenated" if flag else "interleaved"
+
+
 def expert_parameters(model: nn.Module) -> Iterator[tuple[str, ExpertParam]]:
     """(``<module>.<parameter>``, layout) of every 3-D expert parameter, in module order; a wrapped
     experts module is listed under its original name, adapter internals never."""

@@ -11,13 +11,23 @@ feature projections, poolers and heads never do. Inside a block:
 - the *feed-forward* layers are the others whose names say MLP (``mlp``, ``ffn``, ``fc1``,
   ``intermediate``/``output`` ...), paired by shape: ``[hidden -> inter]`` (up, gate) with
   ``[inter -> hidden]`` (down), or ``[hidden -> 2·inter]`` for a fused gate+up;
-- routed experts (``experts.N``) are left alone: one role per expert is not what a user means.
+- routed experts stored as 3-D parameters in a module that transformers marks with its layout
+  (``is_transposed``/``has_gate``/``is_concatenated``, see :mod:`peftlab.experts`) play the FFN
+  roles, as in the built-in mixture-of-experts maps: ``down_proj`` is ``ffn_down``, ``up_proj``
+  ``ffn_up``, and ``gate_up_proj`` holds ``ffn_gate`` and ``ffn_up`` as halves (``[gate | up]``)
+  or interleaved, as the module's ``is_concatenated`` flag says (without the flag: ``ffn_up`` on
+  all of it, with a note). Routed experts kept as numbered Linear layers (``experts.N``) are
+  left alone: one role per expert is not what a user means.
 
 Fused projections (``query_key_value``, ``c_attn``, ``Wqkv``, ``qkv_proj``; ``gate_up_proj``) hold
 several roles. Their layout cannot be read from the weights, only from the modeling code, so the
 layouts peftlab knows are listed below by the class that splits the output; the sizes come from
 the attention module or the config (heads, kv-heads, head_dim) and must add up to the module's
-output. Any other fused module is targeted whole, and the role's note says so.
+output. Multi-head latent attention (DeepSeek-V2/V3 and the models built on it) keeps keys and
+values in one ``kv_b_proj`` that its attention module splits in ``expand_kv``; its layout is
+read by running that method on a stand-in whose ``kv_b_proj`` outputs the feature numbers, so
+``key`` (the non-rotary part of each head's key) and ``value`` are the features the model itself
+uses as such. Any other fused module is targeted whole, and the role's note says so.
 """
 
 from __future__ import annotations
@@ -31,8 +41,9 @@ import torch
 from torch import nn
 
 from peftlab.errors import TargetError
+from peftlab.experts import AdaptedExperts, ExpertParam, expert_parameters, gate_up_layout
 from peftlab.roles import Role, RoleMap
-from peftlab.sites import linear_modules
+from peftlab.sites import candidates, linear_modules
 
 # ---- names -----------------------------------------------------------------------------------
 _ATTENTION = re.compile(r"attn|attention|(^|_)att($|_)|^mixer$")
@@ -101,6 +112,7 @@ class _Linear:
     outer: str  # up to the outermost one
     in_f: int
     out_f: int
+    experts: bool = False  # a 3-D routed-expert parameter (features per expert)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -124,6 +136,7 @@ class _Found:
 
     parts: dict[str, list[tuple[_Linear, Slice | None]]] = dataclasses.field(default_factory=dict)
     whole: dict[str, str] = dataclasses.field(default_factory=dict)  # role -> why it is whole
+    role_notes: dict[str, str] = dataclasses.field(default_factory=dict)  # role -> remark
     notes: list[str] = dataclasses.field(default_factory=list)
 
     def add(self, role: str, lin: _Linear, select: Slice | None = None, whole: str | None = None):
@@ -151,7 +164,8 @@ def infer_role_map(model: nn.Module) -> RoleMap:
     linears, experts = _block_linears(model)
     found = _Found()
     if experts:
-        found.notes.append(f"routed experts get no role ({len(experts)} expert projections such as "
+        found.notes.append(f"routed experts kept as Linear layers get no role ({len(experts)} "
+                           f"expert projections such as "
                            f"{_collapse(experts[0])}); target them with a module-name regex")
     blocks: dict[str, list[_Linear]] = {}
     for lin in linears:
@@ -169,8 +183,10 @@ def infer_role_map(model: nn.Module) -> RoleMap:
     for members in blocks.values():
         ffn = [m for m in members if m.name not in in_attention]
         _ffn_roles(ffn, widths.get(members[0].outer) or hidden, modules, found)
-    all_names = [n for n, _ in linear_modules(model)]
-    roles = {role: _role(role, parts, found.whole.get(role), all_names, found.notes)
+    _expert_roles(model, modules, found)
+    all_names = list(candidates(model))
+    roles = {role: _role(role, parts, found.whole.get(role) or found.role_notes.get(role),
+                         found.whole.get(role) is not None, all_names, found.notes)
              for role, parts in found.parts.items()}
     if not roles:
         found.notes.append("no roles found: no numbered block has attention projections "
@@ -252,7 +268,8 @@ def _attention_roles(members: list[_Linear], modules: dict[str, nn.Module], conf
             _fused(lin, ("query", "key", "value"), _QKV_LAYOUTS, modules, config, prefix, found)
         if not (k or v):
             for lin in kv:
-                _fused(lin, ("key", "value"), _KV_LAYOUTS, modules, config, prefix, found)
+                if not _latent_kv(lin, modules, prefix, found):
+                    _fused(lin, ("key", "value"), _KV_LAYOUTS, modules, config, prefix, found)
         outs = [lin for lin, leaf in by_leaf.items() if leaf in _OUT and lin.out_f == width]
         for lin in outs[:1]:  # the first such module in order is the output projection
             found.add(prefix + "attn_out", lin)
@@ -287,6 +304,70 @@ def _fused(lin: _Linear, roles: tuple[str, ...], layouts: dict[str, Any],
     for role in roles:
         found.add(prefix + role, lin, None, whole=f"{'/'.join(roles)}: whole fused module "
                   f"{_collapse(lin.name)} (slices unknown: {why})")
+
+
+class _FeatureNumbers(nn.Module):
+    """Stands in for a projection with ``out`` outputs: every output is its feature number."""
+
+    def __init__(self, out: int) -> None:
+        super().__init__()
+        self.out = out
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.arange(self.out, dtype=torch.float32).expand(*x.shape[:-1], self.out)
+
+
+def _latent_kv(lin: _Linear, modules: dict[str, nn.Module], prefix: str, found: _Found) -> bool:
+    """Key and value slices of a multi-head latent attention ``kv_b_proj``, read from the model's
+    own ``expand_kv``; ``False`` when the owner is not such an attention (the caller goes on),
+    the whole module with a note when the method does not give a clean split."""
+    owner = modules[lin.name.rpartition(".")[0]]
+    expand = getattr(type(owner), "expand_kv", None)
+    rope = getattr(owner, "qk_rope_head_dim", None)
+    leaf = lin.name.rpartition(".")[2]
+    if not callable(expand) or not isinstance(rope, int) or leaf not in owner._modules:
+        return False
+    slices = _latent_kv_slices(owner, expand, leaf, lin, rope)
+    if slices is None:
+        key, _ = _owner_key(lin.name, modules)
+        for role in ("key", "value"):
+            found.add(prefix + role, lin, None, whole=f"key/value: whole fused module "
+                      f"{_collapse(lin.name)} (slices unknown: {key}.expand_kv does not split "
+                      "its output into key and value features)")
+        return True
+    key, value = slices
+    found.add(prefix + "key", lin, key)
+    found.add(prefix + "value", lin, value)
+    found.role_notes[prefix + "key"] = (
+        f"key: the non-rotary part of each head's key only ({_collapse(lin.name)}, latent "
+        "attention); the rotary part is one head shared by all, computed before it, and gets no role")
+    return True
+
+
+def _latent_kv_slices(owner: nn.Module, expand: Callable, leaf: str, lin: _Linear,
+                      rope: int) -> tuple[Slice, Slice] | None:
+    """Run ``owner.expand_kv`` on a shallow stand-in of ``owner`` whose ``leaf`` projection
+    outputs its feature numbers (the rotary key part is -1): the key and value states then say
+    which features of the projection the model uses as which."""
+    out = lin.out_f
+    proxy = object.__new__(type(owner))
+    proxy.__dict__.update(owner.__dict__)
+    proxy.__dict__["_modules"] = {**owner._modules, leaf: _FeatureNumbers(out)}
+    try:
+        with torch.no_grad():
+            key, value = expand(proxy, torch.zeros(1, 1, 1, lin.in_f),
+                                torch.full((1, 1, 1, rope), -1.0))
+    except Exception:  # noqa: BLE001 - any failure means the layout is not known
+        return None
+    key = key.reshape(-1)
+    key = key[key >= 0]
+    value = value.reshape(-1)
+    both = torch.cat([key, value])
+    if (len(both) != out or not torch.equal(both.sort().values, torch.arange(out, dtype=both.dtype))
+            or len(key) == 0 or len(value) == 0):
+        return None
+    return (Slice(key.long(), out, f"non-rotary key features of {out} (per head)"),
+            Slice(value.long(), out, f"value features of {out} (per head)"))
 
 
 def _heads(owner: nn.Module, config: Any) -> tuple[int, int, int] | None:
@@ -395,7 +476,7 @@ def _gate_up(lin: _Linear, modules: dict[str, nn.Module], found: _Found) -> None
     if order is None:
         found.add("ffn_up", lin, None,
                   whole=f"ffn_up: whole fused gate+up module {_collapse(lin.name)} (which half is "
-                        f"the gate is not known for {key}; no ffn_gate role)")
+                        f"the gate is not known for {key}; ffn_gate does not cover it)")
         return
     half, out = lin.out_f // 2, lin.out_f
     first, second = (Slice(torch.arange(0, half), out, f"[0:{half}] of {out}"),
@@ -405,6 +486,53 @@ def _gate_up(lin: _Linear, modules: dict[str, nn.Module], found: _Found) -> None
     found.add("ffn_up", lin, up)
 
 
+# ---- routed experts ----------------------------------------------------------------------------
+def _expert_roles(model: nn.Module, modules: dict[str, nn.Module], found: _Found) -> None:
+    """FFN roles of the 3-D routed-expert parameters inside numbered blocks (see the module doc)."""
+    for name, info in expert_parameters(model):
+        owner_name, _, param = name.rpartition(".")
+        parts = owner_name.split(".")
+        numbered = [i for i, p in enumerate(parts) if p.isdigit()]
+        if not numbered:
+            continue
+        owner = modules[owner_name]
+        lin = _expert_linear(name, parts, numbered, param, info)
+        base = owner.base if isinstance(owner, AdaptedExperts) else owner
+        has_gate = bool(getattr(base, "has_gate", False))
+        if param == "down_proj":
+            found.add("ffn_down", lin)
+        elif param == "up_proj" and not has_gate:
+            found.add("ffn_up", lin)
+        elif param == "gate_up_proj" and has_gate:
+            layout = gate_up_layout(owner)
+            out = info.out_features
+            if layout is None or out % 2:
+                found.add("ffn_up", lin, None, whole=f"ffn_up: whole expert gate+up parameter "
+                          f"{_collapse(name)} (its module does not say how gate and up are laid "
+                          "out; ffn_gate does not cover it)")
+                continue
+            if layout == "concatenated":
+                half = out // 2
+                gate = Slice(torch.arange(0, half), out, f"[0:{half}] of {out}")
+                up = Slice(torch.arange(half, out), out, f"[{half}:{out}] of {out}")
+            else:
+                gate = Slice(torch.arange(0, out, 2), out, f"even features of {out}")
+                up = Slice(torch.arange(1, out, 2), out, f"odd features of {out}")
+            found.add("ffn_gate", lin, gate)
+            found.add("ffn_up", lin, up)
+        else:
+            found.notes.append(f"expert parameter {_collapse(name)} gets no role (not one of "
+                               "transformers' gate_up_proj/up_proj/down_proj)")
+
+
+def _expert_linear(name: str, parts: list[str], numbered: list[int], param: str,
+                   info: ExpertParam) -> _Linear:
+    last = numbered[-1]
+    path = tuple(p.lower() for p in parts[last - 1:last] + parts[last + 1:] + [param])
+    return _Linear(name, path, ".".join(parts[:last + 1]), ".".join(parts[:numbered[0] + 1]),
+                   info.in_features, info.out_features, experts=True)
+
+
 # ---- patterns ----------------------------------------------------------------------------------
 def _collapse(name: str) -> str:
     """A module name with its block numbers as ``N`` (the last part, a layer's own name, kept)."""
@@ -412,27 +540,30 @@ def _collapse(name: str) -> str:
     return ".".join("N" if p.isdigit() and i < len(parts) - 1 else p for i, p in enumerate(parts))
 
 
-def _role(role: str, parts: list[tuple[_Linear, Slice | None]], whole: str | None,
+def _role(role: str, parts: list[tuple[_Linear, Slice | None]], note: str | None, whole: bool,
           all_names: list[str], notes: list[str]) -> Role:
-    """One :class:`Role` for all modules found for ``role``. Modules of different sizes may
-    need different slices (a fused projection in the text model, separate ones in a vision
-    tower), so the selector goes by the module's output size."""
-    by_out: dict[int, Slice | None] = {}
+    """One :class:`Role` for all modules (and expert parameters) found for ``role``. Modules of
+    different sizes may need different slices (a fused projection in the text model, separate
+    ones in a vision tower), so the selector goes by the module's output size; Linear modules
+    and expert parameters have a selector each."""
+    by_out: dict[bool, dict[int, Slice | None]] = {False: {}, True: {}}
     names: list[str] = []
     def kind(select: Slice | None) -> str | None:
         return None if select is None else select.describe
 
     for lin, select in parts:
-        if lin.out_f in by_out and kind(by_out[lin.out_f]) != kind(select):
+        sizes = by_out[lin.experts]
+        if lin.out_f in sizes and kind(sizes[lin.out_f]) != kind(select):
             notes.append(f"{role}: not targeted at {_collapse(lin.name)} (another module of "
                          f"the same size needs another slice); use a module-name regex there")
             continue
-        by_out.setdefault(lin.out_f, select)
+        sizes.setdefault(lin.out_f, select)
         if lin.name not in names:
             names.append(lin.name)
-    sliced = any(s is not None for s in by_out.values())
-    return Role(_pattern(names, all_names), BySize(by_out) if sliced else None, note=whole,
-                whole_fused=whole is not None and role.removeprefix("cross_") in ("query", "key", "value"))
+    select, experts_select = (BySize(sizes) if any(s is not None for s in sizes.values()) else None
+                              for sizes in (by_out[False], by_out[True]))
+    return Role(_pattern(names, all_names), select, experts_select, note=note,
+                whole_fused=whole and role.removeprefix("cross_") in ("query", "key", "value"))
 
 
 def _pattern(names: list[str], all_names: list[str]) -> str:

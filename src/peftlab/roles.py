@@ -19,6 +19,8 @@ from typing import Any
 
 import torch
 
+from peftlab.errors import TargetError
+
 ROLES: tuple[str, ...] = (
     "query", "key", "value", "attn_out", "ffn_up", "ffn_gate", "ffn_down",
     "cross_query", "cross_key", "cross_value", "cross_attn_out",
@@ -98,6 +100,22 @@ def per_head_part(i: int) -> Selector:
     def select(config: Any, out: int) -> torch.Tensor:
         heads = config.num_attention_heads
         return torch.arange(out).view(heads, 3, out // (3 * heads))[:, i, :].reshape(-1)
+
+    return select
+
+
+def latent_kv_part(which: str) -> Selector:
+    """``key`` or ``value`` features of the ``kv_b_proj`` of DeepSeek's multi-head latent attention,
+    whose output is split per head as ``[qk_nope_head_dim | v_head_dim]`` (``expand_kv`` in
+    transformers' modeling_deepseek_v3). ``key`` is the non-rotary part of each head's key."""
+
+    def select(config: Any, out: int) -> torch.Tensor:
+        heads, nope, v = config.num_attention_heads, config.qk_nope_head_dim, config.v_head_dim
+        if out != heads * (nope + v):
+            raise TargetError(f"kv_b_proj has {out} output features, not heads·(qk_nope_head_dim + "
+                              f"v_head_dim) = {heads}·({nope} + {v}) as the config says")
+        grid = torch.arange(out).view(heads, nope + v)
+        return (grid[:, :nope] if which == "key" else grid[:, nope:]).reshape(-1)
 
     return select
 
@@ -205,7 +223,7 @@ def _moe(mlp: str, shared: str | None, interleaved: bool = False, attention: boo
     Linear layers ``mlp.<shared>.{gate,up,down}_proj``, and in dense layers of the same model
     (``first_k_dense_replace``, ``mlp_only_layers``) a plain ``mlp.{gate,up,down}_proj``. Each FFN
     role covers all of them. ``attention``: whether q/k/v are separate ``self_attn`` projections
-    (DeepSeek's latent attention has none)."""
+    (DeepSeek's latent attention has not: see :data:`LATENT_ATTENTION`)."""
     part = interleaved_part if interleaved else even_part
     linear = rf"{mlp}\.(?:{shared}\.)?" if shared else rf"{mlp}\."
 
@@ -226,7 +244,16 @@ def _moe(mlp: str, shared: str | None, interleaved: bool = False, attention: boo
 
 MIXTRAL = _moe("mlp", None)  # also OLMoE, PhiMoE, Qwen3-MoE (and its dense mlp_only_layers)
 QWEN2_MOE = _moe("mlp", "shared_expert")
-DEEPSEEK_V3 = _moe("mlp", "shared_experts", attention=False)
+# Multi-head latent attention: queries from q_b_proj (q_proj without q_lora_rank); keys and values
+# from one kv_b_proj, per head [non-rotary key | value].
+LATENT_ATTENTION: dict[str, Role | str] = {
+    "query": rf"{_N}self_attn\.q_(?:b_)?proj$",
+    "key": Role(rf"{_N}self_attn\.kv_b_proj$", latent_kv_part("key"),
+                note="key: the non-rotary part of each head's key only (kv_b_proj); the rotary part "
+                     "is one head shared by all, from kv_a_proj_with_mqa, and gets no role"),
+    "value": Role(rf"{_N}self_attn\.kv_b_proj$", latent_kv_part("value")),
+}
+DEEPSEEK_V3 = RoleMap({**_moe("mlp", "shared_experts", attention=False).roles, **LATENT_ATTENTION})
 GLM4_MOE = _moe("mlp", "shared_experts")  # also ERNIE-4.5-MoE
 GPT_OSS = _moe("mlp", None, interleaved=True)
 GRANITEMOE = _moe("block_sparse_moe", None)
