@@ -141,6 +141,86 @@ def test_ia3_layer_equals_the_formula(bert):
     assert torch.allclose(down(h), (l_ff * h) @ down.base.weight.T + down.base.bias, atol=1e-6)
 
 
+def test_ia3_and_lora_on_one_layer_follow_the_documented_order(bert):
+    """Where (IA)³ and LoRA both act, ``y = W(l_in⊙x)·l_out + b·l_out + s·B·A·(l_in⊙x)``:
+    the (IA)³ input scale feeds LoRA too, the output scale does not touch LoRA's update."""
+    adapters = peftlab.attach(bert)
+    adapters.add("ia3", peftlab.IA3Config())  # ffn_down: scales the input
+    adapters.add("ia3_out", peftlab.IA3Config(targets=("ffn_down",), scale_input=()))
+    adapters.add("lora", peftlab.LoRAConfig(r=4, alpha=8, targets=("ffn_down",)))
+    adapters.activate("ia3", "ia3_out", "lora")
+    # as after training: vectors away from ones, a non-zero LoRA update
+    randomize(adapters.parameters("ia3") + adapters.parameters("ia3_out") + adapters.parameters("lora"),
+              scale=0.3)
+    down = bert.encoder.layer[0].output.dense
+    l_in, l_out = down.adapters["ia3"].ia3_l, down.adapters["ia3_out"].ia3_l
+    lora = down.adapters["lora"]
+    assert (l_in - 1).abs().min() > 1e-4 and (l_out - 1).abs().min() > 1e-4
+    assert lora.lora_B.abs().min() > 0
+    W, b = down.base.weight, down.base.bias
+    assert b.abs().min() > 0
+    x = torch.randn(3, 5, 64)
+    xs = l_in * x
+    expected = (xs @ W.T) * l_out + b * l_out + 2.0 * xs @ lora.lora_A.T @ lora.lora_B.T
+    with torch.no_grad():
+        assert torch.allclose(down(x), expected, atol=1e-5)
+        for _ in range(2):  # the same through per-example routing (each example one group)
+            with adapters.route([("ia3", "ia3_out", "lora"), None, ("lora",)]):
+                routed = down(x)
+            assert torch.allclose(routed[0], expected[0], atol=1e-5)
+            assert torch.allclose(routed[1], x[1] @ W.T + b, atol=1e-5)
+            assert torch.allclose(routed[2], x[2] @ W.T + b + 2.0 * x[2] @ lora.lora_A.T @ lora.lora_B.T,
+                                  atol=1e-5)
+
+
+def test_ia3_merge_scales_the_bias_too(bert):
+    """``l ⊙ (W·x + b) = (diag(l)·W)·x + l ⊙ b``: merging an output scale must scale the bias."""
+    adapters = peftlab.attach(bert)
+    adapters.add("ia3", peftlab.IA3Config())
+    randomize(adapters.parameters("ia3"))
+    adapters.activate("ia3")
+    key = bert.encoder.layer[0].attention.self.key
+    W, b, l_k = key.base.weight.clone(), key.base.bias.clone(), key.adapters["ia3"].ia3_l
+    assert b.abs().min() > 0
+    inputs = tiny_inputs("bert")
+    before = output_of(bert, inputs)
+    adapters.merge("ia3")
+    assert torch.allclose(key.base.weight, l_k[:, None] * W, atol=1e-6)
+    assert torch.allclose(key.base.bias, l_k * b, atol=1e-6)
+    assert torch.allclose(output_of(bert, inputs), before, atol=1e-5)
+    adapters.unmerge("ia3")
+    assert torch.allclose(key.base.bias, b, atol=1e-6) and torch.allclose(key.base.weight, W, atol=1e-6)
+
+
+@pytest.mark.parametrize("frozen", [False, True], ids=["fresh", "after_train"])
+def test_lora_dropout_is_off_in_eval_mode(frozen):
+    """``dropout`` acts on the adapter's input while training only: in eval mode two forwards
+    give the same output. After ``train`` (frozen base) LoRA shares the layer with (IA)³ here, so
+    the update runs through the same path as on an unfrozen base."""
+    torch.manual_seed(0)
+    model = T.BertModel(T.BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                     intermediate_size=64, vocab_size=100, hidden_dropout_prob=0.0,
+                                     attention_probs_dropout_prob=0.0))
+    adapters = peftlab.attach(model)
+    adapters.add("lora", peftlab.LoRAConfig(r=4, dropout=0.5, targets=("query", "value", "ffn_down")))
+    adapters.add("ia3", peftlab.IA3Config())
+    adapters.activate(*(("lora", "ia3") if frozen else ("lora",)))
+    if frozen:
+        adapters.train("lora")
+    randomize(adapters.parameters("lora"), scale=0.3)  # lora_B = 0 would make the update vanish
+    inputs = tiny_inputs("bert")
+    model.eval()
+    with torch.no_grad():
+        assert torch.equal(output_of(model, inputs), output_of(model, inputs))
+        model.train()
+        assert not torch.allclose(output_of(model, inputs), output_of(model, inputs), atol=1e-3)
+        model.eval()
+        adapters.activate()
+        plain = output_of(model, inputs)
+        model.train()  # the base model has no dropout of its own: the difference above was LoRA's
+        assert torch.equal(output_of(model, inputs), plain)
+
+
 def test_ia3_gradients_equal_plain_autograd(bert):
     """(IA)³ runs through a custom autograd function; its gradients must be the textbook ones."""
     adapters = peftlab.attach(bert)

@@ -609,6 +609,22 @@ def test_patterns_that_backtrack_exponentially_are_refused(source, path, value, 
     assert adapters.names == ()
 
 
+@pytest.mark.parametrize("dtype", [torch.int32, torch.bool, torch.float8_e4m3fn], ids=str)
+@pytest.mark.parametrize("source", ["lora", "peft_ia3"])
+def test_tensors_that_are_not_float16_32_64_or_bfloat16_are_refused(source, dtype, sources, tmp_path):
+    """Right keys and shapes, wrong dtype: an int or bool tensor would be copied into the adapter
+    silently (0/1 weights), a float8 one would lose nearly all its precision."""
+    adapters = peftlab.attach(tiny_bert())
+    before = state_hash(adapters.model)
+    case = shutil.copytree(sources[source], tmp_path / "case")
+    tensors = load_file(case / WEIGHTS_FILE)
+    key = sorted(tensors)[0]
+    save_file({**tensors, key: tensors[key].to(dtype)}, str(case / WEIGHTS_FILE))
+    with pytest.raises(peftlab.AdapterLoadError, match="expected a floating-point type"):
+        _load(adapters, source, case)
+    assert adapters.names == () and state_hash(adapters.model) == before
+
+
 @pytest.mark.skipif(not Path("/proc/self/mem").exists(), reason="needs Linux /proc")
 @pytest.mark.parametrize("source", ["lora", "peft_lora"])
 def test_a_config_that_cannot_be_read_is_a_load_error(source, sources, tmp_path):

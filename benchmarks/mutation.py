@@ -1,0 +1,225 @@
+"""Mutation testing of peftlab's core with mutmut: do the tests notice a planted bug?
+
+mutmut (``pip install -e .[mutation]``) copies ``src/peftlab`` to ``mutants/``, plants one small
+change at a time (``and``→``or``, ``+``→``-``, a constant, a dropped argument, ...) in the modules
+configured under ``[tool.mutmut]`` in pyproject.toml (``methods/``, ``layer.py``, ``io.py``,
+``interop/peft.py``, ``adapter_set.py``) and, for each mutant, runs only the tests (of the test
+files listed there) that call the mutated function. A mutant is *killed* when a test fails,
+*survives* when all pass. Not part of CI: it takes about an hour on 2 cores.
+
+    python benchmarks/mutation.py run          # fresh run, then the report (about an hour)
+    python benchmarks/mutation.py report       # the report again from mutants/ (after editing notes)
+
+The report, ``benchmarks/results/mutation.md``, counts per module the mutants tried, killed,
+survived and equivalent, and lists every survivor with its diff and the sentence about it from
+``benchmarks/mutation_notes.json`` (``{"mutant name": {"equivalent": bool, "note": "..."}}``).
+An *equivalent* mutant cannot change behaviour (the same computation written another way, a
+default that every caller overrides); a survivor that merely no test exercises is not equivalent:
+write the test. Re-run after a method lands and keep the notes current: the report flags survivors
+without a note and notes whose mutant no longer survives.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import time
+from collections import Counter, defaultdict
+from datetime import datetime, timezone
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+NOTES = ROOT / "benchmarks" / "mutation_notes.json"
+REPORT = RESULTS / "mutation.md"
+RUN_INFO = RESULTS / "mutation.json"
+LOG = RESULTS / "mutation.log"  # not committed (the progress spinner makes it large)
+
+# mutmut's exit codes -> outcome. A timeout is a kill (the mutant made the tests hang).
+KILLED = {1, 3, 36, 24, -24, 152, 255, 37}
+SURVIVED = {0}
+NO_TESTS = {5, 33}
+
+
+def _mutmut() -> list[str]:
+    exe = shutil.which("mutmut", path=str(Path(sys.executable).parent)) or shutil.which("mutmut")
+    if exe is None:
+        sys.exit("mutmut is not installed: pip install -e '.[mutation]'")
+    return [exe]
+
+
+def run(children: int) -> None:
+    """Fresh run: delete mutants/, run mutmut with ``children`` workers, record the wall time."""
+    shutil.rmtree(ROOT / "mutants", ignore_errors=True)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    env.pop("PYTHONPATH", None)  # mutmut puts mutants/src first; the original source must not win
+    command = [*_mutmut(), "run", "--max-children", str(children)]
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    load_before = os.getloadavg()
+    start = time.time()
+    with open(LOG, "w") as log:
+        rc = subprocess.call(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    wall = time.time() - start
+    info = {
+        "command": "python benchmarks/mutation.py run" + (f" --children {children}" if children != 2 else ""),
+        "mutmut_command": " ".join(["mutmut", *command[1:]]),
+        "exit_code": rc,
+        "wall_s": round(wall),
+        "finished": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "cpus": os.cpu_count(),
+        "load_average_before": [round(x, 2) for x in load_before],
+        "load_average_after": [round(x, 2) for x in os.getloadavg()],
+        "python": platform.python_version(),
+        "mutmut": _version("mutmut"),
+        "torch": _version("torch"),
+        "git_commit": _git("rev-parse", "--short", "HEAD"),
+    }
+    RUN_INFO.write_text(json.dumps(info, indent=2) + "\n")
+    if rc != 0:
+        print(f"mutmut exited with {rc}; see {LOG}", file=sys.stderr)
+    report()
+
+
+def _version(package: str) -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(package)
+    except PackageNotFoundError:
+        return "?"
+
+
+def _git(*args: str) -> str:
+    out = subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True)
+    return out.stdout.strip() or "?"
+
+
+def _results() -> dict[str, dict[str, int | None]]:
+    """module -> {mutant name: exit code}, from mutmut's per-file .meta files."""
+    out: dict[str, dict[str, int | None]] = {}
+    for meta in sorted((ROOT / "mutants" / "src").rglob("*.py.meta")):
+        data = json.loads(meta.read_text())
+        if data["exit_code_by_key"]:
+            module = meta.relative_to(ROOT / "mutants" / "src").as_posix()[: -len(".meta")]
+            out[module] = data["exit_code_by_key"]
+    if not out:
+        sys.exit("no mutmut results in mutants/; run first")
+    return out
+
+
+def _diffs(names: list[str]) -> dict[str, str]:
+    """The diff of each mutant (mutmut's own rendering), run from the repository root."""
+    cwd = os.getcwd()
+    os.chdir(ROOT)
+    try:
+        from mutmut.mutation.diff_apply import get_diff_for_mutant
+
+        return {n: "\n".join(get_diff_for_mutant(n).splitlines()[2:]) for n in names}
+    except ImportError:  # another mutmut layout: ask the command line
+        return {n: subprocess.run([*_mutmut(), "show", n], capture_output=True, text=True).stdout
+                for n in names}
+    finally:
+        os.chdir(cwd)
+
+
+def report() -> None:
+    results = _results()
+    notes = json.loads(NOTES.read_text()) if NOTES.exists() else {}
+    info = json.loads(RUN_INFO.read_text()) if RUN_INFO.exists() else {}
+    rows, survivors, unchecked = [], [], Counter()
+    totals: Counter[str] = Counter()
+    for module, codes in results.items():
+        c = Counter()
+        for name, code in codes.items():
+            if code is None:
+                unchecked[module] += 1
+                continue
+            c["tried"] += 1
+            if code in KILLED:
+                c["killed"] += 1
+            else:  # survived, no tests, suspicious, segfault: the tests did not reliably fail
+                if notes.get(name, {}).get("equivalent"):
+                    c["equivalent"] += 1
+                else:
+                    c["survived"] += 1
+                survivors.append((module, name, code))
+        totals.update(c)
+        rows.append((module, c))
+    diffs = _diffs([n for _, n, _ in survivors])
+
+    def pct(c: Counter) -> str:
+        real = c["tried"] - c["equivalent"]
+        return f"{100 * c['killed'] / real:.1f}%" if real else "-"
+
+    lines = ["# Mutation testing of peftlab's core", ""]
+    lines += [
+        "Generated by `benchmarks/mutation.py` (mutmut; configuration under `[tool.mutmut]` in "
+        "pyproject.toml). Each mutant is one small planted change in one function; it runs the "
+        "tests, among those of the configured test files, that call the function. **Killed**: a "
+        "test failed (or hung: a timeout counts as a kill). **Equivalent**: cannot change "
+        "behaviour (see each note). **Survived**: a real change no test noticed.", ""]
+    if info:
+        lines += [
+            f"- Command: `{info['command']}` (runs `{info['mutmut_command']}`), "
+            f"exit code {info['exit_code']}",
+            f"- Wall time: **{info['wall_s'] // 60} min {info['wall_s'] % 60} s**, finished "
+            f"{info['finished']}, commit {info['git_commit']}",
+            f"- Machine: {info['cpus']} CPUs shared with other jobs (load average "
+            f"{info['load_average_before'][0]} before, {info['load_average_after'][0]} after); "
+            f"Python {info['python']}, mutmut {info['mutmut']}, torch {info['torch']}", ""]
+    if unchecked:
+        lines += [f"**Incomplete run**: not checked: {dict(unchecked)}", ""]
+    lines += ["| module | tried | killed | survived | equivalent | killed of non-equivalent |",
+              "|---|---:|---:|---:|---:|---:|"]
+    for module, c in rows + [("**all**", totals)]:
+        lines.append(f"| {module} | {c['tried']} | {c['killed']} | {c['survived']} | "
+                     f"{c['equivalent']} | {pct(c)} |")
+    lines += ["", "Target: at least 90% of the non-equivalent mutants killed in every module.", ""]
+
+    by_module = defaultdict(list)
+    for module, name, code in survivors:
+        by_module[module].append((name, code))
+    missing = [n for _, n, _ in survivors if n not in notes]
+    lines += ["## Survivors", ""]
+    if missing:
+        lines += [f"**{len(missing)} survivors have no note yet** (add them to "
+                  "`benchmarks/mutation_notes.json`).", ""]
+    for module, items in by_module.items():
+        lines += [f"### {module}", ""]
+        for name, code in sorted(items, key=lambda x: x[0]):
+            note = notes.get(name, {})
+            kind = "equivalent" if note.get("equivalent") else (
+                "no test calls it" if code in NO_TESTS else "survived")
+            lines += [f"- `{name}` ({kind}): {note.get('note', '**no note yet**')}", "",
+                      "  ```diff", *("  " + d for d in diffs[name].splitlines()), "  ```", ""]
+    stale = sorted(set(notes) - {n for _, n, _ in survivors})
+    if stale:
+        lines += ["## Notes whose mutant no longer survives", "",
+                  "These mutants are now killed or gone (the code changed); drop their notes.", ""]
+        lines += [f"- `{n}`" for n in stale] + [""]
+    REPORT.write_text("\n".join(lines))
+    print(f"{totals['tried']} tried, {totals['killed']} killed, {totals['survived']} survived, "
+          f"{totals['equivalent']} equivalent ({pct(totals)} of non-equivalent killed); "
+          f"{len(missing)} survivors without a note -> {REPORT.relative_to(ROOT)}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="what", required=True)
+    p_run = sub.add_parser("run", help="fresh mutmut run, then the report")
+    p_run.add_argument("--children", type=int, default=2, help="parallel mutant runs (default 2)")
+    sub.add_parser("report", help="write the report from the results in mutants/")
+    args = parser.parse_args()
+    if args.what == "run":
+        run(args.children)
+    else:
+        report()
+
+
+if __name__ == "__main__":
+    main()
