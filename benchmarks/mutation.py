@@ -40,6 +40,11 @@ REPORT = RESULTS / "mutation.md"
 RUN_INFO = RESULTS / "mutation.json"
 LOG = RESULTS / "mutation.log"  # not committed (the progress spinner makes it large)
 
+# Each mutant runs test_reliability's fuzz loop with every damage kind once per source (64 cases
+# instead of CI's 320), and one killed save: that test's writer is a subprocess, which imports the
+# installed peftlab rather than the mutant, so more kills would only cost time.
+MUTATION_ENV = {"PEFTLAB_FUZZ_CASES": "64", "PEFTLAB_KILLS": "1"}
+
 # mutmut's exit codes -> outcome. A timeout is a kill (the mutant made the tests hang).
 KILLED = {1, 3, 36, 24, -24, 152, 255, 37}
 SURVIVED = {0}
@@ -56,7 +61,7 @@ def _mutmut() -> list[str]:
 def run(children: int) -> None:
     """Fresh run: delete mutants/, run mutmut with ``children`` workers, record the wall time."""
     shutil.rmtree(ROOT / "mutants", ignore_errors=True)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", **MUTATION_ENV}
     env.pop("PYTHONPATH", None)  # mutmut puts mutants/src first; the original source must not win
     command = [*_mutmut(), "run", "--max-children", str(children)]
     RESULTS.mkdir(parents=True, exist_ok=True)
@@ -78,6 +83,7 @@ def run(children: int) -> None:
         "mutmut": _version("mutmut"),
         "torch": _version("torch"),
         "git_commit": _git("rev-parse", "--short", "HEAD"),
+        "env": " ".join(f"{k}={v}" for k, v in MUTATION_ENV.items()),
     }
     RUN_INFO.write_text(json.dumps(info, indent=2) + "\n")
     if rc != 0:
@@ -169,6 +175,7 @@ def report() -> None:
             f"exit code {info['exit_code']}",
             f"- Wall time: **{info['wall_s'] // 60} min {info['wall_s'] % 60} s**, finished "
             f"{info['finished']}, commit {info['git_commit']}",
+            f"- Test settings: {info.get('env', '')}",
             f"- Machine: {info['cpus']} CPUs shared with other jobs (load average "
             f"{info['load_average_before'][0]} before, {info['load_average_after'][0]} after); "
             f"Python {info['python']}, mutmut {info['mutmut']}, torch {info['torch']}", ""]

@@ -111,11 +111,19 @@ def test_detach_restores_the_original_state_dict_exactly(family):
 
 
 # ---- the formulas, by hand, on one layer ------------------------------------------------------
-def test_lora_layer_equals_the_formula(bert):
+# A frozen base (after ``train``) runs LoRA and (IA)³ through their own autograd functions, a
+# trainable one through plain autograd: the formulas must hold on both paths.
+FROZEN = pytest.mark.parametrize("frozen", [False, True], ids=["trainable_base", "frozen_base"])
+
+
+@FROZEN
+def test_lora_layer_equals_the_formula(bert, frozen):
     adapters = peftlab.attach(bert)
     adapters.add("a", peftlab.LoRAConfig(r=4, alpha=12, targets=("value",)))
     randomize(adapters.parameters("a"))
     adapters.activate("a")
+    if frozen:
+        adapters.train("a")
     layer = bert.encoder.layer[0].attention.self.value
     A, B = layer.adapters["a"].lora_A, layer.adapters["a"].lora_B
     x = torch.randn(3, 5, 32)
@@ -127,11 +135,14 @@ def test_lora_layer_equals_the_formula(bert):
     assert bert.encoder.layer[0].attention.self.value.adapters["rs"].scaling == 12 / 2
 
 
-def test_ia3_layer_equals_the_formula(bert):
+@FROZEN
+def test_ia3_layer_equals_the_formula(bert, frozen):
     adapters = peftlab.attach(bert)
     adapters.add("a", peftlab.IA3Config())
     randomize(adapters.parameters("a"))
     adapters.activate("a")
+    if frozen:
+        adapters.train("a")
     key = bert.encoder.layer[0].attention.self.key
     down = bert.encoder.layer[0].output.dense
     x, h = torch.randn(3, 5, 32), torch.randn(3, 5, 64)
@@ -141,7 +152,8 @@ def test_ia3_layer_equals_the_formula(bert):
     assert torch.allclose(down(h), (l_ff * h) @ down.base.weight.T + down.base.bias, atol=1e-6)
 
 
-def test_ia3_and_lora_on_one_layer_follow_the_documented_order(bert):
+@FROZEN
+def test_ia3_and_lora_on_one_layer_follow_the_documented_order(bert, frozen):
     """Where (IA)³ and LoRA both act, ``y = W(l_in⊙x)·l_out + b·l_out + s·B·A·(l_in⊙x)``:
     the (IA)³ input scale feeds LoRA too, the output scale does not touch LoRA's update."""
     adapters = peftlab.attach(bert)
@@ -152,6 +164,8 @@ def test_ia3_and_lora_on_one_layer_follow_the_documented_order(bert):
     # as after training: vectors away from ones, a non-zero LoRA update
     randomize(adapters.parameters("ia3") + adapters.parameters("ia3_out") + adapters.parameters("lora"),
               scale=0.3)
+    if frozen:
+        adapters.train("lora")
     down = bert.encoder.layer[0].output.dense
     l_in, l_out = down.adapters["ia3"].ia3_l, down.adapters["ia3_out"].ia3_l
     lora = down.adapters["lora"]
@@ -221,12 +235,16 @@ def test_lora_dropout_is_off_in_eval_mode(frozen):
         assert torch.equal(output_of(model, inputs), plain)
 
 
-def test_ia3_gradients_equal_plain_autograd(bert):
-    """(IA)³ runs through a custom autograd function; its gradients must be the textbook ones."""
+@FROZEN
+def test_ia3_gradients_equal_plain_autograd(bert, frozen):
+    """(IA)³ on a frozen base runs through a custom autograd function; its gradients must be the
+    textbook ones."""
     adapters = peftlab.attach(bert)
     adapters.add("a", peftlab.IA3Config())
     randomize(adapters.parameters("a"), scale=0.3)
     adapters.activate("a")
+    if frozen:
+        adapters.train("a")
     x = torch.randn(3, 5, 32, requires_grad=True)
     h = torch.randn(3, 5, 64, requires_grad=True)
     key = bert.encoder.layer[0].attention.self.key
@@ -239,6 +257,66 @@ def test_ia3_gradients_equal_plain_autograd(bert):
     ref = torch.autograd.grad(ref_out, (x, h, l_k, l_ff))
     for a, b in zip(ours, ref):
         assert torch.allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_a_frozen_base_gives_the_outputs_and_gradients_of_plain_autograd():
+    """Training freezes the base, which switches LoRA and (IA)³ to their custom autograd
+    functions; outputs and adapter gradients must not change (also through layers whose input
+    needs no gradient, and a layer with both (IA)³ vectors and LoRA)."""
+    model = tiny_model("bert")
+    adapters = peftlab.attach(model)
+    adapters.add("lora", peftlab.LoRAConfig(r=4, targets=("query", "value", "ffn_down")))
+    adapters.add("ia3", peftlab.IA3Config())
+    adapters.add("ia3_out", peftlab.IA3Config(targets=("ffn_down", "attn_out"), scale_input=()))
+    names = ("lora", "ia3", "ia3_out")
+    adapters.activate(*names)
+    params = [p for n in names for p in adapters.parameters(n)]
+    randomize(params, scale=0.3)
+    inputs = tiny_inputs("bert")
+
+    def run():
+        out = output_of(model, inputs)
+        return out, torch.autograd.grad(out.pow(2).mean(), params)
+
+    adapters.train("lora")
+    for p in params:
+        p.requires_grad_(True)
+    frozen_out, frozen_grads = run()
+    for p in model.parameters():
+        p.requires_grad_(True)
+    plain_out, plain_grads = run()
+    assert torch.allclose(frozen_out, plain_out, atol=1e-5)
+    for a, b in zip(frozen_grads, plain_grads):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("module, trainable, input_grad, saved", [
+    ("attention.self.key", True, False, "y"),  # l_out's gradient needs y / l_out
+    ("output.dense", True, False, "x"),  # l_in's gradient needs x
+    ("attention.self.key", False, True, ""),  # x's gradient needs neither
+    ("output.dense", False, True, ""),
+])
+def test_ia3_keeps_only_the_activations_its_gradients_need(bert, module, trainable, input_grad, saved):
+    adapters = peftlab.attach(bert)
+    adapters.add("a", peftlab.IA3Config())
+    randomize(adapters.parameters("a"))
+    adapters.activate("a")
+    adapters.train("a")  # frozen base: the custom autograd function
+    layer = bert.encoder.layer[0].get_submodule(module)
+    for p in adapters.parameters("a"):
+        p.requires_grad_(trainable)
+    x = torch.randn(3, 5, layer.in_features, requires_grad=input_grad)
+    packed = []
+
+    def pack(t):
+        packed.append(t)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        y = layer(x)
+    activations = {"x" if t is x else "y" if t.shape == y.shape else "?" for t in packed if t.dim() == 3}
+    assert activations == set(saved)
+    y.sum().backward()
 
 
 def test_fused_qkv_adapts_only_the_targeted_slices():
@@ -443,12 +521,15 @@ def test_configs_round_trip_through_json():
         assert again == config
 
 
-def test_lora_gradients_equal_plain_autograd(bert):
-    """LoRA's fused autograd function must give the textbook gradients."""
+@FROZEN
+def test_lora_gradients_equal_plain_autograd(bert, frozen):
+    """LoRA's fused autograd function (frozen base) must give the textbook gradients."""
     adapters = peftlab.attach(bert)
     adapters.add("a", peftlab.LoRAConfig(r=4, alpha=6))
     randomize(adapters.parameters("a"), scale=0.3)
     adapters.activate("a")
+    if frozen:
+        adapters.train("a")
     layer = bert.encoder.layer[0].attention.self.query
     A, B = layer.adapters["a"].lora_A, layer.adapters["a"].lora_B
     x = torch.randn(3, 5, 32, requires_grad=True)
