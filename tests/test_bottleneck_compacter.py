@@ -267,7 +267,8 @@ def test_presets_and_json_round_trip():
 @pytest.mark.parametrize("config, error, message", [
     (CC(reduction=8, phm_dim=3), peftlab.ConfigError, "32 output features are not divisible by phm_dim=3"),
     (CC(reduction=16), peftlab.ConfigError,
-     r"bottleneck size 2 \(= 32 // reduction 16\) is not divisible by phm_dim=4; change reduction or phm_dim"),
+     r"bottleneck size 2 \(= 32 // reduction 16\) is not divisible by phm_dim=4; "
+     "change reduction or phm_dim"),
     (BC(reduction=64), peftlab.ConfigError, "leaves no bottleneck"),
 ])
 def test_sizes_that_do_not_fit_are_refused_before_the_model_changes(bert, config, error, message):

@@ -332,7 +332,7 @@ def test_fusion_config_bounds_are_inclusive(field, good, bad, message):
 # ---- errors -----------------------------------------------------------------------------------
 def test_fusion_errors_are_clear(bert, tmp_path):
     adapters = _with_members(bert, q=peftlab.LoRAConfig(targets=("query",)), a=PFEIFFER, b=LORA_FFN)
-    with pytest.raises(peftlab.TargetError, match="no common module, so there is nothing to fuse; place them"):
+    with pytest.raises(peftlab.TargetError, match="no common module, so there is nothing to fuse; place"):
         adapters.add_fusion("f", ["q", "a"])
     with pytest.raises(peftlab.AdapterNameError, match="no adapter named"):
         adapters.add_fusion("f", ["a", "missing"])
