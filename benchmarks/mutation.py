@@ -7,7 +7,8 @@ configured under ``[tool.mutmut]`` in pyproject.toml (``methods/``, ``layer.py``
 files listed there) that call the mutated function. A mutant is *killed* when a test fails,
 *survives* when all pass. Not part of CI: it takes about an hour on 2 cores.
 
-    python benchmarks/mutation.py run          # fresh run, then the report (about an hour)
+    python benchmarks/mutation.py run          # fresh run of every mutant, then the report
+    python benchmarks/mutation.py resume       # re-run survivors and unrun mutants (after new tests)
     python benchmarks/mutation.py report       # the report again from mutants/ (after editing notes)
 
 The report, ``benchmarks/results/mutation.md``, counts per module the mutants tried, killed,
@@ -59,20 +60,45 @@ def _mutmut() -> list[str]:
 
 
 def run(children: int) -> None:
-    """Fresh run: delete mutants/, run mutmut with ``children`` workers, record the wall time."""
+    """Fresh run: delete mutants/, run every mutant with ``children`` workers."""
     shutil.rmtree(ROOT / "mutants", ignore_errors=True)
+    RUN_INFO.unlink(missing_ok=True)
+    _session(children, [], "python benchmarks/mutation.py run"
+             + (f" --children {children}" if children != 2 else ""))
+
+
+def resume(children: int, only: list[str], every: int) -> None:
+    """Run the mutants of mutants/ that have no result yet or survived (the tests may have
+    changed since), keeping the other results: a killed mutant stays killed when tests are added.
+    ``only``: mutant name globs; ``every``: only every N-th of them per module (a sample)."""
+    import fnmatch
+
+    names = []
+    for codes in _results().values():
+        todo = [n for n, c in sorted(codes.items()) if c is None or c not in KILLED]
+        todo = [n for n in todo if not only or any(fnmatch.fnmatch(n, g) for g in only)]
+        names += todo[::every]
+    if not names:
+        print("nothing to run")
+        return report()
+    args = "".join(f" --only '{g}'" for g in only) + (f" --every {every}" if every > 1 else "")
+    _session(children, names, f"python benchmarks/mutation.py resume{args}")
+
+
+def _session(children: int, names: list[str], described: str) -> None:
+    """Run mutmut (all mutants, or ``names``) and append the session to the run record."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", **MUTATION_ENV}
     env.pop("PYTHONPATH", None)  # mutmut puts mutants/src first; the original source must not win
-    command = [*_mutmut(), "run", "--max-children", str(children)]
+    command = [*_mutmut(), "run", "--max-children", str(children), *names]
     RESULTS.mkdir(parents=True, exist_ok=True)
     load_before = os.getloadavg()
     start = time.time()
-    with open(LOG, "w") as log:
+    with open(LOG, "a") as log:
         rc = subprocess.call(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
     wall = time.time() - start
     info = {
-        "command": "python benchmarks/mutation.py run" + (f" --children {children}" if children != 2 else ""),
-        "mutmut_command": " ".join(["mutmut", *command[1:]]),
+        "command": described,
+        "mutants": len(names) if names else "all",
         "exit_code": rc,
         "wall_s": round(wall),
         "finished": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
@@ -85,7 +111,8 @@ def run(children: int) -> None:
         "git_commit": _git("rev-parse", "--short", "HEAD"),
         "env": " ".join(f"{k}={v}" for k, v in MUTATION_ENV.items()),
     }
-    RUN_INFO.write_text(json.dumps(info, indent=2) + "\n")
+    sessions = json.loads(RUN_INFO.read_text()) if RUN_INFO.exists() else []
+    RUN_INFO.write_text(json.dumps(sessions + [info], indent=2) + "\n")
     if rc != 0:
         print(f"mutmut exited with {rc}; see {LOG}", file=sys.stderr)
     report()
@@ -136,7 +163,7 @@ def _diffs(names: list[str]) -> dict[str, str]:
 def report() -> None:
     results = _results()
     notes = json.loads(NOTES.read_text()) if NOTES.exists() else {}
-    info = json.loads(RUN_INFO.read_text()) if RUN_INFO.exists() else {}
+    sessions = json.loads(RUN_INFO.read_text()) if RUN_INFO.exists() else []
     rows, survivors, unchecked = [], [], Counter()
     totals: Counter[str] = Counter()
     for module, codes in results.items():
@@ -169,18 +196,20 @@ def report() -> None:
         "tests, among those of the configured test files, that call the function. **Killed**: a "
         "test failed (or hung: a timeout counts as a kill). **Equivalent**: cannot change "
         "behaviour (see each note). **Survived**: a real change no test noticed.", ""]
-    if info:
+    if sessions:
+        lines += ["Sessions (each `resume` re-runs what had no result or had survived):", ""]
+    for info in sessions:
         lines += [
-            f"- Command: `{info['command']}` (runs `{info['mutmut_command']}`), "
-            f"exit code {info['exit_code']}",
-            f"- Wall time: **{info['wall_s'] // 60} min {info['wall_s'] % 60} s**, finished "
-            f"{info['finished']}, commit {info['git_commit']}",
-            f"- Test settings: {info.get('env', '')}",
-            f"- Machine: {info['cpus']} CPUs shared with other jobs (load average "
-            f"{info['load_average_before'][0]} before, {info['load_average_after'][0]} after); "
-            f"Python {info['python']}, mutmut {info['mutmut']}, torch {info['torch']}", ""]
+            f"- `{info['command']}`: {info['mutants']} mutants, exit code {info['exit_code']}, "
+            f"wall time **{info['wall_s'] // 60} min {info['wall_s'] % 60} s**, finished "
+            f"{info['finished']} at commit {info['git_commit']}; {info['cpus']} CPUs shared with "
+            f"other jobs (load average {info['load_average_before'][0]} before, "
+            f"{info['load_average_after'][0]} after); {info.get('env', '')}; Python {info['python']}, "
+            f"mutmut {info['mutmut']}, torch {info['torch']}"]
+    lines += [""]
     if unchecked:
-        lines += [f"**Incomplete run**: not checked: {dict(unchecked)}", ""]
+        lines += [f"**Incomplete**: {sum(unchecked.values())} mutants not run yet ({dict(unchecked)}); "
+                  "`python benchmarks/mutation.py resume` runs them.", ""]
     lines += ["| module | tried | killed | survived | equivalent | killed of non-equivalent |",
               "|---|---:|---:|---:|---:|---:|"]
     for module, c in rows + [("**all**", totals)]:
@@ -220,10 +249,16 @@ def main() -> None:
     sub = parser.add_subparsers(dest="what", required=True)
     p_run = sub.add_parser("run", help="fresh mutmut run, then the report")
     p_run.add_argument("--children", type=int, default=2, help="parallel mutant runs (default 2)")
+    p_resume = sub.add_parser("resume", help="run the mutants without a result or that survived")
+    p_resume.add_argument("--children", type=int, default=2, help="parallel mutant runs (default 2)")
+    p_resume.add_argument("--only", action="append", default=[], help="mutant name glob (repeatable)")
+    p_resume.add_argument("--every", type=int, default=1, help="only every N-th mutant per module")
     sub.add_parser("report", help="write the report from the results in mutants/")
     args = parser.parse_args()
     if args.what == "run":
         run(args.children)
+    elif args.what == "resume":
+        resume(args.children, args.only, args.every)
     else:
         report()
 

@@ -47,6 +47,23 @@ def test_parameter_counts_match_the_formulas(shape, lora, ia3):
     assert summary["lora"].percent == pytest.approx(100 * lora / summary.base_parameters)
 
 
+def test_summary_prints_one_row_per_adapter(bert):
+    adapters = peftlab.attach(bert)
+    adapters.add("lora", peftlab.LoRAConfig(r=2))
+    adapters.add("ia3", peftlab.IA3Config(targets=("ffn_down",)))
+    adapters.add("idle", peftlab.LoRAConfig(r=1))
+    adapters.activate("lora", "ia3")
+    adapters.merge("lora")
+    assert str(adapters.summary()).splitlines() == [
+        "adapter              method             params   % base  sites  state",
+        "-" * 70,
+        "lora                 lora                  512   1.3525      4  merged",
+        "ia3                  ia3                   128   0.3381      2  active",
+        "idle                 lora                  256   0.6762      4  ",
+        "base model parameters: 37,856",
+    ]
+
+
 # ---- every family -----------------------------------------------------------------------------
 @pytest.mark.parametrize("family", FAMILIES)
 def test_new_adapters_leave_the_model_unchanged(family):
@@ -513,6 +530,48 @@ def test_merging_into_a_layer_shared_with_an_unmerged_adapter_of_another_kind_is
 def test_configs_validate_their_fields(bad):
     with pytest.raises(peftlab.ConfigError):
         peftlab.LoRAConfig.from_dict({**peftlab.LoRAConfig().to_dict(), **bad})
+
+
+def test_lora_config_bounds():
+    assert peftlab.LoRAConfig(r=1).r == 1 and peftlab.LoRAConfig(r=65536).r == 65536
+    assert peftlab.LoRAConfig(dropout=0.0).dropout == 0.0
+    for r in (0, 65537):
+        with pytest.raises(peftlab.ConfigError, match=f"r must be between 1 and 65536, got {r}"):
+            peftlab.LoRAConfig(r=r)
+    for p in (-0.1, 1.0):
+        with pytest.raises(peftlab.ConfigError, match=rf"dropout must be in \[0, 1\), got {p}"):
+            peftlab.LoRAConfig(dropout=p)
+
+
+def test_ia3_input_scaling_errors_are_clear():
+    with pytest.raises(peftlab.ConfigError, match="IA3Config.scale_input"):
+        peftlab.IA3Config(scale_input=("(unclosed",))
+    fused = peftlab.IA3Config(targets=("key",), scale_input=("key",))
+    with pytest.raises(peftlab.TargetError, match="cannot rescale the input of fused module 'h.0.attn"):
+        peftlab.attach(tiny_model("gpt2")).add("x", fused)
+
+
+def test_lora_starts_as_the_reference_code():
+    """A ~ Kaiming-uniform(a=√5), i.e. U(-1/√k, 1/√k) for k inputs; B = 0; (IA)³ vectors = 1."""
+    torch.manual_seed(0)
+    model = T.BertModel(T.BertConfig(hidden_size=256, num_hidden_layers=1, num_attention_heads=4,
+                                     intermediate_size=256, vocab_size=10))
+    adapters = peftlab.attach(model)
+    adapters.add("lora", peftlab.LoRAConfig(r=16, targets=("query",)))
+    adapters.add("ia3", peftlab.IA3Config())
+    piece = model.encoder.layer[0].attention.self.query.adapters["lora"]
+    bound = 1 / 256 ** 0.5
+    assert piece.lora_A.abs().max() <= bound and piece.lora_A.abs().max() > 0.99 * bound
+    assert torch.equal(piece.lora_B, torch.zeros(256, 16))
+    assert all(torch.equal(p, torch.ones_like(p)) for p in adapters.parameters("ia3"))
+
+
+def test_only_lora_and_ia3_pieces_merge(bert):
+    adapters = peftlab.attach(bert)
+    adapters.add("b", peftlab.BottleneckConfig.pfeiffer(reduction=8))
+    layer = bert.encoder.layer[0].output.dense
+    with pytest.raises(peftlab.AdapterStateError, match="^Bottleneck cannot be merged into the weights$"):
+        layer.adapters["b"].merge_into(layer.weight, layer.bias, 1)
 
 
 def test_configs_round_trip_through_json():

@@ -159,7 +159,7 @@ def test_bert_ia3_exports_to_peft(tmp_path):
 
     loaded, config = export_and_load_in_peft(model, adapters, "ia3", base, tmp_path)
 
-    assert config["peft_type"] == "IA3"
+    assert config["peft_type"] == "IA3" and config["init_ia3_weights"] is True
     # No head in the adapter: peft's SEQ_CLS class would demand classifier tensors, so no task type.
     assert config["task_type"] is None and config["modules_to_save"] is None
     assert config["feedforward_modules"] == ["bert.encoder.layer.0.output.dense",
@@ -167,13 +167,15 @@ def test_bert_ia3_exports_to_peft(tmp_path):
     assert_same_logits(loaded, model, base)
 
 
-@pytest.mark.parametrize("feedforward_in_config", [True, False])
-def test_bert_ia3_default_of_peft_imports_as_the_file_says(tmp_path, feedforward_in_config):
+@pytest.mark.parametrize("feedforward", ["list", "shapes", "regex"])
+def test_bert_ia3_default_of_peft_imports_as_the_file_says(tmp_path, feedforward):
     # peft's BERT default targets "output.dense", which also hits attention.output.dense.
     base = tiny_bert()
     theirs, path = peft_saved(base, peft.IA3Config(task_type="SEQ_CLS"), tmp_path)
-    if not feedforward_in_config:  # then the tensor shapes, [1, in] or [out, 1], tell
+    if feedforward == "shapes":  # no rule in the file: the tensor shapes, [1, in] or [out, 1], tell
         edit_config(path, feedforward_modules=None)
+    elif feedforward == "regex":  # peft also takes one regex, matched against the whole name
+        edit_config(path, feedforward_modules=r".*\.output\.dense")
 
     model, adapters = import_into_copy(base, path)
 
@@ -353,6 +355,20 @@ def test_unsupported_peft_configs_are_refused(peft_lora_dir, changes, message):
     with pytest.raises(peftlab.AdapterLoadError, match=re.escape(message)):
         adapters.import_peft(peft_lora_dir, name="x")
     assert_untouched(model, adapters, before)
+
+
+@pytest.mark.parametrize("rule, message", [
+    ({"output.dense": 1}, "feedforward_modules must be a list of names or a regex string"),
+    (["output.dense", 1], "feedforward_modules must be a list of names or a regex string"),
+    ("(output", "feedforward_modules"),
+])
+def test_bad_feedforward_modules_are_refused(tmp_path, rule, message):
+    _, path = peft_saved(tiny_bert(), peft.IA3Config(task_type="SEQ_CLS"), tmp_path)
+    edit_config(path, feedforward_modules=rule)
+    adapters = peftlab.attach(tiny_bert())
+    with pytest.raises(peftlab.AdapterLoadError, match=re.escape(message)):
+        adapters.import_peft(path, name="x")
+    assert adapters.names == ()
 
 
 def test_pickle_only_adapter_is_refused(peft_lora_dir):
