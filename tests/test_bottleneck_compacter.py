@@ -312,3 +312,10 @@ def test_config_bounds_are_inclusive(config, field, good, bad):
     for value in bad:
         with pytest.raises(peftlab.ConfigError, match=rf"{field} must be between 1 and \d+, got {value}"):
             config(**{field: value})
+
+
+def test_shared_rules_follow_each_projection_to_its_device():
+    """The adapter's one rule tensor may sit on another device than a projection (a model split
+    over devices): each projection moves it to its own."""
+    phm = PHMLinear(32, 64, n=4, rank=4, own_rules=False).to("meta")
+    assert phm.weight(torch.randn(4, 4, 4)).device.type == "meta"

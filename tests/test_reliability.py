@@ -671,7 +671,8 @@ REFUSALS = [
 ]
 
 
-@pytest.mark.parametrize("source, damage, message", REFUSALS, ids=lambda v: str(v)[:40])
+@pytest.mark.parametrize("source, damage, message", REFUSALS,
+                         ids=lambda v: v[:40] if isinstance(v, str) else "-".join(v))
 def test_each_refusal_says_what_is_wrong(source, damage, message, sources, tmp_path):
     adapters = peftlab.attach(tiny_bert())
     before = state_hash(adapters.model)
