@@ -25,6 +25,7 @@ import os
 import pickle
 import queue
 import random
+import re
 import shutil
 import signal
 import subprocess
@@ -672,7 +673,7 @@ REFUSALS = [
 
 
 @pytest.mark.parametrize("source, damage, message", REFUSALS,
-                         ids=lambda v: v[:40] if isinstance(v, str) else "-".join(v))
+                         ids=[f"{s}-{re.sub(r'[^a-z]+', '_', m)[:40]}" for s, _, m in REFUSALS])
 def test_each_refusal_says_what_is_wrong(source, damage, message, sources, tmp_path):
     adapters = peftlab.attach(tiny_bert())
     before = state_hash(adapters.model)
