@@ -63,34 +63,33 @@ def run(children: int) -> None:
     """Fresh run: delete mutants/, run every mutant with ``children`` workers."""
     shutil.rmtree(ROOT / "mutants", ignore_errors=True)
     RUN_INFO.unlink(missing_ok=True)
-    _session(children, [], "python benchmarks/mutation.py run"
+    _session(children, "python benchmarks/mutation.py run"
              + (f" --children {children}" if children != 2 else ""))
 
 
-def resume(children: int, only: list[str], every: int) -> None:
-    """Run the mutants of mutants/ that have no result yet or survived (the tests may have
-    changed since), keeping the other results: a killed mutant stays killed when tests are added.
-    ``only``: mutant name globs; ``every``: only every N-th of them per module (a sample)."""
-    import fnmatch
-
-    names = []
-    for codes in _results().values():
-        todo = [n for n, c in sorted(codes.items()) if c is None or c not in KILLED]
-        todo = [n for n in todo if not only or any(fnmatch.fnmatch(n, g) for g in only)]
-        names += todo[::every]
-    if not names:
-        print("nothing to run")
-        return report()
-    args = "".join(f" --only '{g}'" for g in only) + (f" --every {every}" if every > 1 else "")
-    _session(children, names, f"python benchmarks/mutation.py resume{args}")
+def resume(children: int) -> None:
+    """Run again every mutant of mutants/ that has no result yet or did not die (the tests may
+    have changed since), keeping the kills: a killed mutant stays killed when tests are added."""
+    reset = 0
+    for meta in (ROOT / "mutants" / "src").rglob("*.py.meta"):
+        data = json.loads(meta.read_text())
+        for name, code in data["exit_code_by_key"].items():
+            if code is not None and code not in KILLED:
+                data["exit_code_by_key"][name] = None
+                reset += 1
+        meta.write_text(json.dumps(data, indent=4))
+    print(f"{reset} survivors to run again")
+    _session(children, "python benchmarks/mutation.py resume"
+             + (f" --children {children}" if children != 2 else ""))
 
 
-def _session(children: int, names: list[str], described: str) -> None:
-    """Run mutmut (all mutants, or ``names``) and append the session to the run record."""
+def _session(children: int, described: str) -> None:
+    """Run mutmut on the mutants without a result and append the session to the run record."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", **MUTATION_ENV}
     env.pop("PYTHONPATH", None)  # mutmut puts mutants/src first; the original source must not win
-    command = [*_mutmut(), "run", "--max-children", str(children), *names]
+    command = [*_mutmut(), "run", "--max-children", str(children)]
     RESULTS.mkdir(parents=True, exist_ok=True)
+    todo = _unrun() if (ROOT / "mutants").exists() else None
     load_before = os.getloadavg()
     start = time.time()
     with open(LOG, "a") as log:
@@ -98,7 +97,7 @@ def _session(children: int, names: list[str], described: str) -> None:
     wall = time.time() - start
     info = {
         "command": described,
-        "mutants": len(names) if names else "all",
+        "mutants": (sum(map(len, _results().values())) if todo is None else todo) - _unrun(),
         "exit_code": rc,
         "wall_s": round(wall),
         "finished": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
@@ -116,6 +115,10 @@ def _session(children: int, names: list[str], described: str) -> None:
     if rc != 0:
         print(f"mutmut exited with {rc}; see {LOG}", file=sys.stderr)
     report()
+
+
+def _unrun() -> int:
+    return sum(c is None for codes in _results().values() for c in codes.values())
 
 
 def _version(package: str) -> str:
@@ -251,14 +254,12 @@ def main() -> None:
     p_run.add_argument("--children", type=int, default=2, help="parallel mutant runs (default 2)")
     p_resume = sub.add_parser("resume", help="run the mutants without a result or that survived")
     p_resume.add_argument("--children", type=int, default=2, help="parallel mutant runs (default 2)")
-    p_resume.add_argument("--only", action="append", default=[], help="mutant name glob (repeatable)")
-    p_resume.add_argument("--every", type=int, default=1, help="only every N-th mutant per module")
     sub.add_parser("report", help="write the report from the results in mutants/")
     args = parser.parse_args()
     if args.what == "run":
         run(args.children)
     elif args.what == "resume":
-        resume(args.children, args.only, args.every)
+        resume(args.children)
     else:
         report()
 
