@@ -53,6 +53,19 @@ def test_a_one_member_fusion_with_identity_value_is_that_member_exactly(bert, co
     assert torch.equal(adapters.fusion_weights("fusion"), torch.ones(len(adapters["fusion"].sites), 1))
 
 
+def test_a_one_member_ia3_fusion_is_that_member_exactly_also_for_large_scales(bert):
+    inputs = tiny_inputs("bert")
+    adapters = _with_members(bert, member=IA3)
+    with torch.no_grad():
+        for p in adapters.parameters("member"):
+            p.uniform_(2.0, 7.0)  # far from 1: h + (scaled - h) would round differently from scaled
+    adapters.activate("member")
+    alone = output_of(bert, inputs)
+    adapters.add_fusion("fusion", ["member"], EXACT_V)
+    adapters.activate("fusion")
+    assert torch.equal(output_of(bert, inputs), alone)
+
+
 def test_a_fusion_layer_equals_the_papers_formula(bert):
     adapters = _with_members(bert, houlsby=peftlab.BottleneckConfig.houlsby(reduction=8),
                              pfeiffer=PFEIFFER, lora=LORA_FFN)

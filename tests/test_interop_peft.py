@@ -358,15 +358,15 @@ def test_unsupported_peft_configs_are_refused(peft_lora_dir, changes, message):
 
 
 @pytest.mark.parametrize("rule, message", [
-    ({"output.dense": 1}, "feedforward_modules must be a list of names or a regex string"),
-    (["output.dense", 1], "feedforward_modules must be a list of names or a regex string"),
-    ("(output", "feedforward_modules"),
+    ({"output.dense": 1}, ": feedforward_modules must be a list of names or a regex string$"),
+    (["output.dense", 1], ": feedforward_modules must be a list of names or a regex string$"),
+    ("(output", ": feedforward_modules: '\\(output' is not a valid regular expression"),
 ])
 def test_bad_feedforward_modules_are_refused(tmp_path, rule, message):
     _, path = peft_saved(tiny_bert(), peft.IA3Config(task_type="SEQ_CLS"), tmp_path)
     edit_config(path, feedforward_modules=rule)
     adapters = peftlab.attach(tiny_bert())
-    with pytest.raises(peftlab.AdapterLoadError, match=re.escape(message)):
+    with pytest.raises(peftlab.AdapterLoadError, match=message):
         adapters.import_peft(path, name="x")
     assert adapters.names == ()
 
