@@ -376,6 +376,18 @@ def test_fusion_errors_are_clear(bert, tmp_path):
     adapters.remove("b")  # free once its fusion is gone
 
 
+def test_fusion_refusals_say_what_is_wrong(bert):
+    adapters = _with_members(bert, a=PFEIFFER, b=LORA_FFN)
+    with pytest.raises(peftlab.AdapterNameError, match="^an adapter named 'a' exists; remove it or pick an"):
+        adapters.add_fusion("a", ["b"])
+    with pytest.raises(peftlab.ConfigError, match="^add_fusion needs a FusionConfig, got LoRAConfig$"):
+        adapters.add_fusion("f", ["a", "b"], LORA_FFN)
+    adapters.activate("b")
+    adapters.merge("b")
+    with pytest.raises(peftlab.AdapterStateError, match="^adapter 'b' is merged; unmerge it before fusing"):
+        adapters.add_fusion("f", ["a", "b"])
+
+
 def test_routing_errors_are_clear(bert):
     adapters = _with_members(bert, a=LORA_FFN)
     with pytest.raises(peftlab.AdapterNameError, match="no adapter named"), adapters.route(["a", "nope"]):

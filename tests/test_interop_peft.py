@@ -107,15 +107,17 @@ def test_bert_lora_with_classifier_exports_to_peft(tmp_path):
     base = tiny_bert()
     model = copy.deepcopy(base)
     adapters = peftlab.attach(model)
-    adapters.add("sst2", peftlab.LoRAConfig(r=4, alpha=8))
+    adapters.add("sst2", peftlab.LoRAConfig(r=4, alpha=6.5, dropout=0.1))
     adapters.activate("sst2")
     trainable = adapters.train("sst2", also=("classifier",))
     randomize(trainable)
+    model.eval()
 
     loaded, config = export_and_load_in_peft(model, adapters, "sst2", base, tmp_path)
 
     assert config["peft_type"] == "LORA" and config["task_type"] == "SEQ_CLS"
-    assert (config["r"], config["lora_alpha"], config["rank_pattern"]) == (4, 8, {})
+    assert (config["r"], config["lora_alpha"], config["rank_pattern"]) == (4, 6.5, {})
+    assert (config["lora_dropout"], config["use_dora"], config["init_lora_weights"]) == (0.1, False, True)
     assert config["modules_to_save"] == ["classifier"]
     assert "bert.encoder.layer.1.attention.self.value" in config["target_modules"]
     assert_same_logits(loaded, model, base)
@@ -289,6 +291,7 @@ def test_llama_lora_exports_to_peft(tmp_path, rslora):
     loaded, config = export_and_load_in_peft(model, adapters, "all", base, tmp_path)
 
     assert len(config["target_modules"]) == 14 and config["use_rslora"] is rslora
+    assert config["lora_alpha"] == 8 and type(config["lora_alpha"]) is int  # written as 8, not 8.0
     assert_same_logits(loaded, model, base)
 
 
