@@ -99,6 +99,7 @@ def test_compacter_layer_equals_the_sum_of_kronecker_products(bert, rank, shared
     layer = bert.encoder.layer[1].attention.output.dense
     piece = layer.adapters["c"]
     assert (piece.shared is not None) == shared and (piece.down.rules is None) == shared
+    assert (adapters["c"].shared is not None) == shared  # no unused rule tensor when unshared
     rules = piece.shared.rules if shared else None
 
     def kron_weight(phm):
