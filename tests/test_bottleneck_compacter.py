@@ -212,7 +212,8 @@ def test_merge_is_refused_with_the_mergeable_methods_named(bert, config):
     adapters = peftlab.attach(bert)
     adapters.add("a", config)
     adapters.activate("a")
-    with pytest.raises(peftlab.AdapterStateError, match=r"cannot be merged.*lora, ia3"):
+    with pytest.raises(peftlab.AdapterStateError,
+                       match=r"they add a nonlinear module\); mergeable methods: lora, ia3$"):
         adapters.merge("a")
 
 
@@ -287,7 +288,8 @@ def test_an_adapter_on_part_of_a_fused_projection_is_refused():
 
 def test_compacter_piece_needs_its_shared_rules():
     site = find_sites(tiny_model("bert"), ("ffn_down",), peftlab.ROLE_MAPS["bert"])[0]
-    with pytest.raises(peftlab.ConfigError, match="shared_rules=True needs the adapter's SharedRules"):
+    with pytest.raises(peftlab.ConfigError,
+                       match="^a Compacter with shared_rules=True needs the adapter's SharedRules$"):
         Compacter(TINY_COMPACTER, site, None)
 
 
@@ -320,3 +322,20 @@ def test_shared_rules_follow_each_projection_to_its_device():
     over devices): each projection moves it to its own."""
     phm = PHMLinear(32, 64, n=4, rank=4, own_rules=False).to("meta")
     assert phm.weight(torch.randn(4, 4, 4)).device.type == "meta"
+
+
+def test_bottleneck_starts_as_houlsby_and_may_be_one_wide():
+    """W_down ~ N(0, 0.01²) truncated at ±0.02, W_up and both biases 0; a bottleneck of 1 is fine."""
+    torch.manual_seed(0)
+    model = T.BertModel(T.BertConfig(hidden_size=256, num_hidden_layers=1, num_attention_heads=4,
+                                     intermediate_size=256, vocab_size=10))
+    adapters = peftlab.attach(model)
+    adapters.add("b", BC.pfeiffer())  # 256 // 16 = 16: W_down has 4096 entries
+    adapters.add("one", BC.pfeiffer(reduction=256))
+    piece = model.encoder.layer[0].output.dense.adapters["b"]
+    w = piece.down.weight
+    assert w.abs().max() <= 0.02 and w.abs().max() > 0.019 and 0.0075 < w.std() < 0.0095
+    assert not piece.up.weight.any() and not piece.up.bias.any() and not piece.down.bias.any()
+    assert model.encoder.layer[0].output.dense.adapters["one"].down.out_features == 1
+    with pytest.raises(peftlab.ConfigError, match=r"\(256 features\); use a reduction <= 256$"):
+        adapters.add("zero", BC.pfeiffer(reduction=257))

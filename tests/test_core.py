@@ -521,8 +521,58 @@ def test_merging_into_a_layer_shared_with_an_unmerged_adapter_of_another_kind_is
     adapters.add("lora", peftlab.LoRAConfig())
     adapters.add("ia3", peftlab.IA3Config())
     adapters.activate("lora", "ia3")
-    with pytest.raises(peftlab.AdapterStateError, match="composes with"):
+    with pytest.raises(peftlab.AdapterStateError, match="composes with active unmerged adapter"):
         adapters.merge("ia3")
+    with pytest.raises(peftlab.AdapterStateError,
+                       match=r"composes with active unmerged adapter\(s\) \['ia3'\]"):
+        adapters.merge("lora")
+
+
+def test_merge_order_and_state_errors_say_what_to_do(bert):
+    adapters = peftlab.attach(bert)
+    adapters.add("a", peftlab.LoRAConfig())
+    adapters.add("b", peftlab.LoRAConfig())
+    adapters.activate("a", "b")
+    adapters.merge("a")
+    adapters.merge("b")
+    with pytest.raises(peftlab.AdapterStateError,
+                       match=r"^unmerge \['b'\] before 'a' \(reverse order of merging\)$"):
+        adapters.unmerge("a")
+    layer = bert.encoder.layer[0].attention.self.query
+    with pytest.raises(peftlab.AdapterStateError,
+                       match=r"^adapter 'a' must be unmerged after \['b'\] \(unmerge in the reverse order"):
+        layer.unmerge("a")
+    assert layer.merged == ["a", "b"]
+    with pytest.raises(peftlab.AdapterStateError, match="^adapter 'a' is merged; unmerge it before train"):
+        adapters.train("a")
+    with pytest.raises(peftlab.AdapterStateError, match="or pass keep_merged=True to keep them there$"):
+        peftlab.detach(bert)
+    adapters.unmerge("b")
+    adapters.unmerge("a")
+    assert adapters.summary()["a"].merged is False and adapters["a"].merged is False
+    with pytest.raises(KeyError, match="nope"):
+        adapters.summary()["nope"]
+
+
+def test_train_along_every_named_module():
+    torch.manual_seed(0)
+    model = T.BertForSequenceClassification(T.BertConfig(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+        vocab_size=100, num_labels=3))
+    adapters = peftlab.attach(model)
+    adapters.add("a", peftlab.LoRAConfig())
+    adapters.add("f", peftlab.BottleneckConfig.pfeiffer(reduction=8))
+    adapters.activate("a")
+    adapters.train("a", also=("classifier", "pooler"))
+    assert adapters["a"].extras == ("classifier", "bert.pooler")
+    with pytest.raises(peftlab.TargetError, match="^no module named 'nope' to train along; top-level"):
+        adapters.train("a", also="nope")
+    adapters.add("m", peftlab.LoRAConfig(targets=("ffn_down",)))
+    adapters.add_fusion("fused", ["f", "m"])
+    adapters.activate("m")
+    with pytest.raises(peftlab.AdapterStateError,
+                       match=r"member of fusion\(s\) \['fused'\]; remove them before merging"):
+        adapters.merge("m")
 
 
 @pytest.mark.parametrize("bad", [{"r": 0}, {"r": "8"}, {"dropout": 1.5}, {"targets": "query"},

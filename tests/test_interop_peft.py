@@ -20,6 +20,8 @@ from transformers import (
     GPT2LMHeadModel,
     LlamaConfig,
     LlamaForCausalLM,
+    T5ForConditionalGeneration,
+    T5Model,
 )
 
 import peftlab
@@ -407,3 +409,73 @@ def test_unexpected_tensor_is_refused(peft_lora_dir):
 
     with pytest.raises(peftlab.AdapterLoadError, match="unexpected tensor"):
         adapters.import_peft(peft_lora_dir, name="x")
+
+
+# ---- peft's naming rules, on small models with chosen module names ------------------------------
+class Named(torch.nn.Module):
+    """A Linear(4, 4) under each dotted name."""
+
+    def __init__(self, *names: str) -> None:
+        super().__init__()
+        for name in names:
+            parent = self
+            *path, leaf = name.split(".")
+            for part in path:
+                if not hasattr(parent, part):
+                    parent.add_module(part, torch.nn.Module())
+                parent = getattr(parent, part)
+            parent.add_module(leaf, torch.nn.Linear(4, 4))
+
+
+def exported(model, config, tmp_path, also=()):
+    adapters = peftlab.attach(model)
+    adapters.add("a", config)
+    adapters.activate("a")
+    adapters.train("a", also=also)
+    out = adapters.export_peft("a", tmp_path / "peft")
+    return json.loads((out / "adapter_config.json").read_text())
+
+
+def test_target_lists_become_a_regex_only_where_peft_would_match_other_modules(tmp_path):
+    """peft matches a target_modules entry as a dotted name suffix, a feedforward_modules entry
+    as a plain suffix: the list form is kept while it hits exactly the adapted modules."""
+    ia3 = peftlab.IA3Config(targets=("^proj$",), scale_input=("^proj$",))
+    config = exported(Named("proj", "xproj"), ia3, tmp_path / "1")
+    assert config["target_modules"] == ["proj"]  # "xproj" does not end in ".proj"
+    assert config["feedforward_modules"] == "proj"  # but it ends in "proj"
+    config = exported(Named("proj", "xproj"), peftlab.LoRAConfig(targets=("^proj$",)), tmp_path / "2")
+    assert config["target_modules"] == ["proj"]
+    lora = peftlab.LoRAConfig(targets=("^proj$", "^other$"))
+    config = exported(Named("proj", "block.proj", "other"), lora, tmp_path / "3")
+    assert config["target_modules"] == "proj|other"  # "block.proj" ends in ".proj"
+
+
+def test_extra_modules_must_mean_the_same_to_peft(tmp_path):
+    lora = peftlab.LoRAConfig(targets=("^proj$",))
+    config = exported(Named("proj", "block.head"), lora, tmp_path / "1", also="head")
+    assert config["modules_to_save"] == ["block.head"]
+    with pytest.raises(peftlab.ConfigError, match=re.escape(
+            "peft would also treat ['xhead'] as extra modules (it matches modules_to_save ['head'] "
+            "as name suffixes)")):
+        exported(Named("proj", "head", "xhead"), lora, tmp_path / "2", also="head")
+    with pytest.raises(peftlab.ConfigError, match=re.escape(
+            "extra module 'block' holds adapted layers; peft cannot save a module both in "
+            "modules_to_save and as an adapter target")):
+        exported(Named("block.proj"), peftlab.LoRAConfig(targets=("proj$",)), tmp_path / "3", also="block")
+
+
+def test_export_records_the_task_and_base_model(tmp_path):
+    from conftest import CONFIGS
+
+    t5 = T5ForConditionalGeneration(CONFIGS["t5"]())
+    t5.config._name_or_path = "tiny/t5"
+    config = exported(t5, peftlab.LoRAConfig(), tmp_path / "1")
+    assert (config["task_type"], config["base_model_name_or_path"]) == ("SEQ_2_SEQ_LM", "tiny/t5")
+    assert config["inference_mode"] is True
+    config = exported(T5Model(CONFIGS["t5"]()), peftlab.LoRAConfig(), tmp_path / "2")
+    assert (config["task_type"], config["base_model_name_or_path"]) == (None, None)
+    adapters = peftlab.attach(tiny_bert())
+    adapters.add("b", peftlab.BottleneckConfig.pfeiffer(reduction=8))
+    with pytest.raises(peftlab.ConfigError, match=re.escape(
+            "peft's format holds LoRA and (IA)³ adapters; 'b' is a bottleneck adapter")):
+        adapters.export_peft("b", tmp_path / "3")
