@@ -9,6 +9,7 @@ files listed there) that call the mutated function. A mutant is *killed* when a 
 
     python benchmarks/mutation.py run          # fresh run of every mutant, then the report
     python benchmarks/mutation.py resume       # re-run survivors and unrun mutants (after new tests)
+    python benchmarks/mutation.py resume --survivors-only
     python benchmarks/mutation.py report       # the report again from mutants/ (after editing notes)
 
 The report, ``benchmarks/results/mutation.md``, counts per module the mutants tried, killed,
@@ -83,29 +84,30 @@ def run(children: int) -> None:
              + (f" --children {children}" if children != 2 else ""))
 
 
-def resume(children: int) -> None:
-    """Run again every mutant of mutants/ that has no result yet or did not die (the tests may
-    have changed since), keeping the kills: a killed mutant stays killed when tests are added."""
-    reset = 0
-    for meta in (ROOT / "mutants" / "src").rglob("*.py.meta"):
+def resume(children: int, survivors_only: bool) -> None:
+    """Run again every mutant of mutants/ that did not die (the tests may have changed since) and,
+    unless ``survivors_only``, those not run yet; kills stand: more tests cannot revive a mutant."""
+    survivors = [n for codes in _results().values() for n, c in codes.items()
+                 if c is not None and c not in KILLED]
+    flag = " --survivors-only" if survivors_only else ""
+    flag += f" --children {children}" if children != 2 else ""
+    if survivors_only:  # mutmut runs named mutants again whatever their result
+        return _session(children, f"python benchmarks/mutation.py resume{flag}", survivors)
+    for meta in (ROOT / "mutants" / "src").rglob("*.py.meta"):  # unnamed: mutmut runs those without one
         data = json.loads(meta.read_text())
-        for name, code in data["exit_code_by_key"].items():
-            if code is not None and code not in KILLED:
-                data["exit_code_by_key"][name] = None
-                reset += 1
+        for name in set(survivors) & set(data["exit_code_by_key"]):
+            data["exit_code_by_key"][name] = None
         meta.write_text(json.dumps(data, indent=4))
-    print(f"{reset} survivors to run again")
-    _session(children, "python benchmarks/mutation.py resume"
-             + (f" --children {children}" if children != 2 else ""))
+    _session(children, f"python benchmarks/mutation.py resume{flag}")
 
 
-def _session(children: int, described: str) -> None:
-    """Run mutmut on the mutants without a result and append the session to the run record."""
+def _session(children: int, described: str, names: list[str] | None = None) -> None:
+    """Run mutmut on ``names``, or on the mutants without a result, and record the session."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", **MUTATION_ENV}
     env.pop("PYTHONPATH", None)  # mutmut puts mutants/src first; the original source must not win
-    command = [*_mutmut(), "run", "--max-children", str(children)]
+    command = [*_mutmut(), "run", "--max-children", str(children), *(names or [])]
     RESULTS.mkdir(parents=True, exist_ok=True)
-    todo = _unrun() if (ROOT / "mutants").exists() else None
+    todo = len(names) if names else _unrun() if (ROOT / "mutants").exists() else None
     load_before = os.getloadavg()
     start = time.time()
     with open(LOG, "a") as log:
@@ -113,7 +115,8 @@ def _session(children: int, described: str) -> None:
     wall = time.time() - start
     info = {
         "command": described,
-        "mutants": (sum(map(len, _results().values())) if todo is None else todo) - _unrun(),
+        "mutants": todo if names else
+        (sum(map(len, _results().values())) if todo is None else todo) - _unrun(),
         "exit_code": rc,
         "wall_s": round(wall),
         "finished": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
@@ -273,12 +276,13 @@ def main() -> None:
     p_run.add_argument("--children", type=int, default=2, help="parallel mutant runs (default 2)")
     p_resume = sub.add_parser("resume", help="run the mutants without a result or that survived")
     p_resume.add_argument("--children", type=int, default=2, help="parallel mutant runs (default 2)")
+    p_resume.add_argument("--survivors-only", action="store_true", help="not the mutants not run yet")
     sub.add_parser("report", help="write the report from the results in mutants/")
     args = parser.parse_args()
     if args.what == "run":
         run(args.children)
     elif args.what == "resume":
-        resume(args.children)
+        resume(args.children, args.survivors_only)
     else:
         report()
 

@@ -547,6 +547,8 @@ def test_merge_order_and_state_errors_say_what_to_do(bert):
         adapters.train("a")
     with pytest.raises(peftlab.AdapterStateError, match="or pass keep_merged=True to keep them there$"):
         peftlab.detach(bert)
+    with pytest.raises(peftlab.AdapterStateError, match="^adapter 'a' is merged; unmerge it before removing"):
+        adapters.remove("a")
     adapters.unmerge("b")
     adapters.unmerge("a")
     assert adapters.summary()["a"].merged is False and adapters["a"].merged is False
@@ -571,8 +573,11 @@ def test_train_along_every_named_module():
     adapters.add_fusion("fused", ["f", "m"])
     adapters.activate("m")
     with pytest.raises(peftlab.AdapterStateError,
-                       match=r"member of fusion\(s\) \['fused'\]; remove them before merging"):
+                       match=r"member of fusion\(s\) \['fused'\]; remove them before merging it$"):
         adapters.merge("m")
+    with pytest.raises(peftlab.AdapterStateError,
+                       match=r"member of fusion\(s\) \['fused'\]; remove them before removing it$"):
+        adapters.remove("m")
 
 
 @pytest.mark.parametrize("bad", [{"r": 0}, {"r": "8"}, {"dropout": 1.5}, {"targets": "query"},

@@ -1000,12 +1000,38 @@ def test_saving_over_an_adapter_replaces_it_whole(tmp_path, monkeypatch, exchang
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="renameat2 is Linux's")
-def test_exchange_swaps_two_directories(tmp_path):
+def test_exchange_swaps_two_directories(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # relative paths: renameat2 resolves them from the working directory
+    Path("a").mkdir()
+    Path("b").mkdir()
+    Path("a", "from_a").write_text("a")
+    assert peftlab.io._exchange(Path("a"), Path("b"))
+    assert [p.name for p in Path("b").iterdir()] == ["from_a"] and not any(Path("a").iterdir())
+
+
+def test_without_renameat2_exchange_says_so(tmp_path, monkeypatch):
+    import ctypes.util
+
     (tmp_path / "a").mkdir()
     (tmp_path / "b").mkdir()
-    (tmp_path / "a" / "from_a").write_text("a")
-    assert peftlab.io._exchange(tmp_path / "a", tmp_path / "b")
-    assert [p.name for p in (tmp_path / "b").iterdir()] == ["from_a"] and not any((tmp_path / "a").iterdir())
+    monkeypatch.setattr(ctypes, "CDLL", lambda *args, **kwargs: object())  # a libc without it
+    assert not peftlab.io._exchange(tmp_path / "a", tmp_path / "b")
+    monkeypatch.setattr(ctypes.util, "find_library", lambda name: None)  # no libc found at all
+    assert not peftlab.io._exchange(tmp_path / "a", tmp_path / "b")
+
+
+def test_a_model_without_a_config_saves_and_loads(tmp_path):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 2))
+    adapters = peftlab.attach(model)
+    adapters.add("a", peftlab.LoRAConfig(r=2, targets=(r"^0$",)))
+    adapters.activate("a")
+    adapters.train("a")
+    adapters.save("a", tmp_path / "a", extras=("1",))  # extras named here, not by train
+    config = json.loads((tmp_path / "a" / CONFIG_FILE).read_text())
+    assert config["base_model"]["model_type"] is None and config["extra_modules"] == ["1"]
+    fresh = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 2))
+    assert peftlab.attach(fresh).load(tmp_path / "a") == "a"
 
 
 def test_a_peft_directory_with_its_readme_is_an_adapter_directory(tmp_path):
