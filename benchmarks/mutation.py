@@ -92,7 +92,9 @@ def resume(children: int, survivors_only: bool) -> None:
     flag = " --survivors-only" if survivors_only else ""
     flag += f" --children {children}" if children != 2 else ""
     if survivors_only:  # mutmut runs named mutants again whatever their result
-        return _session(children, f"python benchmarks/mutation.py resume{flag}", survivors)
+        notes = json.loads(NOTES.read_text()) if NOTES.exists() else {}
+        todo = [n for n in survivors if n not in notes]  # a noted survivor was judged already
+        return _session(children, f"python benchmarks/mutation.py resume{flag}", todo)
     for meta in (ROOT / "mutants" / "src").rglob("*.py.meta"):  # unnamed: mutmut runs those without one
         data = json.loads(meta.read_text())
         for name in set(survivors) & set(data["exit_code_by_key"]):
@@ -276,7 +278,8 @@ def main() -> None:
     p_run.add_argument("--children", type=int, default=2, help="parallel mutant runs (default 2)")
     p_resume = sub.add_parser("resume", help="run the mutants without a result or that survived")
     p_resume.add_argument("--children", type=int, default=2, help="parallel mutant runs (default 2)")
-    p_resume.add_argument("--survivors-only", action="store_true", help="not the mutants not run yet")
+    p_resume.add_argument("--survivors-only", action="store_true",
+                          help="only the survivors without a note, not the mutants not run yet")
     sub.add_parser("report", help="write the report from the results in mutants/")
     args = parser.parse_args()
     if args.what == "run":
