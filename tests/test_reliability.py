@@ -623,7 +623,8 @@ REFUSALS = [
     ("ia3", dict(files={CONFIG_FILE: b"[]"}), "adapter_config.json must hold a JSON object"),
     ("lora", dict(files={WEIGHTS_FILE: None}), "is missing (only safetensors weights are loaded)"),
     ("peft_lora", dict(files={WEIGHTS_FILE: None}), "adapter_model.safetensors is missing"),
-    ("lora", dict(files={WEIGHTS_FILE: b"\x00" * 16}), "is not a valid safetensors file"),
+    ("lora", dict(files={WEIGHTS_FILE: b"\x00" * 16}),
+     "is not a valid safetensors file: Error while deserializing header"),
     ("peft_ia3", dict(files={WEIGHTS_FILE: b"\x00" * 16}), "is not a valid safetensors file"),
     ("ia3", dict(tensors=lambda t: t.pop(_first(t))), "does not match the adapter's config: missing ['bert."),
     ("ia3", dict(tensors=lambda t: t.update(x=torch.ones(1))), "unexpected ['x']"),
@@ -687,6 +688,23 @@ def test_each_refusal_says_what_is_wrong(source, damage, message, sources, tmp_p
     assert adapters.names == () and state_hash(adapters.model) == before
 
 
+@pytest.mark.parametrize("missing, extra", [(1, 0), (5, 0), (6, 0), (0, 5), (0, 6), (6, 6)])
+def test_a_key_mismatch_names_at_most_five_keys_of_each_kind(missing, extra, sources, tmp_path):
+    def damage(t):
+        for key in sorted(t)[:missing]:
+            del t[key]
+        t.update({f"x{i}": torch.ones(1) for i in range(extra)})
+
+    case = _damaged(sources, "ia3", tmp_path, tensors=damage)  # 6 tensors
+    keys = sorted(load_file(sources["ia3"] / WEIGHTS_FILE))[:missing]
+    extras = [f"x{i}" for i in range(extra)]
+    expected = (f"does not match the adapter's config: missing {keys[:5]}{'...' if missing > 5 else ''}, "
+                f"unexpected {extras[:5]}{'...' if extra > 5 else ''}")
+    with pytest.raises(peftlab.AdapterLoadError) as e:
+        peftlab.attach(tiny_bert()).load(case)
+    assert str(e.value).endswith(expected)
+
+
 def test_loading_twice_under_one_name_is_refused(sources):
     adapters = peftlab.attach(tiny_bert())
     adapters.load(sources["lora"])
@@ -732,7 +750,7 @@ def test_tensors_that_are_not_float16_32_64_or_bfloat16_are_refused(source, dtyp
     tensors = load_file(case / WEIGHTS_FILE)
     key = sorted(tensors)[0]
     save_file({**tensors, key: tensors[key].to(dtype)}, str(case / WEIGHTS_FILE))
-    with pytest.raises(peftlab.AdapterLoadError, match="expected a floating-point type"):
+    with pytest.raises(peftlab.AdapterLoadError, match="has dtype [A-Z0-9_]+, expected a floating-point typ"):
         _load(adapters, source, case)
     assert adapters.names == () and state_hash(adapters.model) == before
 
