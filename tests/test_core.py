@@ -372,11 +372,15 @@ def test_merged_conv1d_weights_match_the_unmerged_output():
     assert not c_attn.active_pieces  # merged: forward runs the base projection only
 
 
-def test_several_adapters_on_the_same_layers_add_up(bert):
+@FROZEN
+def test_several_adapters_on_the_same_layers_add_up(bert, frozen):
     adapters = peftlab.attach(bert)
     adapters.add("a", peftlab.LoRAConfig(r=2))
     adapters.add("b", peftlab.LoRAConfig(r=3))
     randomize(adapters.parameters("a") + adapters.parameters("b"))
+    if frozen:
+        adapters.activate("a")
+        adapters.train("a")
     q = bert.encoder.layer[1].attention.self.query
     x = torch.randn(2, 4, 32)
     base = q.base(x)
@@ -388,6 +392,23 @@ def test_several_adapters_on_the_same_layers_add_up(bert):
     assert torch.allclose(q(x) - base, da + db, atol=1e-6)
     adapters.activate()
     assert torch.equal(q(x), base)
+
+
+def test_two_ia3_adapters_on_one_layer_multiply(bert):
+    adapters = peftlab.attach(bert)
+    adapters.add("a", peftlab.IA3Config())
+    adapters.add("b", peftlab.IA3Config())
+    randomize(adapters.parameters("a") + adapters.parameters("b"), scale=0.3)
+    adapters.activate("a", "b")
+    for name in ("attention.self.key", "output.dense"):  # output and input scales
+        layer = bert.encoder.layer[0].get_submodule(name)
+        la, lb = layer.adapters["a"].ia3_l, layer.adapters["b"].ia3_l
+        x = torch.randn(2, 3, layer.in_features)
+        if layer.adapters["a"].scale_input:
+            expected = layer.base(la * lb * x)
+        else:
+            expected = la * lb * layer.base(x)
+        assert torch.allclose(layer(x), expected, atol=1e-5)
 
 
 # ---- training ---------------------------------------------------------------------------------
@@ -547,6 +568,10 @@ def test_merge_order_and_state_errors_say_what_to_do(bert):
         adapters.train("a")
     with pytest.raises(peftlab.AdapterStateError, match="or pass keep_merged=True to keep them there$"):
         peftlab.detach(bert)
+    with pytest.raises(peftlab.AdapterStateError, match="unmerge them before deactivating them$"):
+        adapters.activate("a")
+    with pytest.raises(peftlab.AdapterNameError, match=r"^an adapter is named twice in \('a', 'a', 'b'\)$"):
+        adapters.activate("a", "a", "b")
     with pytest.raises(peftlab.AdapterStateError, match="^adapter 'a' is merged; unmerge it before removing"):
         adapters.remove("a")
     adapters.unmerge("b")
@@ -599,7 +624,7 @@ def test_lora_config_bounds():
 
 
 def test_ia3_input_scaling_errors_are_clear():
-    with pytest.raises(peftlab.ConfigError, match="IA3Config.scale_input"):
+    with pytest.raises(peftlab.ConfigError, match="^IA3Config.scale_input: "):
         peftlab.IA3Config(scale_input=("(unclosed",))
     fused = peftlab.IA3Config(targets=("key",), scale_input=("key",))
     with pytest.raises(peftlab.TargetError, match="cannot rescale the input of fused module 'h.0.attn"):
@@ -648,8 +673,9 @@ def test_lora_gradients_equal_plain_autograd(bert, frozen):
     A, B = layer.adapters["a"].lora_A, layer.adapters["a"].lora_B
     x = torch.randn(3, 5, 32, requires_grad=True)
     g = torch.randn(3, 5, 32)
-    ours = torch.autograd.grad((layer(x) * g).sum(), (x, A, B))
+    wrt = (x, A, B) if frozen else (x, A, B, layer.base.weight)  # a trainable base gets its gradient
+    ours = torch.autograd.grad((layer(x) * g).sum(), wrt)
     ref_out = x @ layer.base.weight.T + layer.base.bias + 1.5 * (x @ A.T) @ B.T
-    ref = torch.autograd.grad((ref_out * g).sum(), (x, A, B))
+    ref = torch.autograd.grad((ref_out * g).sum(), wrt)
     for a, b in zip(ours, ref):
         assert torch.allclose(a, b, rtol=1e-5, atol=1e-5)

@@ -103,6 +103,21 @@ def test_members_build_on_the_other_active_adapters_at_their_module(bert):
         assert torch.allclose(layer(x), p["f"](h, torch.stack([z_lora, z_ia3], dim=-2)), atol=1e-5)
 
 
+def test_a_fusion_beside_a_lora_on_a_frozen_base(bert):
+    """Frozen base, one LoRA active beside a fusion at the module: h = W·x + b + LoRA, then the fusion."""
+    adapters = _with_members(bert, a=PFEIFFER, b=PFEIFFER, lora=LORA_FFN)
+    adapters.add_fusion("f", ["a", "b"])
+    randomize(adapters.parameters("f"), seed=7)
+    adapters.activate("lora", "f")
+    adapters.train("f")
+    layer = bert.get_submodule("encoder.layer.0.output.dense")
+    x = torch.randn(2, 4, layer.in_features)
+    h = layer.adapters["lora"].add_delta(layer.base(x), x)
+    z = torch.stack([layer.adapters["a"](h), layer.adapters["b"](h)], dim=-2)
+    with torch.no_grad():
+        assert torch.allclose(layer(x), layer.adapters["f"](h, z), atol=1e-5)
+
+
 def test_an_absent_member_counts_as_the_unchanged_output(bert):
     # Houlsby acts at attn_out and ffn_down, Pfeiffer at ffn_down only: at attn_out the fusion
     # chooses between Houlsby's output and the plain one.
@@ -286,6 +301,11 @@ def test_routing_is_per_thread():
         for t in threads:
             t.join()
         assert torch.equal(output_of(model, inputs), plain)  # the main thread was never routed
+        fresh: list[torch.Tensor] = []  # nor was a new thread: it runs the active adapters
+        thread = threading.Thread(target=lambda: fresh.append(output_of(model, inputs)))
+        thread.start()
+        thread.join()
+        assert len(fresh) == 1 and torch.equal(fresh[0], plain)
     for i in (0, 1):
         assert len(results[i]) == 8
         assert all(torch.allclose(r, sequential[i], atol=1e-6, rtol=0) for r in results[i])

@@ -980,7 +980,7 @@ def test_saving_into_a_directory_with_other_files_refuses_and_keeps_them(others,
         (dest / rel).parent.mkdir(parents=True, exist_ok=True)
         (dest / rel).write_bytes(content)
     before = _tree(dest)
-    with pytest.raises(peftlab.AdapterSaveError, match="refusing"):
+    with pytest.raises(peftlab.AdapterSaveError, match="refusing to replace it. Choose an empty or new dir"):
         adapters.save("a", dest)
     with pytest.raises(peftlab.AdapterSaveError, match="refusing"):
         adapters.export_peft("a", dest)
@@ -1061,3 +1061,21 @@ def test_a_peft_directory_with_its_readme_is_an_adapter_directory(tmp_path):
     assert is_adapter_dir(dest)
     adapters.save("a", dest)
     assert sorted(p.name for p in dest.iterdir()) == [CONFIG_FILE, WEIGHTS_FILE]
+
+
+def test_a_save_into_new_nested_directories_works_and_a_failed_one_leaves_nothing(tmp_path, monkeypatch):
+    adapters = peftlab.attach(tiny_bert())
+    adapters.add("a", peftlab.LoRAConfig())
+    adapters.save("a", tmp_path / "x" / "y" / "adapter")
+    assert is_adapter_dir(tmp_path / "x" / "y" / "adapter")
+    (tmp_path / "file").write_text("")
+    with pytest.raises(peftlab.AdapterSaveError, match="^cannot write to .*file: "):
+        adapters.save("a", tmp_path / "file" / "adapter")
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("disk on fire")
+
+    monkeypatch.setattr(peftlab.io, "save_file", broken)
+    with pytest.raises(RuntimeError, match="disk on fire"):
+        adapters.save("a", tmp_path / "x" / "z")
+    assert sorted(p.name for p in (tmp_path / "x").iterdir()) == ["y"]  # no temporary directory left
