@@ -317,13 +317,6 @@ def test_config_bounds_are_inclusive(config, field, good, bad):
             config(**{field: value})
 
 
-def test_shared_rules_follow_each_projection_to_its_device():
-    """The adapter's one rule tensor may sit on another device than a projection (a model split
-    over devices): each projection moves it to its own."""
-    phm = PHMLinear(32, 64, n=4, rank=4, own_rules=False).to("meta")
-    assert phm.weight(torch.randn(4, 4, 4)).device.type == "meta"
-
-
 def test_bottleneck_starts_as_houlsby_and_may_be_one_wide():
     """W_down ~ N(0, 0.01²) truncated at ±0.02, W_up and both biases 0; a bottleneck of 1 is fine."""
     torch.manual_seed(0)

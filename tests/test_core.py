@@ -349,6 +349,10 @@ def test_fused_qkv_adapts_only_the_targeted_slices():
     adapters.activate("lora")
     delta = c_attn(x) - plain
     assert delta[..., 32:64].abs().max() == 0 and delta[..., :32].abs().min() > 0
+    # each role has its own rows of A (query rows 0..r-1, value rows r..2r-1) and of B
+    A, B, s = c_attn.adapters["lora"].lora_A, c_attn.adapters["lora"].lora_B, 16 / 2
+    assert torch.allclose(delta[..., :32], s * x @ A[:2].T @ B[:32].T, atol=1e-5)
+    assert torch.allclose(delta[..., 64:], s * x @ A[2:].T @ B[32:].T, atol=1e-5)
     adapters.activate("ia3")
     ratio = c_attn(x) / plain
     assert torch.allclose(ratio[..., :32], torch.ones(()), atol=1e-5)
@@ -551,19 +555,20 @@ def test_merging_into_a_layer_shared_with_an_unmerged_adapter_of_another_kind_is
 
 def test_merge_order_and_state_errors_say_what_to_do(bert):
     adapters = peftlab.attach(bert)
-    adapters.add("a", peftlab.LoRAConfig())
-    adapters.add("b", peftlab.LoRAConfig())
-    adapters.activate("a", "b")
-    adapters.merge("a")
-    adapters.merge("b")
+    for name in ("a", "b", "c"):
+        adapters.add(name, peftlab.LoRAConfig())
+    adapters.activate("a", "b", "c")
+    for name in ("a", "b", "c"):
+        adapters.merge(name)
     with pytest.raises(peftlab.AdapterStateError,
-                       match=r"^unmerge \['b'\] before 'a' \(reverse order of merging\)$"):
+                       match=r"^unmerge \['b', 'c'\] before 'a' \(reverse order of merging\)$"):
         adapters.unmerge("a")
     layer = bert.encoder.layer[0].attention.self.query
     with pytest.raises(peftlab.AdapterStateError,
-                       match=r"^adapter 'a' must be unmerged after \['b'\] \(unmerge in the reverse order"):
+                       match=r"^adapter 'a' must be unmerged after \['b', 'c'\] \(unmerge in the reverse"):
         layer.unmerge("a")
-    assert layer.merged == ["a", "b"]
+    assert layer.merged == ["a", "b", "c"]
+    adapters.unmerge("c")
     with pytest.raises(peftlab.AdapterStateError, match="^adapter 'a' is merged; unmerge it before train"):
         adapters.train("a")
     with pytest.raises(peftlab.AdapterStateError, match="or pass keep_merged=True to keep them there$"):

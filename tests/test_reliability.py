@@ -668,8 +668,8 @@ REFUSALS = [
      "rank_pattern must be an object of module pattern"),
     ("peft_lora", dict(config=lambda c: c.update(modules_to_save="classifier")),
      "modules_to_save must be a list of module names"),
-    ("peft_lora", dict(tensors=lambda t: t.update({"base_model.model.classifierX.weight": torch.ones(1)})),
-     "unexpected tensor 'base_model.model.classifierX.weight': neither an adapter tensor nor part of a "
+    ("peft_lora", dict(tensors=lambda t: t.update({"base_model.model.classifier_weight": torch.ones(1)})),
+     "unexpected tensor 'base_model.model.classifier_weight': neither an adapter tensor nor part of a "
      "module in modules_to_save ['classifier']"),
     ("peft_lora", dict(config=lambda c: c.update(modules_to_save=["nope"])),
      "unexpected tensor 'base_model.model.classifier.bias': neither an adapter tensor nor part of a module"),
