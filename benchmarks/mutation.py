@@ -221,7 +221,9 @@ def report() -> None:
         "test failed (or hung: a timeout counts as a kill). **Equivalent**: cannot change "
         "behaviour (see each note). **Survived**: a real change no test noticed.", ""]
     if sessions:
-        lines += ["Sessions (each `resume` re-runs what had no result or had survived):", ""]
+        lines += ["Sessions. A `resume` runs again what had no result or had survived and keeps the "
+                  "earlier kills, which is sound while tests are only added or tightened (as here); "
+                  "after removing or loosening a test, start a fresh `run`.", ""]
     for info in sessions:
         lines += [
             f"- `{info['command']}`: {info['mutants']} mutants, exit code {info['exit_code']}, "
