@@ -49,10 +49,23 @@ CONFIGS = {
 FAMILIES = tuple(CONFIGS)
 
 
+BIAS_STD = 0.1
+
+
 def tiny_model(family: str, seed: int = 0) -> torch.nn.Module:
-    """A randomly initialised tiny base model of ``family`` in eval mode."""
+    """A randomly initialised tiny base model of ``family`` in eval mode.
+
+    transformers initialises every bias to zero, which hides any bug that forgets one (an (IA)³
+    merge that scales ``W`` but not ``b`` gives the right output while ``b = 0``). So every bias
+    (projections and norms) is drawn from N(0, BIAS_STD²)."""
     torch.manual_seed(seed)
-    return T.AutoModel.from_config(CONFIGS[family]()).eval()
+    model = T.AutoModel.from_config(CONFIGS[family]()).eval()
+    g = torch.Generator().manual_seed(seed + 1000)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias"):
+                p.copy_(torch.randn(p.shape, generator=g) * BIAS_STD)
+    return model
 
 
 def tiny_inputs(family: str, batch: int = 2, length: int = 6, seed: int = 1) -> dict[str, torch.Tensor]:

@@ -14,7 +14,7 @@ from safetensors import safe_open
 
 import peftlab
 from peftlab.layer import AdaptedLayer
-from peftlab.methods.compacter import Compacter, SharedRules
+from peftlab.methods.compacter import Compacter, PHMLinear, SharedRules
 from peftlab.sites import find_sites
 
 BC, CC = peftlab.BottleneckConfig, peftlab.CompacterConfig
@@ -90,22 +90,26 @@ def test_bottleneck_layer_equals_the_formula(bert):
     assert torch.allclose(layer(x), y + h @ piece.up.weight.T + piece.up.bias, atol=1e-6)
 
 
-@pytest.mark.parametrize("rank", [1, 2])
-def test_compacter_layer_equals_the_sum_of_kronecker_products(bert, rank):
+@pytest.mark.parametrize("rank, shared", [(1, True), (2, True), (2, False)])
+def test_compacter_layer_equals_the_sum_of_kronecker_products(bert, rank, shared):
     adapters = peftlab.attach(bert)
-    adapters.add("c", TINY_COMPACTER.replace(rank=rank))
+    adapters.add("c", TINY_COMPACTER.replace(rank=rank, shared_rules=shared))
     randomize(adapters.parameters("c"))
     adapters.activate("c")
     layer = bert.encoder.layer[1].attention.output.dense
     piece = layer.adapters["c"]
-    rules = piece.shared.rules
+    assert (piece.shared is not None) == shared and (piece.down.rules is None) == shared
+    assert (adapters["c"].shared is not None) == shared  # no unused rule tensor when unshared
+    rules = piece.shared.rules if shared else None
 
     def kron_weight(phm):
-        return sum(torch.kron(rules[i], phm.w_left[i] @ phm.w_right[i]) for i in range(4))
+        r = phm.rules if rules is None else rules
+        return sum(torch.kron(r[i], phm.w_left[i] @ phm.w_right[i]) for i in range(4))
 
     w_down, w_up = kron_weight(piece.down), kron_weight(piece.up)
     assert w_down.shape == (32, 4) and w_up.shape == (4, 32)
     assert torch.allclose(piece.down.weight(rules), w_down, atol=1e-6)
+    assert torch.allclose(piece.down(torch.ones(32), rules), w_down.sum(0) + piece.down.bias, atol=1e-5)
     assert torch.allclose(piece.up.weight(rules), w_up, atol=1e-6)
     x = torch.randn(3, 5, 32)
     y = x @ layer.base.weight.T + layer.base.bias
@@ -208,7 +212,8 @@ def test_merge_is_refused_with_the_mergeable_methods_named(bert, config):
     adapters = peftlab.attach(bert)
     adapters.add("a", config)
     adapters.activate("a")
-    with pytest.raises(peftlab.AdapterStateError, match=r"cannot be merged.*lora, ia3"):
+    with pytest.raises(peftlab.AdapterStateError,
+                       match=r"they add a nonlinear module\); mergeable methods: lora, ia3$"):
         adapters.merge("a")
 
 
@@ -263,7 +268,9 @@ def test_presets_and_json_round_trip():
 
 @pytest.mark.parametrize("config, error, message", [
     (CC(reduction=8, phm_dim=3), peftlab.ConfigError, "32 output features are not divisible by phm_dim=3"),
-    (CC(reduction=16), peftlab.ConfigError, r"bottleneck size 2 \(= 32 // reduction 16\)"),
+    (CC(reduction=16), peftlab.ConfigError,
+     r"bottleneck size 2 \(= 32 // reduction 16\) is not divisible by phm_dim=4; "
+     "change reduction or phm_dim"),
     (BC(reduction=64), peftlab.ConfigError, "leaves no bottleneck"),
 ])
 def test_sizes_that_do_not_fit_are_refused_before_the_model_changes(bert, config, error, message):
@@ -281,5 +288,47 @@ def test_an_adapter_on_part_of_a_fused_projection_is_refused():
 
 def test_compacter_piece_needs_its_shared_rules():
     site = find_sites(tiny_model("bert"), ("ffn_down",), peftlab.ROLE_MAPS["bert"])[0]
-    with pytest.raises(peftlab.ConfigError, match="SharedRules"):
+    with pytest.raises(peftlab.ConfigError,
+                       match="^a Compacter with shared_rules=True needs the adapter's SharedRules$"):
         Compacter(TINY_COMPACTER, site, None)
+
+
+def test_compacter_factors_start_glorot_uniform():
+    """Each factor, taken as a matrix ``[rows, cols]``, is U(-b, b) with b = √(6 / (rows + cols))."""
+    torch.manual_seed(0)
+    phm = PHMLinear(32, 64, n=4, rank=4, own_rules=True)  # w_left [4, 8, 4], w_right [4, 4, 16]
+    for w, bound in [(phm.w_left, (6 / 12) ** 0.5), (phm.w_right, (6 / 20) ** 0.5)]:
+        assert w.max() <= bound and w.min() >= -bound
+        assert w.max() > 0.95 * bound and w.min() < -0.95 * bound
+    assert phm.rules.std() < 1e-3 and torch.equal(phm.bias, torch.zeros(64))
+
+
+@pytest.mark.parametrize("config, field, good, bad", [
+    (BC, "reduction", [1, 65536], [0, 65537]),
+    (CC, "reduction", [1, 65536], [0, 65537]),
+    (CC, "phm_dim", [1, 256], [0, 257]),
+    (CC, "rank", [1, 65536], [0, 65537]),
+])
+def test_config_bounds_are_inclusive(config, field, good, bad):
+    for value in good:
+        assert getattr(config(**{field: value}), field) == value
+    for value in bad:
+        with pytest.raises(peftlab.ConfigError, match=rf"{field} must be between 1 and \d+, got {value}"):
+            config(**{field: value})
+
+
+def test_bottleneck_starts_as_houlsby_and_may_be_one_wide():
+    """W_down ~ N(0, 0.01²) truncated at ±0.02, W_up and both biases 0; a bottleneck of 1 is fine."""
+    torch.manual_seed(0)
+    model = T.BertModel(T.BertConfig(hidden_size=256, num_hidden_layers=1, num_attention_heads=4,
+                                     intermediate_size=256, vocab_size=10))
+    adapters = peftlab.attach(model)
+    adapters.add("b", BC.pfeiffer())  # 256 // 16 = 16: W_down has 4096 entries
+    adapters.add("one", BC.pfeiffer(reduction=256))
+    piece = model.encoder.layer[0].output.dense.adapters["b"]
+    w = piece.down.weight
+    assert w.abs().max() <= 0.02 and w.abs().max() > 0.019 and 0.0075 < w.std() < 0.0095
+    assert not piece.up.weight.any() and not piece.up.bias.any() and not piece.down.bias.any()
+    assert model.encoder.layer[0].output.dense.adapters["one"].down.out_features == 1
+    with pytest.raises(peftlab.ConfigError, match=r"\(256 features\); use a reduction <= 256$"):
+        adapters.add("zero", BC.pfeiffer(reduction=257))

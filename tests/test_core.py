@@ -47,6 +47,23 @@ def test_parameter_counts_match_the_formulas(shape, lora, ia3):
     assert summary["lora"].percent == pytest.approx(100 * lora / summary.base_parameters)
 
 
+def test_summary_prints_one_row_per_adapter(bert):
+    adapters = peftlab.attach(bert)
+    adapters.add("lora", peftlab.LoRAConfig(r=2))
+    adapters.add("ia3", peftlab.IA3Config(targets=("ffn_down",)))
+    adapters.add("idle", peftlab.LoRAConfig(r=1))
+    adapters.activate("lora", "ia3")
+    adapters.merge("lora")
+    assert str(adapters.summary()).splitlines() == [
+        "adapter              method             params   % base  sites  state",
+        "-" * 70,
+        "lora                 lora                  512   1.3525      4  merged",
+        "ia3                  ia3                   128   0.3381      2  active",
+        "idle                 lora                  256   0.6762      4  ",
+        "base model parameters: 37,856",
+    ]
+
+
 # ---- every family -----------------------------------------------------------------------------
 @pytest.mark.parametrize("family", FAMILIES)
 def test_new_adapters_leave_the_model_unchanged(family):
@@ -111,11 +128,19 @@ def test_detach_restores_the_original_state_dict_exactly(family):
 
 
 # ---- the formulas, by hand, on one layer ------------------------------------------------------
-def test_lora_layer_equals_the_formula(bert):
+# A frozen base (after ``train``) runs LoRA and (IA)³ through their own autograd functions, a
+# trainable one through plain autograd: the formulas must hold on both paths.
+FROZEN = pytest.mark.parametrize("frozen", [False, True], ids=["trainable_base", "frozen_base"])
+
+
+@FROZEN
+def test_lora_layer_equals_the_formula(bert, frozen):
     adapters = peftlab.attach(bert)
     adapters.add("a", peftlab.LoRAConfig(r=4, alpha=12, targets=("value",)))
     randomize(adapters.parameters("a"))
     adapters.activate("a")
+    if frozen:
+        adapters.train("a")
     layer = bert.encoder.layer[0].attention.self.value
     A, B = layer.adapters["a"].lora_A, layer.adapters["a"].lora_B
     x = torch.randn(3, 5, 32)
@@ -127,11 +152,14 @@ def test_lora_layer_equals_the_formula(bert):
     assert bert.encoder.layer[0].attention.self.value.adapters["rs"].scaling == 12 / 2
 
 
-def test_ia3_layer_equals_the_formula(bert):
+@FROZEN
+def test_ia3_layer_equals_the_formula(bert, frozen):
     adapters = peftlab.attach(bert)
     adapters.add("a", peftlab.IA3Config())
     randomize(adapters.parameters("a"))
     adapters.activate("a")
+    if frozen:
+        adapters.train("a")
     key = bert.encoder.layer[0].attention.self.key
     down = bert.encoder.layer[0].output.dense
     x, h = torch.randn(3, 5, 32), torch.randn(3, 5, 64)
@@ -141,12 +169,99 @@ def test_ia3_layer_equals_the_formula(bert):
     assert torch.allclose(down(h), (l_ff * h) @ down.base.weight.T + down.base.bias, atol=1e-6)
 
 
-def test_ia3_gradients_equal_plain_autograd(bert):
-    """(IA)³ runs through a custom autograd function; its gradients must be the textbook ones."""
+@FROZEN
+def test_ia3_and_lora_on_one_layer_follow_the_documented_order(bert, frozen):
+    """Where (IA)³ and LoRA both act, ``y = W(l_in⊙x)·l_out + b·l_out + s·B·A·(l_in⊙x)``:
+    the (IA)³ input scale feeds LoRA too, the output scale does not touch LoRA's update."""
+    adapters = peftlab.attach(bert)
+    adapters.add("ia3", peftlab.IA3Config())  # ffn_down: scales the input
+    adapters.add("ia3_out", peftlab.IA3Config(targets=("ffn_down",), scale_input=()))
+    adapters.add("lora", peftlab.LoRAConfig(r=4, alpha=8, targets=("ffn_down",)))
+    adapters.activate("ia3", "ia3_out", "lora")
+    # as after training: vectors away from ones, a non-zero LoRA update
+    randomize(adapters.parameters("ia3") + adapters.parameters("ia3_out") + adapters.parameters("lora"),
+              scale=0.3)
+    if frozen:
+        adapters.train("lora")
+    down = bert.encoder.layer[0].output.dense
+    l_in, l_out = down.adapters["ia3"].ia3_l, down.adapters["ia3_out"].ia3_l
+    lora = down.adapters["lora"]
+    assert (l_in - 1).abs().min() > 1e-4 and (l_out - 1).abs().min() > 1e-4
+    assert lora.lora_B.abs().min() > 0
+    W, b = down.base.weight, down.base.bias
+    assert b.abs().min() > 0
+    x = torch.randn(3, 5, 64)
+    xs = l_in * x
+    expected = (xs @ W.T) * l_out + b * l_out + 2.0 * xs @ lora.lora_A.T @ lora.lora_B.T
+    with torch.no_grad():
+        assert torch.allclose(down(x), expected, atol=1e-5)
+        for _ in range(2):  # the same through per-example routing (each example one group)
+            with adapters.route([("ia3", "ia3_out", "lora"), None, ("lora",)]):
+                routed = down(x)
+            assert torch.allclose(routed[0], expected[0], atol=1e-5)
+            assert torch.allclose(routed[1], x[1] @ W.T + b, atol=1e-5)
+            assert torch.allclose(routed[2], x[2] @ W.T + b + 2.0 * x[2] @ lora.lora_A.T @ lora.lora_B.T,
+                                  atol=1e-5)
+
+
+def test_ia3_merge_scales_the_bias_too(bert):
+    """``l ⊙ (W·x + b) = (diag(l)·W)·x + l ⊙ b``: merging an output scale must scale the bias."""
+    adapters = peftlab.attach(bert)
+    adapters.add("ia3", peftlab.IA3Config())
+    randomize(adapters.parameters("ia3"))
+    adapters.activate("ia3")
+    key = bert.encoder.layer[0].attention.self.key
+    W, b, l_k = key.base.weight.clone(), key.base.bias.clone(), key.adapters["ia3"].ia3_l
+    assert b.abs().min() > 0
+    inputs = tiny_inputs("bert")
+    before = output_of(bert, inputs)
+    adapters.merge("ia3")
+    assert torch.allclose(key.base.weight, l_k[:, None] * W, atol=1e-6)
+    assert torch.allclose(key.base.bias, l_k * b, atol=1e-6)
+    assert torch.allclose(output_of(bert, inputs), before, atol=1e-5)
+    adapters.unmerge("ia3")
+    assert torch.allclose(key.base.bias, b, atol=1e-6) and torch.allclose(key.base.weight, W, atol=1e-6)
+
+
+@pytest.mark.parametrize("frozen", [False, True], ids=["fresh", "after_train"])
+def test_lora_dropout_is_off_in_eval_mode(frozen):
+    """``dropout`` acts on the adapter's input while training only: in eval mode two forwards
+    give the same output. After ``train`` (frozen base) LoRA shares the layer with (IA)³ here, so
+    the update runs through the same path as on an unfrozen base."""
+    torch.manual_seed(0)
+    model = T.BertModel(T.BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                     intermediate_size=64, vocab_size=100, hidden_dropout_prob=0.0,
+                                     attention_probs_dropout_prob=0.0))
+    adapters = peftlab.attach(model)
+    adapters.add("lora", peftlab.LoRAConfig(r=4, dropout=0.5, targets=("query", "value", "ffn_down")))
+    adapters.add("ia3", peftlab.IA3Config())
+    adapters.activate(*(("lora", "ia3") if frozen else ("lora",)))
+    if frozen:
+        adapters.train("lora")
+    randomize(adapters.parameters("lora"), scale=0.3)  # lora_B = 0 would make the update vanish
+    inputs = tiny_inputs("bert")
+    model.eval()
+    with torch.no_grad():
+        assert torch.equal(output_of(model, inputs), output_of(model, inputs))
+        model.train()
+        assert not torch.allclose(output_of(model, inputs), output_of(model, inputs), atol=1e-3)
+        model.eval()
+        adapters.activate()
+        plain = output_of(model, inputs)
+        model.train()  # the base model has no dropout of its own: the difference above was LoRA's
+        assert torch.equal(output_of(model, inputs), plain)
+
+
+@FROZEN
+def test_ia3_gradients_equal_plain_autograd(bert, frozen):
+    """(IA)³ on a frozen base runs through a custom autograd function; its gradients must be the
+    textbook ones."""
     adapters = peftlab.attach(bert)
     adapters.add("a", peftlab.IA3Config())
     randomize(adapters.parameters("a"), scale=0.3)
     adapters.activate("a")
+    if frozen:
+        adapters.train("a")
     x = torch.randn(3, 5, 32, requires_grad=True)
     h = torch.randn(3, 5, 64, requires_grad=True)
     key = bert.encoder.layer[0].attention.self.key
@@ -159,6 +274,66 @@ def test_ia3_gradients_equal_plain_autograd(bert):
     ref = torch.autograd.grad(ref_out, (x, h, l_k, l_ff))
     for a, b in zip(ours, ref):
         assert torch.allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_a_frozen_base_gives_the_outputs_and_gradients_of_plain_autograd():
+    """Training freezes the base, which switches LoRA and (IA)³ to their custom autograd
+    functions; outputs and adapter gradients must not change (also through layers whose input
+    needs no gradient, and a layer with both (IA)³ vectors and LoRA)."""
+    model = tiny_model("bert")
+    adapters = peftlab.attach(model)
+    adapters.add("lora", peftlab.LoRAConfig(r=4, targets=("query", "value", "ffn_down")))
+    adapters.add("ia3", peftlab.IA3Config())
+    adapters.add("ia3_out", peftlab.IA3Config(targets=("ffn_down", "attn_out"), scale_input=()))
+    names = ("lora", "ia3", "ia3_out")
+    adapters.activate(*names)
+    params = [p for n in names for p in adapters.parameters(n)]
+    randomize(params, scale=0.3)
+    inputs = tiny_inputs("bert")
+
+    def run():
+        out = output_of(model, inputs)
+        return out, torch.autograd.grad(out.pow(2).mean(), params)
+
+    adapters.train("lora")
+    for p in params:
+        p.requires_grad_(True)
+    frozen_out, frozen_grads = run()
+    for p in model.parameters():
+        p.requires_grad_(True)
+    plain_out, plain_grads = run()
+    assert torch.allclose(frozen_out, plain_out, atol=1e-5)
+    for a, b in zip(frozen_grads, plain_grads):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("module, trainable, input_grad, saved", [
+    ("attention.self.key", True, False, "y"),  # l_out's gradient needs y / l_out
+    ("output.dense", True, False, "x"),  # l_in's gradient needs x
+    ("attention.self.key", False, True, ""),  # x's gradient needs neither
+    ("output.dense", False, True, ""),
+])
+def test_ia3_keeps_only_the_activations_its_gradients_need(bert, module, trainable, input_grad, saved):
+    adapters = peftlab.attach(bert)
+    adapters.add("a", peftlab.IA3Config())
+    randomize(adapters.parameters("a"))
+    adapters.activate("a")
+    adapters.train("a")  # frozen base: the custom autograd function
+    layer = bert.encoder.layer[0].get_submodule(module)
+    for p in adapters.parameters("a"):
+        p.requires_grad_(trainable)
+    x = torch.randn(3, 5, layer.in_features, requires_grad=input_grad)
+    packed = []
+
+    def pack(t):
+        packed.append(t)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        y = layer(x)
+    activations = {"x" if t is x else "y" if t.shape == y.shape else "?" for t in packed if t.dim() == 3}
+    assert activations == set(saved)
+    y.sum().backward()
 
 
 def test_fused_qkv_adapts_only_the_targeted_slices():
@@ -174,6 +349,10 @@ def test_fused_qkv_adapts_only_the_targeted_slices():
     adapters.activate("lora")
     delta = c_attn(x) - plain
     assert delta[..., 32:64].abs().max() == 0 and delta[..., :32].abs().min() > 0
+    # each role has its own rows of A (query rows 0..r-1, value rows r..2r-1) and of B
+    A, B, s = c_attn.adapters["lora"].lora_A, c_attn.adapters["lora"].lora_B, 16 / 2
+    assert torch.allclose(delta[..., :32], s * x @ A[:2].T @ B[:32].T, atol=1e-5)
+    assert torch.allclose(delta[..., 64:], s * x @ A[2:].T @ B[32:].T, atol=1e-5)
     adapters.activate("ia3")
     ratio = c_attn(x) / plain
     assert torch.allclose(ratio[..., :32], torch.ones(()), atol=1e-5)
@@ -197,11 +376,15 @@ def test_merged_conv1d_weights_match_the_unmerged_output():
     assert not c_attn.active_pieces  # merged: forward runs the base projection only
 
 
-def test_several_adapters_on_the_same_layers_add_up(bert):
+@FROZEN
+def test_several_adapters_on_the_same_layers_add_up(bert, frozen):
     adapters = peftlab.attach(bert)
     adapters.add("a", peftlab.LoRAConfig(r=2))
     adapters.add("b", peftlab.LoRAConfig(r=3))
     randomize(adapters.parameters("a") + adapters.parameters("b"))
+    if frozen:
+        adapters.activate("a")
+        adapters.train("a")
     q = bert.encoder.layer[1].attention.self.query
     x = torch.randn(2, 4, 32)
     base = q.base(x)
@@ -213,6 +396,23 @@ def test_several_adapters_on_the_same_layers_add_up(bert):
     assert torch.allclose(q(x) - base, da + db, atol=1e-6)
     adapters.activate()
     assert torch.equal(q(x), base)
+
+
+def test_two_ia3_adapters_on_one_layer_multiply(bert):
+    adapters = peftlab.attach(bert)
+    adapters.add("a", peftlab.IA3Config())
+    adapters.add("b", peftlab.IA3Config())
+    randomize(adapters.parameters("a") + adapters.parameters("b"), scale=0.3)
+    adapters.activate("a", "b")
+    for name in ("attention.self.key", "output.dense"):  # output and input scales
+        layer = bert.encoder.layer[0].get_submodule(name)
+        la, lb = layer.adapters["a"].ia3_l, layer.adapters["b"].ia3_l
+        x = torch.randn(2, 3, layer.in_features)
+        if layer.adapters["a"].scale_input:
+            expected = layer.base(la * lb * x)
+        else:
+            expected = la * lb * layer.base(x)
+        assert torch.allclose(layer(x), expected, atol=1e-5)
 
 
 # ---- training ---------------------------------------------------------------------------------
@@ -346,8 +546,68 @@ def test_merging_into_a_layer_shared_with_an_unmerged_adapter_of_another_kind_is
     adapters.add("lora", peftlab.LoRAConfig())
     adapters.add("ia3", peftlab.IA3Config())
     adapters.activate("lora", "ia3")
-    with pytest.raises(peftlab.AdapterStateError, match="composes with"):
+    with pytest.raises(peftlab.AdapterStateError, match="composes with active unmerged adapter"):
         adapters.merge("ia3")
+    with pytest.raises(peftlab.AdapterStateError,
+                       match=r"composes with active unmerged adapter\(s\) \['ia3'\]"):
+        adapters.merge("lora")
+
+
+def test_merge_order_and_state_errors_say_what_to_do(bert):
+    adapters = peftlab.attach(bert)
+    for name in ("a", "b", "c"):
+        adapters.add(name, peftlab.LoRAConfig())
+    adapters.activate("a", "b", "c")
+    for name in ("a", "b", "c"):
+        adapters.merge(name)
+    with pytest.raises(peftlab.AdapterStateError,
+                       match=r"^unmerge \['b', 'c'\] before 'a' \(reverse order of merging\)$"):
+        adapters.unmerge("a")
+    layer = bert.encoder.layer[0].attention.self.query
+    with pytest.raises(peftlab.AdapterStateError,
+                       match=r"^adapter 'a' must be unmerged after \['b', 'c'\] \(unmerge in the reverse"):
+        layer.unmerge("a")
+    assert layer.merged == ["a", "b", "c"]
+    adapters.unmerge("c")
+    with pytest.raises(peftlab.AdapterStateError, match="^adapter 'a' is merged; unmerge it before train"):
+        adapters.train("a")
+    with pytest.raises(peftlab.AdapterStateError, match="or pass keep_merged=True to keep them there$"):
+        peftlab.detach(bert)
+    with pytest.raises(peftlab.AdapterStateError, match="unmerge them before deactivating them$"):
+        adapters.activate("a")
+    with pytest.raises(peftlab.AdapterNameError, match=r"^an adapter is named twice in \('a', 'a', 'b'\)$"):
+        adapters.activate("a", "a", "b")
+    with pytest.raises(peftlab.AdapterStateError, match="^adapter 'a' is merged; unmerge it before removing"):
+        adapters.remove("a")
+    adapters.unmerge("b")
+    adapters.unmerge("a")
+    assert adapters.summary()["a"].merged is False and adapters["a"].merged is False
+    with pytest.raises(KeyError, match="nope"):
+        adapters.summary()["nope"]
+
+
+def test_train_along_every_named_module():
+    torch.manual_seed(0)
+    model = T.BertForSequenceClassification(T.BertConfig(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+        vocab_size=100, num_labels=3))
+    adapters = peftlab.attach(model)
+    adapters.add("a", peftlab.LoRAConfig())
+    adapters.add("f", peftlab.BottleneckConfig.pfeiffer(reduction=8))
+    adapters.activate("a")
+    adapters.train("a", also=("classifier", "pooler"))
+    assert adapters["a"].extras == ("classifier", "bert.pooler")
+    with pytest.raises(peftlab.TargetError, match="^no module named 'nope' to train along; top-level"):
+        adapters.train("a", also="nope")
+    adapters.add("m", peftlab.LoRAConfig(targets=("ffn_down",)))
+    adapters.add_fusion("fused", ["f", "m"])
+    adapters.activate("m")
+    with pytest.raises(peftlab.AdapterStateError,
+                       match=r"member of fusion\(s\) \['fused'\]; remove them before merging it$"):
+        adapters.merge("m")
+    with pytest.raises(peftlab.AdapterStateError,
+                       match=r"member of fusion\(s\) \['fused'\]; remove them before removing it$"):
+        adapters.remove("m")
 
 
 @pytest.mark.parametrize("bad", [{"r": 0}, {"r": "8"}, {"dropout": 1.5}, {"targets": "query"},
@@ -357,25 +617,71 @@ def test_configs_validate_their_fields(bad):
         peftlab.LoRAConfig.from_dict({**peftlab.LoRAConfig().to_dict(), **bad})
 
 
+def test_lora_config_bounds():
+    assert peftlab.LoRAConfig(r=1).r == 1 and peftlab.LoRAConfig(r=65536).r == 65536
+    assert peftlab.LoRAConfig(dropout=0.0).dropout == 0.0
+    for r in (0, 65537):
+        with pytest.raises(peftlab.ConfigError, match=f"r must be between 1 and 65536, got {r}"):
+            peftlab.LoRAConfig(r=r)
+    for p in (-0.1, 1.0):
+        with pytest.raises(peftlab.ConfigError, match=rf"dropout must be in \[0, 1\), got {p}"):
+            peftlab.LoRAConfig(dropout=p)
+
+
+def test_ia3_input_scaling_errors_are_clear():
+    with pytest.raises(peftlab.ConfigError, match="^IA3Config.scale_input: "):
+        peftlab.IA3Config(scale_input=("(unclosed",))
+    fused = peftlab.IA3Config(targets=("key",), scale_input=("key",))
+    with pytest.raises(peftlab.TargetError, match="cannot rescale the input of fused module 'h.0.attn"):
+        peftlab.attach(tiny_model("gpt2")).add("x", fused)
+
+
+def test_lora_starts_as_the_reference_code():
+    """A ~ Kaiming-uniform(a=√5), i.e. U(-1/√k, 1/√k) for k inputs; B = 0; (IA)³ vectors = 1."""
+    torch.manual_seed(0)
+    model = T.BertModel(T.BertConfig(hidden_size=256, num_hidden_layers=1, num_attention_heads=4,
+                                     intermediate_size=256, vocab_size=10))
+    adapters = peftlab.attach(model)
+    adapters.add("lora", peftlab.LoRAConfig(r=16, targets=("query",)))
+    adapters.add("ia3", peftlab.IA3Config())
+    piece = model.encoder.layer[0].attention.self.query.adapters["lora"]
+    bound = 1 / 256 ** 0.5
+    assert piece.lora_A.abs().max() <= bound and piece.lora_A.abs().max() > 0.99 * bound
+    assert torch.equal(piece.lora_B, torch.zeros(256, 16))
+    assert all(torch.equal(p, torch.ones_like(p)) for p in adapters.parameters("ia3"))
+
+
+def test_only_lora_and_ia3_pieces_merge(bert):
+    adapters = peftlab.attach(bert)
+    adapters.add("b", peftlab.BottleneckConfig.pfeiffer(reduction=8))
+    layer = bert.encoder.layer[0].output.dense
+    with pytest.raises(peftlab.AdapterStateError, match="^Bottleneck cannot be merged into the weights$"):
+        layer.adapters["b"].merge_into(layer.weight, layer.bias, 1)
+
+
 def test_configs_round_trip_through_json():
     for config in [peftlab.LoRAConfig(r=4, targets=("query", r"x\.y$"), rslora=True), peftlab.IA3Config()]:
         again = type(config).from_dict(json.loads(json.dumps(config.to_dict())))
         assert again == config
 
 
-def test_lora_gradients_equal_plain_autograd(bert):
-    """LoRA's fused autograd function must give the textbook gradients."""
+@FROZEN
+def test_lora_gradients_equal_plain_autograd(bert, frozen):
+    """LoRA's fused autograd function (frozen base) must give the textbook gradients."""
     adapters = peftlab.attach(bert)
     adapters.add("a", peftlab.LoRAConfig(r=4, alpha=6))
     randomize(adapters.parameters("a"), scale=0.3)
     adapters.activate("a")
+    if frozen:
+        adapters.train("a")
     layer = bert.encoder.layer[0].attention.self.query
     A, B = layer.adapters["a"].lora_A, layer.adapters["a"].lora_B
     x = torch.randn(3, 5, 32, requires_grad=True)
     g = torch.randn(3, 5, 32)
-    ours = torch.autograd.grad((layer(x) * g).sum(), (x, A, B))
+    wrt = (x, A, B) if frozen else (x, A, B, layer.base.weight)  # a trainable base gets its gradient
+    ours = torch.autograd.grad((layer(x) * g).sum(), wrt)
     ref_out = x @ layer.base.weight.T + layer.base.bias + 1.5 * (x @ A.T) @ B.T
-    ref = torch.autograd.grad((ref_out * g).sum(), (x, A, B))
+    ref = torch.autograd.grad((ref_out * g).sum(), wrt)
     for a, b in zip(ours, ref):
         assert torch.allclose(a, b, rtol=1e-5, atol=1e-5)
 

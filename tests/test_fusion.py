@@ -10,7 +10,10 @@ import torch
 from conftest import output_of, randomize, tiny_inputs, tiny_model
 
 import peftlab
+from peftlab.layer import _nonzero
+from peftlab.methods.fusion import Fusion
 from peftlab.multitask import MultiTaskModel, train_adapter, train_fusion
+from peftlab.sites import find_sites
 
 # The tiny models are 32 wide: reduction 8 gives bottlenecks of 4 (divisible by phm_dim 4).
 PFEIFFER = peftlab.BottleneckConfig.pfeiffer(reduction=8)
@@ -50,6 +53,19 @@ def test_a_one_member_fusion_with_identity_value_is_that_member_exactly(bert, co
     assert torch.equal(adapters.fusion_weights("fusion"), torch.ones(len(adapters["fusion"].sites), 1))
 
 
+def test_a_one_member_ia3_fusion_is_that_member_exactly_also_for_large_scales(bert):
+    inputs = tiny_inputs("bert")
+    adapters = _with_members(bert, member=IA3)
+    with torch.no_grad():
+        for p in adapters.parameters("member"):
+            p.uniform_(2.0, 7.0)  # far from 1: h + (scaled - h) would round differently from scaled
+    adapters.activate("member")
+    alone = output_of(bert, inputs)
+    adapters.add_fusion("fusion", ["member"], EXACT_V)
+    adapters.activate("fusion")
+    assert torch.equal(output_of(bert, inputs), alone)
+
+
 def test_a_fusion_layer_equals_the_papers_formula(bert):
     adapters = _with_members(bert, houlsby=peftlab.BottleneckConfig.houlsby(reduction=8),
                              pfeiffer=PFEIFFER, lora=LORA_FFN)
@@ -58,13 +74,48 @@ def test_a_fusion_layer_equals_the_papers_formula(bert):
     adapters.activate("f")
     layer = bert.get_submodule("encoder.layer.0.output.dense")
     fusion, members = layer.adapters["f"], [layer.adapters[n] for n in ("houlsby", "pfeiffer", "lora")]
-    x = torch.randn(3, 5, layer.in_features)
-    h = layer.base(x)
-    z = torch.stack([members[0](h), members[1](h), members[2].add_delta(h, x)])  # [N, ..., d]
-    q = fusion.query(h)
-    s = torch.softmax((q * fusion.key(z)).sum(-1) / 2.0, dim=0)  # (hᵀQ)·(z_nᵀK) / T over n
-    expected = (s.unsqueeze(-1) * fusion.value(z)).sum(0)  # Σ s_n·(z_nᵀV)
-    assert torch.allclose(layer(x), expected, atol=1e-5)
+    for x in (torch.randn(3, 5, layer.in_features), torch.randn(4, layer.in_features)):  # [B, T, d], [B, d]
+        h = layer.base(x)
+        z = torch.stack([members[0](h), members[1](h), members[2].add_delta(h, x)])  # [N, ..., d]
+        q = fusion.query(h)
+        s = torch.softmax((q * fusion.key(z)).sum(-1) / 2.0, dim=0)  # (hᵀQ)·(z_nᵀK) / T over n
+        expected = (s.unsqueeze(-1) * fusion.value(z)).sum(0)  # Σ s_n·(z_nᵀV)
+        assert torch.allclose(layer(x), expected, atol=1e-5)
+
+
+def test_members_build_on_the_other_active_adapters_at_their_module(bert):
+    """With other adapters active at the module, ``h`` already holds them: an (IA)³ member's
+    ``z`` is ``h`` plus what its vectors change, a LoRA member sees the (IA)³-scaled input."""
+    adapters = _with_members(bert, ia3_in=IA3, lora_other=LORA_FFN, lora=LORA_FFN,
+                             ia3_out=peftlab.IA3Config(targets=("ffn_down",), scale_input=()))
+    adapters.add_fusion("f", ["lora", "ia3_out"])
+    randomize(adapters.parameters("f"), seed=7)
+    adapters.activate("ia3_in", "lora_other", "f")
+    layer = bert.get_submodule("encoder.layer.0.output.dense")
+    p = {n: layer.adapters[n] for n in ("ia3_in", "lora_other", "lora", "ia3_out", "f")}
+    l_in, l_out = p["ia3_in"].ia3_l, p["ia3_out"].ia3_l
+    x = torch.randn(2, 4, layer.in_features)
+    base = layer.base(l_in * x)
+    h = p["lora_other"].add_delta(base, l_in * x)
+    z_lora = p["lora"].add_delta(h, l_in * x)
+    z_ia3 = h + (l_out * base - base)
+    with torch.no_grad():
+        assert torch.allclose(layer(x), p["f"](h, torch.stack([z_lora, z_ia3], dim=-2)), atol=1e-5)
+
+
+def test_a_fusion_beside_a_lora_on_a_frozen_base(bert):
+    """Frozen base, one LoRA active beside a fusion at the module: h = W·x + b + LoRA, then the fusion."""
+    adapters = _with_members(bert, a=PFEIFFER, b=PFEIFFER, lora=LORA_FFN)
+    adapters.add_fusion("f", ["a", "b"])
+    randomize(adapters.parameters("f"), seed=7)
+    adapters.activate("lora", "f")
+    adapters.train("f")
+    layer = bert.get_submodule("encoder.layer.0.output.dense")
+    x = torch.randn(2, 4, layer.in_features)
+    h = layer.adapters["lora"].add_delta(layer.base(x), x)
+    z = torch.stack([layer.adapters["a"](h), layer.adapters["b"](h)], dim=-2)
+    with torch.no_grad():
+        assert torch.allclose(layer(x), layer.adapters["f"](h, z), atol=1e-5)
 
 
 def test_an_absent_member_counts_as_the_unchanged_output(bert):
@@ -250,15 +301,71 @@ def test_routing_is_per_thread():
         for t in threads:
             t.join()
         assert torch.equal(output_of(model, inputs), plain)  # the main thread was never routed
+        fresh: list[torch.Tensor] = []  # nor was a new thread: it runs the active adapters
+        thread = threading.Thread(target=lambda: fresh.append(output_of(model, inputs)))
+        thread.start()
+        thread.join()
+        assert len(fresh) == 1 and torch.equal(fresh[0], plain)
     for i in (0, 1):
         assert len(results[i]) == 8
         assert all(torch.allclose(r, sequential[i], atol=1e-6, rtol=0) for r in results[i])
 
 
+def test_routing_with_one_or_two_groups_at_a_layer(bert):
+    """Where every example runs the same pieces (a layer the routed adapters do not touch, or one
+    adapter for all), the layer runs the whole batch at once; two groups split it in two."""
+    adapters = _with_members(bert, lora=peftlab.LoRAConfig(r=2), ia3=IA3)
+    inputs = tiny_inputs("bert", batch=3)
+    with torch.no_grad():
+        for route in (["lora", "lora", "lora"], [None, None, None], ["lora", None, "lora"]):
+            with adapters.route(route):
+                routed = output_of(bert, inputs)
+            assert torch.allclose(routed, _one_by_one(bert, adapters, inputs, route), atol=1e-5, rtol=0)
+    query = bert.encoder.layer[0].attention.self.query
+    plan = query.plan_route([("lora",), (), ("lora",)], torch.device("cpu"))
+    assert [ix.tolist() for ix, _ in plan.groups] == [[0, 2], [1]] and plan.order.tolist() == [0, 2, 1]
+    plan = query.plan_route([("lora",), (), ("lora",)], torch.device("meta"))
+    assert all(ix.device.type == "meta" for ix, _ in plan.groups)  # on the device it is asked for
+
+
+def test_a_zero_scale_gets_a_finite_gradient_and_every_other_scale_its_own():
+    tiny = torch.finfo(torch.float32).tiny
+    assert _nonzero(torch.tensor([0.0, -tiny, tiny, -0.5])).tolist() == [tiny, -tiny, tiny, -0.5]
+
+
+def test_fusion_init_and_penalty():
+    """Q, K ~ N(0, 0.02²), b_Q = 0, V = I + N(0, value_noise²) entry by entry; the penalty is
+    ‖V − I‖² in V's own dtype and on V's device."""
+    torch.manual_seed(0)
+    site = find_sites(tiny_model("bert"), ("ffn_down",), peftlab.ROLE_MAPS["bert"])[0]
+    f = Fusion(peftlab.FusionConfig(value_noise=0.1), site)
+    assert 0.015 < f.query.weight.std() < 0.025 and 0.015 < f.key.weight.std() < 0.025
+    assert f.key.bias is None and f.value.bias is None and torch.equal(f.query.bias, torch.zeros(32))
+    noise = f.value.weight - torch.eye(32)
+    assert 0.08 < noise.std() < 0.12 and noise.abs().max() < 1.0
+    assert not torch.allclose(noise[0], noise[1]) and not torch.allclose(noise[:, 0], noise[:, 1])
+    assert torch.allclose(f.penalty(), noise.pow(2).sum())
+    assert f.to(torch.bfloat16).penalty().dtype == torch.bfloat16
+    assert f.to("meta").penalty().device.type == "meta"
+
+
+@pytest.mark.parametrize("field, good, bad, message", [
+    ("temperature", [1e-3, 1e3], [9e-4, 1000.5], "temperature must be between 0.001 and 1000"),
+    ("value_identity_penalty", [0.0], [-0.1], "value_identity_penalty must be >= 0"),
+    ("value_noise", [0.0, 1.0], [-0.1, 1.01], "value_noise must be between 0 and 1"),
+])
+def test_fusion_config_bounds_are_inclusive(field, good, bad, message):
+    for value in good:
+        assert getattr(peftlab.FusionConfig(**{field: value}), field) == value
+    for value in bad:
+        with pytest.raises(peftlab.ConfigError, match=f"{message}, got {value}"):
+            peftlab.FusionConfig(**{field: value})
+
+
 # ---- errors -----------------------------------------------------------------------------------
 def test_fusion_errors_are_clear(bert, tmp_path):
     adapters = _with_members(bert, q=peftlab.LoRAConfig(targets=("query",)), a=PFEIFFER, b=LORA_FFN)
-    with pytest.raises(peftlab.TargetError, match="no common module"):
+    with pytest.raises(peftlab.TargetError, match="no common module, so there is nothing to fuse; place"):
         adapters.add_fusion("f", ["q", "a"])
     with pytest.raises(peftlab.AdapterNameError, match="no adapter named"):
         adapters.add_fusion("f", ["a", "missing"])
@@ -289,6 +396,18 @@ def test_fusion_errors_are_clear(bert, tmp_path):
     adapters.remove("b")  # free once its fusion is gone
 
 
+def test_fusion_refusals_say_what_is_wrong(bert):
+    adapters = _with_members(bert, a=PFEIFFER, b=LORA_FFN)
+    with pytest.raises(peftlab.AdapterNameError, match="^an adapter named 'a' exists; remove it or pick an"):
+        adapters.add_fusion("a", ["b"])
+    with pytest.raises(peftlab.ConfigError, match="^add_fusion needs a FusionConfig, got LoRAConfig$"):
+        adapters.add_fusion("f", ["a", "b"], LORA_FFN)
+    adapters.activate("b")
+    adapters.merge("b")
+    with pytest.raises(peftlab.AdapterStateError, match="^adapter 'b' is merged; unmerge it before fusing"):
+        adapters.add_fusion("f", ["a", "b"])
+
+
 def test_routing_errors_are_clear(bert):
     adapters = _with_members(bert, a=LORA_FFN)
     with pytest.raises(peftlab.AdapterNameError, match="no adapter named"), adapters.route(["a", "nope"]):
@@ -296,7 +415,8 @@ def test_routing_errors_are_clear(bert):
     with pytest.raises(peftlab.AdapterStateError, match="one adapter name"), adapters.route("a"):
         pass
     too_few = tiny_inputs("bert", batch=2)
-    with pytest.raises(peftlab.AdapterStateError, match="set for 3"), adapters.route(["a", None, "a"]):
+    with pytest.raises(peftlab.AdapterStateError, match="set for 3 examples, but a layer got a batch of 2"), \
+            adapters.route(["a", None, "a"]):
         output_of(bert, too_few)
     adapters.activate("a")
     adapters.merge("a")

@@ -20,6 +20,8 @@ from transformers import (
     GPT2LMHeadModel,
     LlamaConfig,
     LlamaForCausalLM,
+    T5ForConditionalGeneration,
+    T5Model,
 )
 
 import peftlab
@@ -107,15 +109,17 @@ def test_bert_lora_with_classifier_exports_to_peft(tmp_path):
     base = tiny_bert()
     model = copy.deepcopy(base)
     adapters = peftlab.attach(model)
-    adapters.add("sst2", peftlab.LoRAConfig(r=4, alpha=8))
+    adapters.add("sst2", peftlab.LoRAConfig(r=4, alpha=6.5, dropout=0.1))
     adapters.activate("sst2")
     trainable = adapters.train("sst2", also=("classifier",))
     randomize(trainable)
+    model.eval()
 
     loaded, config = export_and_load_in_peft(model, adapters, "sst2", base, tmp_path)
 
     assert config["peft_type"] == "LORA" and config["task_type"] == "SEQ_CLS"
-    assert (config["r"], config["lora_alpha"], config["rank_pattern"]) == (4, 8, {})
+    assert (config["r"], config["lora_alpha"], config["rank_pattern"]) == (4, 6.5, {})
+    assert (config["lora_dropout"], config["use_dora"], config["init_lora_weights"]) == (0.1, False, True)
     assert config["modules_to_save"] == ["classifier"]
     assert "bert.encoder.layer.1.attention.self.value" in config["target_modules"]
     assert_same_logits(loaded, model, base)
@@ -159,7 +163,7 @@ def test_bert_ia3_exports_to_peft(tmp_path):
 
     loaded, config = export_and_load_in_peft(model, adapters, "ia3", base, tmp_path)
 
-    assert config["peft_type"] == "IA3"
+    assert config["peft_type"] == "IA3" and config["init_ia3_weights"] is True
     # No head in the adapter: peft's SEQ_CLS class would demand classifier tensors, so no task type.
     assert config["task_type"] is None and config["modules_to_save"] is None
     assert config["feedforward_modules"] == ["bert.encoder.layer.0.output.dense",
@@ -167,13 +171,15 @@ def test_bert_ia3_exports_to_peft(tmp_path):
     assert_same_logits(loaded, model, base)
 
 
-@pytest.mark.parametrize("feedforward_in_config", [True, False])
-def test_bert_ia3_default_of_peft_imports_as_the_file_says(tmp_path, feedforward_in_config):
+@pytest.mark.parametrize("feedforward", ["list", "shapes", "regex"])
+def test_bert_ia3_default_of_peft_imports_as_the_file_says(tmp_path, feedforward):
     # peft's BERT default targets "output.dense", which also hits attention.output.dense.
     base = tiny_bert()
     theirs, path = peft_saved(base, peft.IA3Config(task_type="SEQ_CLS"), tmp_path)
-    if not feedforward_in_config:  # then the tensor shapes, [1, in] or [out, 1], tell
+    if feedforward == "shapes":  # no rule in the file: the tensor shapes, [1, in] or [out, 1], tell
         edit_config(path, feedforward_modules=None)
+    elif feedforward == "regex":  # peft also takes one regex, matched against the whole name
+        edit_config(path, feedforward_modules=r".*\.output\.dense")
 
     model, adapters = import_into_copy(base, path)
 
@@ -287,6 +293,7 @@ def test_llama_lora_exports_to_peft(tmp_path, rslora):
     loaded, config = export_and_load_in_peft(model, adapters, "all", base, tmp_path)
 
     assert len(config["target_modules"]) == 14 and config["use_rslora"] is rslora
+    assert config["lora_alpha"] == 8 and type(config["lora_alpha"]) is int  # written as 8, not 8.0
     assert_same_logits(loaded, model, base)
 
 
@@ -355,6 +362,20 @@ def test_unsupported_peft_configs_are_refused(peft_lora_dir, changes, message):
     assert_untouched(model, adapters, before)
 
 
+@pytest.mark.parametrize("rule, message", [
+    ({"output.dense": 1}, ": feedforward_modules must be a list of names or a regex string$"),
+    (["output.dense", 1], ": feedforward_modules must be a list of names or a regex string$"),
+    ("(output", ": feedforward_modules: '\\(output' is not a valid regular expression"),
+])
+def test_bad_feedforward_modules_are_refused(tmp_path, rule, message):
+    _, path = peft_saved(tiny_bert(), peft.IA3Config(task_type="SEQ_CLS"), tmp_path)
+    edit_config(path, feedforward_modules=rule)
+    adapters = peftlab.attach(tiny_bert())
+    with pytest.raises(peftlab.AdapterLoadError, match=message):
+        adapters.import_peft(path, name="x")
+    assert adapters.names == ()
+
+
 def test_pickle_only_adapter_is_refused(peft_lora_dir):
     (peft_lora_dir / "adapter_model.safetensors").unlink()
     (peft_lora_dir / "adapter_model.bin").write_bytes(b"never unpickled")
@@ -388,3 +409,73 @@ def test_unexpected_tensor_is_refused(peft_lora_dir):
 
     with pytest.raises(peftlab.AdapterLoadError, match="unexpected tensor"):
         adapters.import_peft(peft_lora_dir, name="x")
+
+
+# ---- peft's naming rules, on small models with chosen module names ------------------------------
+class Named(torch.nn.Module):
+    """A Linear(4, 4) under each dotted name."""
+
+    def __init__(self, *names: str) -> None:
+        super().__init__()
+        for name in names:
+            parent = self
+            *path, leaf = name.split(".")
+            for part in path:
+                if not hasattr(parent, part):
+                    parent.add_module(part, torch.nn.Module())
+                parent = getattr(parent, part)
+            parent.add_module(leaf, torch.nn.Linear(4, 4))
+
+
+def exported(model, config, tmp_path, also=()):
+    adapters = peftlab.attach(model)
+    adapters.add("a", config)
+    adapters.activate("a")
+    adapters.train("a", also=also)
+    out = adapters.export_peft("a", tmp_path / "peft")
+    return json.loads((out / "adapter_config.json").read_text())
+
+
+def test_target_lists_become_a_regex_only_where_peft_would_match_other_modules(tmp_path):
+    """peft matches a target_modules entry as a dotted name suffix, a feedforward_modules entry
+    as a plain suffix: the list form is kept while it hits exactly the adapted modules."""
+    ia3 = peftlab.IA3Config(targets=("^proj$",), scale_input=("^proj$",))
+    config = exported(Named("proj", "xproj"), ia3, tmp_path / "1")
+    assert config["target_modules"] == ["proj"]  # "xproj" does not end in ".proj"
+    assert config["feedforward_modules"] == "proj"  # but it ends in "proj"
+    config = exported(Named("proj", "xproj"), peftlab.LoRAConfig(targets=("^proj$",)), tmp_path / "2")
+    assert config["target_modules"] == ["proj"]
+    lora = peftlab.LoRAConfig(targets=("^proj$", "^other$"))
+    config = exported(Named("proj", "block.proj", "other"), lora, tmp_path / "3")
+    assert config["target_modules"] == "proj|other"  # "block.proj" ends in ".proj"
+
+
+def test_extra_modules_must_mean_the_same_to_peft(tmp_path):
+    lora = peftlab.LoRAConfig(targets=("^proj$",))
+    config = exported(Named("proj", "block.head"), lora, tmp_path / "1", also="head")
+    assert config["modules_to_save"] == ["block.head"]
+    with pytest.raises(peftlab.ConfigError, match=re.escape(
+            "peft would also treat ['xhead'] as extra modules (it matches modules_to_save ['head'] "
+            "as name suffixes)")):
+        exported(Named("proj", "head", "xhead"), lora, tmp_path / "2", also="head")
+    with pytest.raises(peftlab.ConfigError, match=re.escape(
+            "extra module 'block' holds adapted layers; peft cannot save a module both in "
+            "modules_to_save and as an adapter target")):
+        exported(Named("block.proj"), peftlab.LoRAConfig(targets=("proj$",)), tmp_path / "3", also="block")
+
+
+def test_export_records_the_task_and_base_model(tmp_path):
+    from conftest import CONFIGS
+
+    t5 = T5ForConditionalGeneration(CONFIGS["t5"]())
+    t5.config._name_or_path = "tiny/t5"
+    config = exported(t5, peftlab.LoRAConfig(), tmp_path / "1")
+    assert (config["task_type"], config["base_model_name_or_path"]) == ("SEQ_2_SEQ_LM", "tiny/t5")
+    assert config["inference_mode"] is True
+    config = exported(T5Model(CONFIGS["t5"]()), peftlab.LoRAConfig(), tmp_path / "2")
+    assert (config["task_type"], config["base_model_name_or_path"]) == (None, None)
+    adapters = peftlab.attach(tiny_bert())
+    adapters.add("b", peftlab.BottleneckConfig.pfeiffer(reduction=8))
+    with pytest.raises(peftlab.ConfigError, match=re.escape(
+            "peft's format holds LoRA and (IA)³ adapters; 'b' is a bottleneck adapter")):
+        adapters.export_peft("b", tmp_path / "3")

@@ -25,6 +25,7 @@ import os
 import pickle
 import queue
 import random
+import re
 import shutil
 import signal
 import subprocess
@@ -42,6 +43,7 @@ from safetensors.torch import load_file, save_file
 from transformers import BertConfig, BertForSequenceClassification
 
 import peftlab
+import peftlab.io
 from peftlab.io import CONFIG_FILE, WEIGHTS_FILE, adapter_tensors, is_adapter_dir
 
 FUZZ_CASES = int(os.environ.get("PEFTLAB_FUZZ_CASES", "320"))
@@ -587,6 +589,134 @@ BACKTRACKING = [
 ]
 
 
+def _damaged(sources, source: str, tmp_path: Path, config=None, tensors=None, files=None) -> Path:
+    """A copy of ``source``'s adapter: ``config(dict)`` edits its config, ``tensors(dict)`` its
+    tensors, ``files`` adds or replaces (bytes) or deletes (None) files."""
+    case = shutil.copytree(sources[source], tmp_path / "case")
+    if config is not None:
+        data = json.loads((case / CONFIG_FILE).read_text())
+        config(data)
+        (case / CONFIG_FILE).write_text(json.dumps(data))
+    if tensors is not None:
+        data = load_file(case / WEIGHTS_FILE)
+        tensors(data)
+        save_file(data, str(case / WEIGHTS_FILE))
+    for name, content in (files or {}).items():
+        if content is None:
+            (case / name).unlink()
+        else:
+            (case / name).write_bytes(content)
+    return case
+
+
+def _first(d: dict):
+    return sorted(d)[0]
+
+
+# One case per refusal of load / import_peft, with what its message must say.
+REFUSALS = [
+    ("lora", dict(files={CONFIG_FILE: None, "adapter_model.bin": b"x"}),
+     "adapter_config.json is missing (found ['adapter_model.bin']: pickle files are never loaded)"),
+    ("lora", dict(files={CONFIG_FILE: b" " * (1 << 20) + b"{}"}),
+     "is larger than 1048576 bytes; not an adapter config"),
+    ("lora", dict(files={CONFIG_FILE: b"{"}), "adapter_config.json is not valid JSON"),
+    ("ia3", dict(files={CONFIG_FILE: b"[]"}), "adapter_config.json must hold a JSON object"),
+    ("lora", dict(files={WEIGHTS_FILE: None}), "is missing (only safetensors weights are loaded)"),
+    ("peft_lora", dict(files={WEIGHTS_FILE: None}), "adapter_model.safetensors is missing"),
+    ("lora", dict(files={WEIGHTS_FILE: b"\x00" * 16}),
+     "is not a valid safetensors file: Error while deserializing header"),
+    ("peft_ia3", dict(files={WEIGHTS_FILE: b"\x00" * 16}), "is not a valid safetensors file"),
+    ("ia3", dict(tensors=lambda t: t.pop(_first(t))), "does not match the adapter's config: missing ['bert."),
+    ("ia3", dict(tensors=lambda t: t.update(x=torch.ones(1))), "unexpected ['x']"),
+    ("ia3", dict(tensors=lambda t: t.update({_first(t): torch.ones(3)})),
+     "has shape (3,), the model needs (32,)"),
+    ("lora", dict(tensors=lambda t: t.update({_first(t): t[_first(t)].to(torch.int8)})), "has dtype I8"),
+    ("ia3", dict(tensors=lambda t: t[_first(t)].fill_(float("nan"))), "holds NaN or infinite values"),
+    ("lora", dict(config=lambda c: c.update(format="x", peft_type="LORA")),
+     "is not a peftlab adapter (this looks like a peft adapter: use import_peft)"),
+    ("lora", dict(config=lambda c: c.update(format_version=2)),
+     "has format version 2; this peftlab reads versions up to 1: upgrade peftlab"),
+    ("lora", dict(config=lambda c: c.update(method=5)), "method must be a method name, got 5"),
+    ("lora", dict(config=lambda c: c["base_model"].update(model_type="gpt2")),
+     "was trained on a 'gpt2' model, this model is 'bert'"),
+    ("lora", dict(config=lambda c: c.update(extra_modules="classifier")),
+     "extra_modules must be a list of module names"),
+    ("lora", dict(config=lambda c: c.update(members="a")), "members must be a list of adapter names"),
+    ("lora", dict(config=lambda c: c.update(members=["m"])),
+     "is a fusion of ['m']; load its members ['m'] before it"),
+    ("lora", dict(config=lambda c: c.update(extra_modules=["nope"])), "does not fit this model"),
+    ("lora", dict(config=lambda c: c.update(target_modules=["x"])),
+     "targets modules ['x'], but on this model its config resolves to ['bert."),
+    ("peft_lora", dict(config=lambda c: c.update(peft_type="LOHA")),
+     "peft_type 'LOHA' is not supported; import_peft reads ['IA3', 'LORA'] adapters"),
+    ("peft_ia3", dict(config=lambda c: c.update(format="peftlab-adapter", peft_type=None)),
+     "(this is a peftlab adapter: use load)"),
+    ("peft_lora", dict(config=lambda c: c.update(use_dora=True)),
+     "uses peft features peftlab cannot import: use_dora=True"),
+    ("peft_lora", dict(config=lambda c: c.update(bias="all")),
+     "trains biases (bias='all'); import_peft supports bias='none'"),
+    ("peft_lora", dict(config=lambda c: c.update(init_lora_weights="pissa")),
+     "was initialised with init_lora_weights='pissa', which rewrites the base weights"),
+    ("peft_ia3", dict(tensors=lambda t: [t.pop(k) for k in list(t)] and t.update(x=torch.ones(1))),
+     "tensor 'x' does not start with 'base_model.model.'"),
+    ("peft_lora", dict(tensors=lambda t: [t.pop(k) for k in list(t) if "lora" in k]),
+     "holds no LORA tensors"),
+    ("peft_ia3", dict(tensors=lambda t: t.update({"base_model.model.nope.ia3_l": torch.ones(1, 1)})),
+     "adapts modules this model has no Linear/Conv1D module for: ['nope']"),
+    ("peft_lora", dict(config=lambda c: c.update(r=True)), "r must be a int, got True"),
+    ("peft_lora", dict(config=lambda c: c.update(rank_pattern=[1])),
+     "rank_pattern must be an object of module pattern"),
+    ("peft_lora", dict(config=lambda c: c.update(modules_to_save="classifier")),
+     "modules_to_save must be a list of module names"),
+    ("peft_lora", dict(tensors=lambda t: t.update({"base_model.model.classifier_weight": torch.ones(1)})),
+     "unexpected tensor 'base_model.model.classifier_weight': neither an adapter tensor nor part of a "
+     "module in modules_to_save ['classifier']"),
+    ("peft_lora", dict(config=lambda c: c.update(modules_to_save=["nope"])),
+     "unexpected tensor 'base_model.model.classifier.bias': neither an adapter tensor nor part of a module"),
+]
+
+
+@pytest.mark.parametrize("source, damage, message", REFUSALS,
+                         ids=[f"{s}-{re.sub(r'[^a-z]+', '_', m)[:40]}" for s, _, m in REFUSALS])
+def test_each_refusal_says_what_is_wrong(source, damage, message, sources, tmp_path):
+    adapters = peftlab.attach(tiny_bert())
+    before = state_hash(adapters.model)
+    case = _damaged(sources, source, tmp_path, **damage)
+    with pytest.raises(peftlab.AdapterLoadError) as e:
+        _load(adapters, source, case)
+    assert message in str(e.value)
+    assert adapters.names == () and state_hash(adapters.model) == before
+
+
+@pytest.mark.parametrize("missing, extra", [(1, 0), (5, 0), (6, 0), (0, 5), (0, 6), (6, 6)])
+def test_a_key_mismatch_names_at_most_five_keys_of_each_kind(missing, extra, sources, tmp_path):
+    def damage(t):
+        for key in sorted(t)[:missing]:
+            del t[key]
+        t.update({f"x{i}": torch.ones(1) for i in range(extra)})
+
+    case = _damaged(sources, "ia3", tmp_path, tensors=damage)  # 6 tensors
+    keys = sorted(load_file(sources["ia3"] / WEIGHTS_FILE))[:missing]
+    extras = [f"x{i}" for i in range(extra)]
+    expected = (f"does not match the adapter's config: missing {keys[:5]}{'...' if missing > 5 else ''}, "
+                f"unexpected {extras[:5]}{'...' if extra > 5 else ''}")
+    with pytest.raises(peftlab.AdapterLoadError) as e:
+        peftlab.attach(tiny_bert()).load(case)
+    assert str(e.value).endswith(expected)
+
+
+def test_loading_twice_under_one_name_is_refused(sources):
+    adapters = peftlab.attach(tiny_bert())
+    adapters.load(sources["lora"])
+    adapters.import_peft(sources["peft_ia3"], "imported")
+    with pytest.raises(peftlab.AdapterLoadError, match="named 'lora' is already attached; pass name="):
+        adapters.load(sources["lora"])
+    with pytest.raises(peftlab.AdapterLoadError, match="'imported' is already attached; pass another name"):
+        adapters.import_peft(sources["peft_ia3"], "imported")
+    with pytest.raises(peftlab.AdapterLoadError, match="is not a directory; pass the adapter's directory"):
+        adapters.load(sources["lora"] / CONFIG_FILE)
+
+
 @pytest.mark.skipif(not hasattr(signal, "SIGALRM"), reason="needs SIGALRM")
 @pytest.mark.parametrize("source, path, value", BACKTRACKING, ids=lambda v: str(v)[:24])
 def test_patterns_that_backtrack_exponentially_are_refused(source, path, value, sources, tmp_path):
@@ -607,6 +737,51 @@ def test_patterns_that_backtrack_exponentially_are_refused(source, path, value, 
         signal.alarm(0)
         signal.signal(signal.SIGALRM, previous)
     assert adapters.names == ()
+
+
+@pytest.mark.parametrize("dtype", [torch.int32, torch.bool, torch.float8_e4m3fn], ids=str)
+@pytest.mark.parametrize("source", ["lora", "peft_ia3"])
+def test_tensors_that_are_not_float16_32_64_or_bfloat16_are_refused(source, dtype, sources, tmp_path):
+    """Right keys and shapes, wrong dtype: an int or bool tensor would be copied into the adapter
+    silently (0/1 weights), a float8 one would lose nearly all its precision."""
+    adapters = peftlab.attach(tiny_bert())
+    before = state_hash(adapters.model)
+    case = shutil.copytree(sources[source], tmp_path / "case")
+    tensors = load_file(case / WEIGHTS_FILE)
+    key = sorted(tensors)[0]
+    save_file({**tensors, key: tensors[key].to(dtype)}, str(case / WEIGHTS_FILE))
+    with pytest.raises(peftlab.AdapterLoadError, match="has dtype [A-Z0-9_]+, expected a floating-point typ"):
+        _load(adapters, source, case)
+    assert adapters.names == () and state_hash(adapters.model) == before
+
+
+def test_the_saved_config_records_the_base_model_whatever_else_is_attached(tmp_path):
+    model = tiny_bert()
+    plain = hashlib.sha256("".join(f"{n}:{tuple(p.shape)};" for n, p in model.named_parameters()).encode())
+    adapters = peftlab.attach(model)
+    adapters.add("a", peftlab.LoRAConfig(r=2))
+    adapters.save("a", tmp_path / "alone")
+    adapters.add("b", peftlab.IA3Config())
+    adapters.save("a", tmp_path / "with_b")
+    configs = [json.loads((tmp_path / d / CONFIG_FILE).read_text()) for d in ("alone", "with_b")]
+    assert configs[0] == configs[1]
+    assert configs[0]["base_model"] == {"model_type": "bert", "parameters": adapters.base_parameters(),
+                                        "shape_sha256": plain.hexdigest()}
+    assert configs[0]["peftlab_version"] == peftlab.__version__
+    assert configs[0]["format"] == "peftlab-adapter" and configs[0]["format_version"] == 1
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64], ids=str)
+@pytest.mark.parametrize("source", ["ia3", "peft_lora"])
+def test_float16_bfloat16_and_float64_tensors_load(source, dtype, sources, tmp_path):
+    """Adapters saved from a half-precision or double model load into a float32 one."""
+    case = shutil.copytree(sources[source], tmp_path / "case")
+    tensors = load_file(case / WEIGHTS_FILE)
+    save_file({k: v.to(dtype) for k, v in tensors.items()}, str(case / WEIGHTS_FILE))
+    adapters = peftlab.attach(tiny_bert())
+    name = _load(adapters, source, case)
+    got = adapters[name].parameters()[0]
+    assert got.dtype == torch.float32 and got.abs().sum() > 0
 
 
 @pytest.mark.skipif(not Path("/proc/self/mem").exists(), reason="needs Linux /proc")
@@ -805,7 +980,7 @@ def test_saving_into_a_directory_with_other_files_refuses_and_keeps_them(others,
         (dest / rel).parent.mkdir(parents=True, exist_ok=True)
         (dest / rel).write_bytes(content)
     before = _tree(dest)
-    with pytest.raises(peftlab.AdapterSaveError, match="refusing"):
+    with pytest.raises(peftlab.AdapterSaveError, match="refusing to replace it. Choose an empty or new dir"):
         adapters.save("a", dest)
     with pytest.raises(peftlab.AdapterSaveError, match="refusing"):
         adapters.export_peft("a", dest)
@@ -823,7 +998,10 @@ def test_saving_over_a_file_refuses(tmp_path):
     assert dest.read_bytes() == b"not a directory"
 
 
-def test_saving_over_an_adapter_replaces_it_whole(tmp_path):
+@pytest.mark.parametrize("exchange", [True, False], ids=["renameat2", "without_renameat2"])
+def test_saving_over_an_adapter_replaces_it_whole(tmp_path, monkeypatch, exchange):
+    if not exchange:  # a kernel or libc without renameat2: keep the old copy until the new one is in
+        monkeypatch.setattr(peftlab.io, "_exchange", lambda a, b: False)
     model = tiny_bert()
     adapters = peftlab.attach(model)
     adapters.add("a", peftlab.LoRAConfig(r=4))
@@ -837,3 +1015,67 @@ def test_saving_over_an_adapter_replaces_it_whole(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter", "ref"]  # the old copy is gone
     fresh = peftlab.attach(tiny_bert())
     assert fresh.load(dest) == "b" and fresh.config("b") == adapters.config("b")
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="renameat2 is Linux's")
+def test_exchange_swaps_two_directories(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # relative paths: renameat2 resolves them from the working directory
+    Path("a").mkdir()
+    Path("b").mkdir()
+    Path("a", "from_a").write_text("a")
+    assert peftlab.io._exchange(Path("a"), Path("b"))
+    assert [p.name for p in Path("b").iterdir()] == ["from_a"] and not any(Path("a").iterdir())
+
+
+def test_without_renameat2_exchange_says_so(tmp_path, monkeypatch):
+    import ctypes.util
+
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    monkeypatch.setattr(ctypes, "CDLL", lambda *args, **kwargs: object())  # a libc without it
+    assert not peftlab.io._exchange(tmp_path / "a", tmp_path / "b")
+    monkeypatch.setattr(ctypes.util, "find_library", lambda name: None)  # no libc found at all
+    assert not peftlab.io._exchange(tmp_path / "a", tmp_path / "b")
+
+
+def test_a_model_without_a_config_saves_and_loads(tmp_path):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 2))
+    adapters = peftlab.attach(model)
+    adapters.add("a", peftlab.LoRAConfig(r=2, targets=(r"^0$",)))
+    adapters.activate("a")
+    adapters.train("a")
+    adapters.save("a", tmp_path / "a", extras=("1",))  # extras named here, not by train
+    config = json.loads((tmp_path / "a" / CONFIG_FILE).read_text())
+    assert config["base_model"]["model_type"] is None and config["extra_modules"] == ["1"]
+    fresh = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 2))
+    assert peftlab.attach(fresh).load(tmp_path / "a") == "a"
+
+
+def test_a_peft_directory_with_its_readme_is_an_adapter_directory(tmp_path):
+    adapters = peftlab.attach(tiny_bert())
+    adapters.add("a", peftlab.LoRAConfig())
+    dest = tmp_path / "dest"
+    adapters.export_peft("a", dest)
+    (dest / "README.md").write_text("model card")  # what peft's save_pretrained writes too
+    assert is_adapter_dir(dest)
+    adapters.save("a", dest)
+    assert sorted(p.name for p in dest.iterdir()) == [CONFIG_FILE, WEIGHTS_FILE]
+
+
+def test_a_save_into_new_nested_directories_works_and_a_failed_one_leaves_nothing(tmp_path, monkeypatch):
+    adapters = peftlab.attach(tiny_bert())
+    adapters.add("a", peftlab.LoRAConfig())
+    adapters.save("a", tmp_path / "x" / "y" / "adapter")
+    assert is_adapter_dir(tmp_path / "x" / "y" / "adapter")
+    (tmp_path / "file").write_text("")
+    with pytest.raises(peftlab.AdapterSaveError, match="^cannot write to .*file: "):
+        adapters.save("a", tmp_path / "file" / "adapter")
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("disk on fire")
+
+    monkeypatch.setattr(peftlab.io, "save_file", broken)
+    with pytest.raises(RuntimeError, match="disk on fire"):
+        adapters.save("a", tmp_path / "x" / "z")
+    assert sorted(p.name for p in (tmp_path / "x").iterdir()) == ["y"]  # no temporary directory left
