@@ -706,3 +706,12 @@ def test_ranks_tie_where_intervals_overlap():
 
     ranks = ranks_with_ties({"a": (0.80, 0.86), "b": (0.78, 0.84), "c": (0.60, 0.70), "d": (0.5, 0.79)})
     assert ranks == {"a": 1, "b": 1, "c": 3, "d": 2}  # d overlaps b but lies wholly below a
+
+
+def test_a_layer_refuses_to_unmerge_what_it_never_merged(bert):
+    adapters = peftlab.attach(bert)
+    adapters.add("x", peftlab.LoRAConfig())
+    adapters.activate("x")
+    layer = adapters._layer("encoder.layer.0.attention.self.query")
+    with pytest.raises(peftlab.AdapterStateError, match="not merged"):
+        layer.unmerge("x")

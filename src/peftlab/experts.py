@@ -246,7 +246,9 @@ class AdaptedParameter(nn.Module):
 
     def unmerge(self, name: str) -> None:
         """Undo :meth:`merge`; only the most recently merged adapter here can go."""
-        if not self.merged or self.merged[-1] != name:
+        if name not in self.merged:
+            raise AdapterStateError(f"adapter {name!r} is not merged here")
+        if self.merged[-1] != name:
             raise AdapterStateError(f"adapter {name!r} must be unmerged after "
                                     f"{self.merged[self.merged.index(name) + 1:]} (reverse order)")
         with torch.no_grad():

@@ -271,7 +271,9 @@ class AdaptedLayer(nn.Module):
 
     def unmerge(self, name: str) -> None:
         """Undo :meth:`merge`; only the most recently merged adapter of this layer can go."""
-        if not self.merged or self.merged[-1] != name:
+        if name not in self.merged:
+            raise AdapterStateError(f"adapter {name!r} is not merged at this layer")
+        if self.merged[-1] != name:
             raise AdapterStateError(
                 f"adapter {name!r} must be unmerged after {self.merged[self.merged.index(name) + 1:]}"
                 " (unmerge in the reverse order of merging)"
