@@ -521,3 +521,11 @@ def test_budgets_in_steps_and_minutes_and_early_stopping(work, tmp_path):
     assert metrics["held_out_examples"] == 3 and metrics["train_examples"] == 29  # 10% of 32 held out
     assert 1 <= metrics["best_step"] <= metrics["steps"] <= metrics["planned_steps"]
     assert metrics["eval_examples"] == 16 and 0.0 <= metrics["eval"]["accuracy"] <= 1.0
+
+
+def test_early_stopping_waits_for_half_the_planned_steps(work, tmp_path):
+    # At a vanishing rate nothing improves after the first evaluation; it still trains half.
+    _ok(_train(work, tmp_path / "flat", "--patience", "1", "--eval-every", "1", "--epochs", "4",
+               "--lr", "1e-12", method="ia3"))
+    metrics = json.loads((tmp_path / "flat" / "metrics.json").read_text())
+    assert metrics["planned_steps"] // 2 <= metrics["steps"] < metrics["planned_steps"]

@@ -466,6 +466,8 @@ def _make_trainer_class(adapter_run: bool) -> type:
 
 #: Evaluations on the held-out slice per run when early stopping picks the best checkpoint.
 EVALUATIONS = 8
+#: Early stopping never stops a run before this share of its planned steps.
+MIN_FRACTION = 0.5
 
 
 def _best_step(state: Any) -> int | None:
@@ -486,9 +488,20 @@ def _budget_callbacks(opts: TrainOptions) -> list[Any]:
             if time.perf_counter() >= self.deadline:
                 control.should_training_stop = True
 
+    class EarlyStopping(EarlyStoppingCallback):
+        """Stops after ``patience`` evaluations without improvement, but never in the first half
+        of the planned steps: slow starters (LoRA's B begins at zero) must get the chance to
+        learn before they are judged."""
+
+        def on_evaluate(self, args: Any, state: Any, control: Any, metrics: Any, **kw: Any) -> None:
+            stopping = control.should_training_stop  # another budget may already have stopped it
+            super().on_evaluate(args, state, control, metrics, **kw)
+            if not stopping and state.global_step < MIN_FRACTION * state.max_steps:
+                control.should_training_stop = False
+
     out: list[Any] = []
     if opts.patience:
-        out.append(EarlyStoppingCallback(early_stopping_patience=opts.patience))
+        out.append(EarlyStopping(early_stopping_patience=opts.patience))
     if opts.max_minutes:
         out.append(WallClock())
     return out
