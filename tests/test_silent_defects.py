@@ -32,6 +32,15 @@ def _bert_classifier(seed: int = 0) -> T.BertForSequenceClassification:
     return T.BertForSequenceClassification(config).eval()
 
 
+def _mixtral(seed: int = 0) -> T.MixtralForCausalLM:
+    """A tiny mixture-of-experts model: routed experts are 3-D parameters, not Linear layers."""
+    torch.manual_seed(seed)
+    config = T.MixtralConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                             num_key_value_heads=1, intermediate_size=64, vocab_size=100,
+                             num_local_experts=4, num_experts_per_tok=2)
+    return T.MixtralForCausalLM(config).eval()
+
+
 IDS = torch.randint(2, 50, (2, 7), generator=torch.Generator().manual_seed(0))
 
 
@@ -71,11 +80,7 @@ def test_loaded_and_imported_adapters_follow_the_model_mode(tmp_path):
 
 
 def test_expert_wrappers_follow_the_model_mode_too():
-    torch.manual_seed(0)
-    config = T.MixtralConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-                             num_key_value_heads=1, intermediate_size=64, vocab_size=100,
-                             num_local_experts=4, num_experts_per_tok=2)
-    model = T.MixtralForCausalLM(config).eval()
+    model = _mixtral()
     peftlab.attach(model).add("x", peftlab.LoRAConfig(targets=("ffn_down", "query")))
     assert not any(m.training for m in model.modules())
 
@@ -294,11 +299,7 @@ def test_unused_fields_are_listed(tmp_path):
 
 
 def test_ia3_on_moe_experts_with_a_zero_scale_is_not_merged():
-    torch.manual_seed(0)
-    config = T.MixtralConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-                             num_key_value_heads=1, intermediate_size=64, vocab_size=100,
-                             num_local_experts=4, num_experts_per_tok=2)
-    model = T.MixtralForCausalLM(config).eval()
+    model = _mixtral()
     adapters = peftlab.attach(model)
     adapters.add("x", peftlab.IA3Config(targets=("ffn_down",)))
     adapters.activate("x")
@@ -312,11 +313,7 @@ def test_ia3_on_moe_experts_with_a_zero_scale_is_not_merged():
 
 
 def test_save_pretrained_after_merging_into_moe_experts(tmp_path):
-    torch.manual_seed(0)
-    config = T.MixtralConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-                             num_key_value_heads=1, intermediate_size=64, vocab_size=100,
-                             num_local_experts=4, num_experts_per_tok=2)
-    model = T.MixtralForCausalLM(config).eval()
+    model = _mixtral()
     adapters = peftlab.attach(model)
     adapters.add("x", peftlab.LoRAConfig(targets=("ffn_down", "query")))
     adapters.activate("x")
