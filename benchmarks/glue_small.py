@@ -177,7 +177,7 @@ def targets(report: dict[str, Any], command: str, seconds: float, preset: str,
                          "other tasks).")
             continue
         lr = source["settings"].get("learning_rates", {}).get("full")
-        lines.append(f"Full fine-tuning {where} (lr {lr if lr is None else format(lr, 'g')}): "
+        lines.append(f"Full fine-tuning {where} (lr {format(lr, 'g') if isinstance(lr, float) else lr}): "
                      f"average {100 * full:.1f}.")
         for method, s in scores.items():
             if method == "full" or s.get("average") is None:
