@@ -498,9 +498,10 @@ def test_demo_runs_offline_on_the_packaged_model(tmp_path):
     assert refused.exit_code == 2 and (tmp_path / "foreign" / "x.txt").read_text() == "keep"
 
 
-def test_train_with_lr_auto_records_the_search_and_uses_its_choice(work, tmp_path):
+def test_train_with_lr_auto_records_the_search_and_uses_its_choice(work, tmp_path, monkeypatch):
+    monkeypatch.setattr("peftlab.lr_search.MIN_TRIAL_STEPS", 1)  # tiny data: a step or two per trial
     out = tmp_path / "auto"
-    _ok(_train(work, out, "--lr", "auto", "--epochs", "1", method="ia3"))
+    _ok(_train(work, out, "--lr", "auto", method="ia3"))  # 2 epochs: 8 steps, 1 per rung-1 trial
     metrics = json.loads((out / "metrics.json").read_text())
     search = metrics["lr_search"]
     assert metrics["lr"] == search["lr"] and search["metric"] == "accuracy"

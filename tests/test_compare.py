@@ -395,7 +395,8 @@ def test_comparative_words_follow_the_measurements():
     assert not any("fastest" in r for r in reasons.values())  # every step is within 2.25x of another
 
 
-def test_compare_chooses_each_rate_on_held_out_training_data(work):
+def test_compare_chooses_each_rate_on_held_out_training_data(work, monkeypatch):
+    monkeypatch.setattr("peftlab.lr_search.MIN_TRIAL_STEPS", 1)  # tiny data: a step or two per trial
     out = work["root"] / "searched"
     result = runner.invoke(app, [
         "compare", "--model", str(work["bert"]), "--data", str(work["sent"]), "--methods", "ia3",
@@ -414,7 +415,8 @@ def test_compare_chooses_each_rate_on_held_out_training_data(work):
     assert "## Learning rates" in (out / "report.md").read_text()
 
 
-def test_the_rate_search_never_reads_the_validation_split(work, tmp_path):
+def test_the_rate_search_never_reads_the_validation_split(work, tmp_path, monkeypatch):
+    monkeypatch.setattr("peftlab.lr_search.MIN_TRIAL_STEPS", 1)
     from peftlab.data import load_task
     from peftlab.lr_search import search_lr
     from peftlab.train import TrainOptions
@@ -449,3 +451,15 @@ def test_compare_runs_on_a_decoder_only_model(work):
         epochs=1, batch_size=8, max_length=16, lr_search=False, quiet=True))
     assert not report["skipped"] and {r["method"] for r in report["runs"]} == {"lora", "ia3"}
     assert report["measurements"]["lora"]["merged_latency_ratio"] is not None
+
+
+def test_a_budget_too_small_to_tell_rates_apart_keeps_the_default_and_says_so(work, tmp_path):
+    from peftlab.data import load_task
+    from peftlab.lr_search import search_lr
+    from peftlab.train import TrainOptions
+
+    opts = TrainOptions(model=str(work["bert"]), data=str(work["sent"]), method="lora", out=tmp_path / "x",
+                        epochs=1, batch_size=8, max_length=16, quiet=True)
+    search = search_lr(opts, load_task(work["sent"]), DEFAULT_LR["lora"])
+    assert search.lr == DEFAULT_LR["lora"] and search.trials == ()
+    assert "too few to tell rates apart" in search.skipped

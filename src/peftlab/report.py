@@ -109,6 +109,10 @@ def learning_rate_lines(report: dict[str, Any]) -> list[str]:
              "rung 2 the better half for twice as long. Held-out scores of rung 2:", ""]
     for r in searched:
         s = r["lr_search"]
+        if s.get("skipped"):
+            lines.append(f"- {r['method']} · {r['task']} · seed {r['seed']}: **{s['lr']:g}**, not "
+                         f"searched: {s['skipped']}")
+            continue
         final = ", ".join(f"{t['lr']:g} → {points(t['score'])}" for t in s["trials"] if t["rung"] == 2)
         lines.append(f"- {r['method']} · {r['task']} · seed {r['seed']}: **{s['lr']:g}** ({final}; "
                      f"{s['metric']} on {s['held_out_examples']} held-out examples)")

@@ -752,8 +752,8 @@ def run_training(opts: TrainOptions, console: Console | None = None,
         _say(console, opts.quiet, f"choosing the learning rate around {lr:g} on held-out training data")
         search = search_lr(opts, data, lr)
         lr = search.lr
-        _say(console, opts.quiet, f"learning rate: {lr:g} (" + ", ".join(
-            f"{t.lr:g}: {t.score:.4f}" for t in search.trials if t.rung == 2) + ")")
+        _say(console, opts.quiet, f"learning rate: {lr:g} (" + (search.skipped or ", ".join(
+            f"{t.lr:g}: {t.score:.4f}" for t in search.trials if t.rung == 2)) + ")")
     # Seeded before loading: a new head is initialised while the model loads.
     set_seed(opts.seed)
     model, tokenizer, heads = load_model(opts.model, data.task, data.num_labels, opts.pooling)
