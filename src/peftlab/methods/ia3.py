@@ -53,7 +53,8 @@ class IA3Config(AdapterConfig):
 
 
 class IA3(Piece):
-    """(IA)³ at one site: one vector over the input or over the targeted output features."""
+    """(IA)³ at one site: one vector over the input or over the targeted output features; on a
+    3-D expert parameter (``[E, out, in]``) one such vector per expert, stored as ``[E, n]``."""
 
     kind = "scale"
 
@@ -65,82 +66,39 @@ class IA3(Piece):
         self.scale_input = scale_input
         self.out_features = site.out_features
         n = site.in_features if scale_input else (site.out_features if index is None else len(index))
-        self.ia3_l = nn.Parameter(torch.ones(n))
+        experts = () if site.num_experts is None else (site.num_experts,)
+        self.ia3_l = nn.Parameter(torch.ones(*experts, n))
         self.sliced = index is not None
         if self.sliced:
             self.register_buffer("index", index, False)
 
     def _full(self, v: torch.Tensor, fill: float) -> torch.Tensor:
+        """``v`` over every output feature (``fill`` outside the targeted ones)."""
         if not self.sliced:
             return v
-        return v.new_full((self.out_features,), fill).index_copy(0, self.index, v)
+        return v.new_full((*v.shape[:-1], self.out_features), fill).index_copy(-1, self.index, v)
 
     def scales(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """``(l_in, None)`` or ``(None, l_out)``; with a leading expert dimension on experts."""
         return (self.ia3_l, None) if self.scale_input else (None, self._full(self.ia3_l, 1.0))
 
     def merge_problem(self) -> str | None:
-        return zero_scales(self.ia3_l)
+        # Unmerging divides by l: a zero (or a subnormal, whose inverse overflows) erases the
+        # weights it scales for good.
+        zeros = int((self.ia3_l.abs() < torch.finfo(self.ia3_l.dtype).tiny).sum())
+        if zeros:
+            return (f"{zeros} (IA)³ scale(s) are 0, which would erase those weights for good "
+                    "(unmerge divides by the scale); keep this adapter unmerged")
+        return None
 
     def merge_into(self, weight: torch.Tensor, bias: torch.Tensor | None, sign: int) -> None:
+        """Scale ``weight [..., out, in]`` in place (and the bias ``[..., out]`` with the output)."""
         v = (self.ia3_l if sign > 0 else 1.0 / self.ia3_l).to(weight.dtype)
         if self.scale_input:
-            weight.mul_(v)
+            weight.mul_(v.unsqueeze(-2))
             return
         v = self._full(v, 1.0)
-        weight.mul_(v[:, None])
-        if bias is not None:
-            bias.mul_(v)
-
-
-def zero_scales(scales: torch.Tensor) -> str | None:
-    """Why ``scales`` cannot be merged reversibly: unmerging divides by them, and a zero (or a
-    subnormal, whose inverse overflows) erases the weights it scales for good."""
-    zeros = int((scales.abs() < torch.finfo(scales.dtype).tiny).sum())
-    if zeros:
-        return (f"{zeros} (IA)³ scale(s) are 0, which would erase those weights for good "
-                "(unmerge divides by the scale); keep this adapter unmerged")
-    return None
-
-
-class ExpertIA3(Piece):
-    """(IA)³ on a 3-D expert parameter: one vector per expert over its input or targeted outputs."""
-
-    kind = "scale"
-
-    def __init__(self, site: Site, scale_input: bool) -> None:
-        super().__init__()
-        index = site.out_index
-        if scale_input and index is not None:
-            raise TargetError(f"(IA)³ cannot rescale the input of fused expert parameter {site.module!r}")
-        assert site.num_experts is not None
-        self.scale_input = scale_input
-        self.out_features = site.out_features
-        n = site.in_features if scale_input else (site.out_features if index is None else len(index))
-        self.ia3_l = nn.Parameter(torch.ones(site.num_experts, n))
-        self.sliced = index is not None
-        if self.sliced:
-            self.register_buffer("index", index, False)
-
-    def _full(self, v: torch.Tensor, fill: float) -> torch.Tensor:
-        if not self.sliced:
-            return v
-        return v.new_full((v.shape[0], self.out_features), fill).index_copy(1, self.index, v)
-
-    def scales(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """``(l_in [E, in], None)`` or ``(None, l_out [E, out])``."""
-        return (self.ia3_l, None) if self.scale_input else (None, self._full(self.ia3_l, 1.0))
-
-    def merge_problem(self) -> str | None:
-        return zero_scales(self.ia3_l)
-
-    def merge_into(self, weight: torch.Tensor, bias: torch.Tensor | None, sign: int) -> None:
-        """Scale ``weight [E, out, in]`` (a view of the stored parameter) and its ``[E, out]`` bias."""
-        v = (self.ia3_l if sign > 0 else 1.0 / self.ia3_l).to(weight.dtype)
-        if self.scale_input:
-            weight.mul_(v[:, None, :])
-            return
-        v = self._full(v, 1.0)
-        weight.mul_(v[:, :, None])
+        weight.mul_(v.unsqueeze(-1))
         if bias is not None:
             bias.mul_(v)
 
@@ -153,6 +111,5 @@ def is_input_scaled(config: IA3Config, site: Site) -> bool:
     return False
 
 
-def build(config: IA3Config, site: Site, shared: nn.Module | None = None) -> Piece:
-    scale_input = is_input_scaled(config, site)
-    return IA3(site, scale_input) if site.num_experts is None else ExpertIA3(site, scale_input)
+def build(config: IA3Config, site: Site, shared: nn.Module | None = None) -> IA3:
+    return IA3(site, is_input_scaled(config, site))
