@@ -41,16 +41,22 @@ def _mixtral(seed: int = 0) -> T.MixtralForCausalLM:
     return T.MixtralForCausalLM(config).eval()
 
 
+def _active(model: torch.nn.Module, config: peftlab.AdapterConfig) -> peftlab.AdapterSet:
+    """``model``'s adapters with adapter "x" added, active, and moved away from its init."""
+    adapters = peftlab.attach(model)
+    adapters.add("x", config)
+    adapters.activate("x")
+    randomize(adapters.parameters("x"))
+    return adapters
+
+
 IDS = torch.randint(2, 50, (2, 7), generator=torch.Generator().manual_seed(0))
 
 
 # ---- 1. adapters added to a model in eval mode follow its mode -----------------------------------
 def test_lora_added_to_an_eval_model_runs_no_dropout():
     model = tiny_model("bert")  # in eval mode, as from_pretrained returns it
-    adapters = peftlab.attach(model)
-    adapters.add("x", peftlab.LoRAConfig(dropout=0.5))
-    adapters.activate("x")
-    randomize(adapters.parameters("x"))
+    _active(model, peftlab.LoRAConfig(dropout=0.5))
     inputs = tiny_inputs("bert")
     with torch.no_grad():
         assert torch.equal(model(**inputs).last_hidden_state, model(**inputs).last_hidden_state)
@@ -132,10 +138,7 @@ def test_merge_into_another_shared_weight_is_refused_and_changes_nothing():
             return self.a(x) + self.b(x)
 
     net = TwoHeads()
-    adapters = peftlab.attach(net)
-    adapters.add("x", peftlab.LoRAConfig(targets=(r"^a$",), r=2))
-    adapters.activate("x")
-    randomize(adapters.parameters("x"))
+    adapters = _active(net, peftlab.LoRAConfig(targets=(r"^a$",), r=2))
     shared = net.b.weight.detach().clone()
     with pytest.raises(peftlab.AdapterStateError, match="shared with"):
         adapters.merge("x")
@@ -145,10 +148,7 @@ def test_merge_into_another_shared_weight_is_refused_and_changes_nothing():
 # ---- 3. save_pretrained and Trainer checkpoints of an adapted model --------------------------------
 def test_save_pretrained_refuses_unmerged_adapters_and_writes_a_plain_model_after_merge(tmp_path):
     model = _bert_classifier()
-    adapters = peftlab.attach(model)
-    adapters.add("x", peftlab.LoRAConfig())
-    adapters.activate("x")
-    randomize(adapters.parameters("x"))
+    adapters = _active(model, peftlab.LoRAConfig())
     with pytest.raises(peftlab.AdapterStateError, match="adapters.save"):
         model.save_pretrained(tmp_path / "unmerged")
     assert not (tmp_path / "unmerged").exists()
@@ -166,10 +166,7 @@ def test_save_pretrained_refuses_unmerged_adapters_and_writes_a_plain_model_afte
 
 def test_save_pretrained_with_a_wrapped_state_dict_writes_plain_keys(tmp_path):
     model = _bert_classifier()
-    adapters = peftlab.attach(model)
-    adapters.add("x", peftlab.IA3Config())
-    adapters.activate("x")
-    randomize(adapters.parameters("x"))
+    adapters = _active(model, peftlab.IA3Config())
     adapters.merge("x")
     model.save_pretrained(tmp_path, state_dict=model.state_dict())  # what Trainer passes under DDP
     with torch.no_grad():
@@ -314,10 +311,7 @@ def test_ia3_on_moe_experts_with_a_zero_scale_is_not_merged():
 
 def test_save_pretrained_after_merging_into_moe_experts(tmp_path):
     model = _mixtral()
-    adapters = peftlab.attach(model)
-    adapters.add("x", peftlab.LoRAConfig(targets=("ffn_down", "query")))
-    adapters.activate("x")
-    randomize(adapters.parameters("x"))
+    adapters = _active(model, peftlab.LoRAConfig(targets=("ffn_down", "query")))
     ids = torch.randint(0, 100, (2, 5), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         expected = model(ids).logits

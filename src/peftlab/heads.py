@@ -28,6 +28,8 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.modeling_outputs import SequenceClassifierOutput
 
+from peftlab.errors import UsageError
+
 POOLINGS = ("auto", "cls", "mean")
 HEAD_FILE = "peftlab_head.safetensors"
 HEAD_CONFIG = "peftlab_head.json"
@@ -57,8 +59,6 @@ def declared_pooling(folder: str | Path) -> str | None:
 def resolve_pooling(asked: str, folder: str | Path | None) -> str:
     """``asked`` (auto, cls, mean) made definite for the model in ``folder``."""
     if asked not in POOLINGS:
-        from peftlab.errors import UsageError
-
         raise UsageError(f"--pooling {asked!r}: choose one of {', '.join(POOLINGS)}")
     if asked != "auto":
         return asked
