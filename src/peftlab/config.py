@@ -29,7 +29,7 @@ def clip(text: str, limit: int = 200) -> str:
     return f"{text[:limit * 2 // 3]}...<{len(text) - limit} characters cut>...{text[-limit // 3:]}"
 
 
-def _check(name: str, value: Any, tp: Any) -> Any:
+def check_value(name: str, value: Any, tp: Any) -> Any:
     """Validate ``value`` against the annotation ``tp`` and return it in canonical form."""
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
@@ -40,7 +40,7 @@ def _check(name: str, value: Any, tp: Any) -> Any:
                     return None
                 continue
             try:
-                return _check(name, value, arm)
+                return check_value(name, value, arm)
             except ConfigError as e:
                 errors.append(str(e))
         raise ConfigError(errors[0] if errors else f"{name}: got {value!r}")
@@ -48,7 +48,7 @@ def _check(name: str, value: Any, tp: Any) -> Any:
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{name}: expected a list, got {type(value).__name__}")
         (item_tp, _) = typing.get_args(tp)
-        return tuple(_check(f"{name}[{i}]", v, item_tp) for i, v in enumerate(value))
+        return tuple(check_value(f"{name}[{i}]", v, item_tp) for i, v in enumerate(value))
     if origin is typing.Literal:
         if value not in typing.get_args(tp):
             raise ConfigError(f"{name}: must be one of {typing.get_args(tp)}, got {clip(repr(value))}")
@@ -83,7 +83,7 @@ class AdapterConfig:
     def __post_init__(self) -> None:
         hints = typing.get_type_hints(type(self))
         for f in dataclasses.fields(self):
-            object.__setattr__(self, f.name, _check(f.name, getattr(self, f.name), hints[f.name]))
+            object.__setattr__(self, f.name, check_value(f.name, getattr(self, f.name), hints[f.name]))
         self.validate()
 
     def validate(self) -> None:

@@ -218,7 +218,7 @@ def adapter_files(adapters: AdapterSet, name: str,
     from peftlab import __version__
 
     adapter = adapters[name]
-    extras = adapter.extras if extras is None else adapters._resolve_modules(tuple(extras))
+    extras = adapter.extras if extras is None else adapters.resolve_modules(tuple(extras))
     tensors = adapter_tensors(adapters, name)
     for module in extras:
         for key, t in adapters.model.get_submodule(module).state_dict().items():
@@ -277,8 +277,8 @@ def restore_adapter(adapters: AdapterSet, name: str, path: Path) -> None:
 
 
 def load_adapter(adapters: AdapterSet, path: Path, name: str | None) -> str:
-    from peftlab.adapter_set import check_name
     from peftlab.methods import method_for
+    from peftlab.names import check_name
 
     data = read_config(path)
     if data.get("format") != FORMAT:
@@ -320,7 +320,7 @@ def load_adapter(adapters: AdapterSet, path: Path, name: str | None) -> str:
         raise AdapterLoadError(f"{path} is a fusion of {str(members)[:200]}; load its members "
                                f"{str(missing)[:200]} before it")
     try:
-        built = adapters._build(config, tuple(members))
+        built = adapters.build(config, tuple(members))
         extra_modules = {e: adapters.model.get_submodule(e) for e in extras}
     # OverflowError, RecursionError: re.compile on absurd target regexes ("a{99999999999}", "((((...")
     except (PeftlabError, AttributeError, OverflowError, RecursionError) as e:
@@ -342,5 +342,5 @@ def load_adapter(adapters: AdapterSet, path: Path, name: str | None) -> str:
         m.load_state_dict({k[len(f"extra.{module}."):]: v for k, v in tensors.items()
                            if k.startswith(f"extra.{module}.")})
     built.extras = tuple(extras)
-    adapters._install(name, built)
+    adapters.install(name, built)
     return name
