@@ -322,6 +322,31 @@ def test_recommend_command_profiles_the_model_and_ranks(work):
     assert bad.exit_code == 2 and bad.output.startswith("error:")
 
 
+def test_a_profile_holds_one_method_copy_at_a_time(work, monkeypatch):
+    import weakref
+
+    from peftlab import measure
+    from peftlab.train import load_model
+
+    model, _, heads = load_model(str(work["bert"]), "classification", 2)
+    copies: list[tuple[str, weakref.ref]] = []
+    alive_when_made: list[list[str]] = []
+    make = measure._setup
+
+    def tracked(base, method, *args):
+        alive_when_made.append([m for m, ref in copies if ref() is not None])
+        s = make(base, method, *args)
+        copies.append((method, weakref.ref(s.model)))
+        return s
+
+    monkeypatch.setattr(measure, "_setup", tracked)
+    batch = measure.synthetic_batch(model.config.vocab_size, 4, 16)
+    found = measure.measure_methods(model, ["lora", "pfeiffer", "full"], batch, heads, steps=2, forwards=2)
+    assert alive_when_made == [[], [], []]  # each copy was gone before the next was made
+    assert [m.step_seconds > 0 and m.latency_ratio > 0 for m in found.values()] == [True] * 3
+    assert found["lora"].merged_latency_ratio is not None and found["pfeiffer"].merged_latency_ratio is None
+
+
 # ---- intervals, ranks and resume --------------------------------------------------------------------
 def test_each_score_has_an_interval_the_rate_the_steps_and_a_rank(compared):
     out, report = compared

@@ -22,14 +22,19 @@ one run are measured alike:
 * **inference latency**: the median no-grad forward of the adapted model, unmerged, and merged
   when the method can merge, over the base model's median forward.
 
-Steps and forwards are timed round-robin over the methods and the base model (one copy of the
-model per method), so that a change in the machine's load hits every method alike.
+Each method is timed as ratios to the base model's no-grad forward, timed right next to it (a
+base forward before each train step; forwards alternating with the base's), so that a change in
+the machine's load cancels; the seconds reported are those ratios times the base forward's
+median over the whole run. One method is measured at a time, on its own copy of the model (the
+copies share the frozen tensors), and the copy is freed before the next: the memory a profile
+needs is the base model's plus one method's.
 """
 
 from __future__ import annotations
 
 import copy
 import dataclasses
+import gc
 import math
 import statistics
 import tempfile
@@ -320,9 +325,8 @@ def measure_methods(base: nn.Module, methods: Sequence[str], batch: dict[str, to
     fixed shape); ``heads``: the head modules trained along; a fusion fuses ``members`` fresh
     Pfeiffer adapters. ``device`` defaults to CUDA when available.
 
-    Train steps and forwards are timed round-robin over the methods (and the base model), so
-    that a change in the machine's load hits every method alike; this holds one copy of the model
-    per method in memory. ``on_done`` is called with each result at the end."""
+    Each method is timed against the base model's forward, one method at a time (see the module
+    docstring). ``on_done`` is called with each result at the end."""
     if not methods:
         return {}
     device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -340,51 +344,89 @@ def measure_methods(base: nn.Module, methods: Sequence[str], batch: dict[str, to
     else:
         base_footprint = base_bytes  # a no-grad forward frees its activations layer by layer
 
-    setups = [_setup(base, m, batch, heads, members, device) for m in methods]
+    pending = []
+    for method in methods:
+        pending.append(_measure_one(base, base_eval, method, batch, inputs, heads, members, steps,
+                                    forwards, device))
+        gc.collect()  # the copy holds reference cycles (model <-> AdapterSet): free it now
+    # Train steps were timed against base forwards taken between them; their median over the
+    # whole run turns each method's ratio back into seconds.
+    base_fwd = statistics.median(t for p in pending for t in p.base_times)
+    out = {}
+    for p in pending:
+        out[p.method] = _measurement(p, batch, base_bytes, base_footprint, base_fwd,
+                                     members if p.method == FUSION else 0, cuda)
+        if on_done is not None:
+            on_done(out[p.method])
+    if cuda:
+        torch.cuda.empty_cache()
+    return out
+
+
+def _measurement(p: _Timed, batch: dict[str, torch.Tensor], base_bytes: int, base_footprint: int,
+                 base_fwd: float, members: int, cuda: bool) -> Measurement:
+    c = p.counts
+    state = 2 * c["trainable_bytes"]  # the AdamW moments
+    if cuda:
+        train_memory = c["weight_bytes"] + state + p.cuda_extra
+    else:
+        train_memory = c["weight_bytes"] + p.saved_bytes + state + c["trainable_bytes"]  # + gradients
+    step_seconds = p.step_ratio * base_fwd
+    return Measurement(
+        method=p.method, trainable_parameters=c["trainable_parameters"],
+        head_parameters=c["head_parameters"], base_parameters=c["base_parameters"],
+        base_bytes=base_bytes, file_bytes=c["file_bytes"], weight_bytes=c["weight_bytes"],
+        train_memory_bytes=int(train_memory), memory_increase_bytes=int(train_memory - base_footprint),
+        step_seconds=step_seconds, examples_per_second=len(batch["input_ids"]) / step_seconds,
+        latency_ratio=p.latency, merged_latency_ratio=p.merged_latency,
+        mergeable=bool(c["mergeable"]), base_forward_seconds=base_fwd,
+        batch_size=len(batch["input_ids"]), length=int(batch["input_ids"].shape[1]),
+        memory_source="cuda peak" if cuda else "autograd accounting", members=members)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Timed:
+    """What :func:`_measure_one` keeps of a method once its model copy is gone."""
+
+    method: str
+    counts: dict[str, Any]
+    saved_bytes: int
+    cuda_extra: int
+    step_ratio: float  # median train step over the base forward timed just before it
+    latency: float
+    merged_latency: float | None
+    base_times: list[float]
+
+
+def _measure_one(base: nn.Module, base_eval: nn.Module, method: str, batch: dict[str, torch.Tensor],
+                 inputs: dict[str, torch.Tensor], heads: Sequence[str], members: int, steps: int,
+                 forwards: int, device: torch.device) -> _Timed:
+    """One method on its own copy of the model: steps, each right after a base forward, then its
+    forwards between base forwards (:func:`_latencies`), merged too where it can merge. Only this
+    copy is alive while it is measured, so a profile needs one method's memory, not all of them;
+    the ratios to the base, timed next to each other, carry no drift of the machine's load."""
+    s = _setup(base, method, batch, heads, members, device)
+    ratios, base_times = [], []
+    with torch.no_grad():
+        base_eval(**inputs)  # warm-up
     for _ in range(max(steps, 1)):
-        for s in setups:
-            _step(s, batch, device)
-    for s in setups:
-        s.optimizer.state.clear()  # inference is timed without the training state around
-        s.model.eval()
-    latency, base_fwd = _latencies({s.method: s.model for s in setups}, base_eval, inputs, forwards, device)
-    mergeable = {s.method: s for s in setups if s.counts["mergeable"] and s.name is not None}
-    for s in mergeable.values():
+        with torch.no_grad():
+            base_times.append(timed(lambda: base_eval(**inputs), device))
+        _step(s, batch, device)
+        ratios.append(s.times[-1] / base_times[-1])
+    s.optimizer.state.clear()  # inference is timed without the training state around
+    s.model.eval()
+    latency, fwd = _latencies({method: s.model}, base_eval, inputs, forwards, device)
+    merged = None
+    if s.counts["mergeable"] and s.name is not None:
         from peftlab.adapter_set import attach
 
         # A merged adapter runs no piece: its layers take exactly the path of layers with no
         # active adapter, timed here without merging (the copies share the base weights).
         attach(s.model).activate()
-    merged, _ = _latencies({k: s.model for k, s in mergeable.items()}, base_eval, inputs, forwards,
-                           device) if mergeable else ({}, base_fwd)
-
-    out = {}
-    for s in setups:
-        c = s.counts
-        state = 2 * c["trainable_bytes"]  # the AdamW moments
-        if cuda:
-            train_memory = c["weight_bytes"] + state + s.cuda_extra
-        else:
-            train_memory = c["weight_bytes"] + s.saved_bytes + state + c["trainable_bytes"]  # + gradients
-        step_seconds = statistics.median(s.times)
-        m = Measurement(
-            method=s.method, trainable_parameters=c["trainable_parameters"],
-            head_parameters=c["head_parameters"], base_parameters=c["base_parameters"],
-            base_bytes=base_bytes, file_bytes=c["file_bytes"], weight_bytes=c["weight_bytes"],
-            train_memory_bytes=int(train_memory), memory_increase_bytes=int(train_memory - base_footprint),
-            step_seconds=step_seconds, examples_per_second=len(batch["input_ids"]) / step_seconds,
-            latency_ratio=latency[s.method], merged_latency_ratio=merged.get(s.method),
-            mergeable=bool(c["mergeable"]), base_forward_seconds=base_fwd,
-            batch_size=len(batch["input_ids"]), length=int(batch["input_ids"].shape[1]),
-            memory_source="cuda peak" if cuda else "autograd accounting",
-            members=members if s.method == FUSION else 0)
-        out[s.method] = m
-        if on_done is not None:
-            on_done(m)
-    del setups
-    if cuda:
-        torch.cuda.empty_cache()
-    return out
+        merged = _latencies({method: s.model}, base_eval, inputs, forwards, device)[0][method]
+    return _Timed(method, s.counts, s.saved_bytes, s.cuda_extra, statistics.median(ratios),
+                  latency[method], merged, [*base_times, fwd])
 
 
 def measure_method(base: nn.Module, method: str, batch: dict[str, torch.Tensor],
