@@ -317,10 +317,10 @@ def _read_file(path: Path, label: str | None) -> tuple[datasets.Dataset, _Where]
             ds = datasets.load_dataset(builder, data_files={"data": str(path)}, split="data", **kwargs)
         except Exception as e:  # noqa: BLE001 - pyarrow, pandas and datasets raise many kinds
             raise _unreadable(path, builder, e) from None
+        if builder == "text":  # datasets keeps blank lines as empty texts; a blank line is no example
+            ds = ds.filter(lambda t: [bool(x.strip()) for x in t], input_columns="text", batched=True)
     if any("Length of header" in str(w.message) for w in caught):
         raise _unreadable(path, builder, None)
-    if builder == "text":  # datasets keeps blank lines as empty texts; a blank line is no example
-        ds = ds.filter(lambda t: [bool(x.strip()) for x in t], input_columns="text", batched=True)
     return ds, where
 
 
