@@ -77,6 +77,9 @@ def test_sentence_label_csv_with_string_labels_trains_and_records_the_names(work
     assert config["label2id"] == {"negative": 0, "positive": 1}
     run = json.loads((reviews_run / "run.json").read_text())
     assert run["labels"] == ["negative", "positive"] and run["columns"]["text"] == "sentence"
+    shown = runner.invoke(app, ["inspect", str(reviews_run), "--json"])
+    _ok(shown)
+    assert json.loads(shown.stdout)["labels"] == ["negative", "positive"]
     # eval maps the words with the recorded names and reproduces training's score
     result = runner.invoke(app, ["eval", "--adapter", str(reviews_run), "--data", str(work["reviews"])])
     _ok(result)
@@ -370,3 +373,39 @@ def test_rows_view_samples_and_tokenises_like_lists(tmp_path):
     reference = tokenizer([rows[i]["text"] for i in keep], truncation=True, max_length=9)
     assert [f["input_ids"] for f in encoded.features] == reference["input_ids"]
     assert cut == sum(len(tokenizer(rows[i]["text"])["input_ids"]) > 9 for i in keep) > 0
+
+
+# ---- the README's data examples ---------------------------------------------------------------------
+def test_readme_data_examples_run(work, tmp_path, monkeypatch):
+    import re
+    import shlex
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme.split("### Your data", 1)[1]
+    commands = re.search(r"```bash\n(.*?)```", section, flags=re.S).group(1).strip().splitlines()
+    assert len(commands) >= 8
+    monkeypatch.chdir(tmp_path)
+    _reviews(tmp_path / "reviews")
+    rng = random.Random(9)
+    (tmp_path / "stars").mkdir()
+    for split, n in (("train", 16), ("validation", 8)):
+        datasets.Dataset.from_dict({"review": [_sentence(rng, i % 2) for i in range(n)],
+                                    "stars": [1 + i % 2 for i in range(n)]}
+                                   ).to_parquet(str(tmp_path / "stars" / f"{split}.parquet"))
+    datasets.DatasetDict({split: datasets.Dataset.from_dict(
+        {"sentence": [_sentence(rng, i % 2) for i in range(n)], "label": [i % 2 for i in range(n)]})
+        for split, n in (("train", 16), ("dev", 8))}).save_to_disk(str(tmp_path / "saved"))
+    (tmp_path / "new.txt").write_text("the film was good\nthe meal was awful\nthe book was fine\n")
+    for line in commands:
+        argv = shlex.split(line.replace("$MODEL", str(work["bert"])))
+        assert argv[0] == "peftlab"
+        stdin = None
+        if "<" in argv:
+            at = argv.index("<")
+            stdin, argv = Path(argv[at + 1]).read_text(), argv[:at]
+        result = runner.invoke(app, argv[1:], input=stdin)
+        assert result.exit_code == 0, f"{line}\n{result.output}{result.exception!r}"
+    assert json.loads((tmp_path / "runs/stars/run.json").read_text())["labels"] == ["1", "2"]
+    for name, n in (("predictions.jsonl", 3), ("stars.jsonl", 8), ("from-stdin.jsonl", 3)):
+        assert len((tmp_path / name).read_text().splitlines()) == n
+    assert json.loads((tmp_path / "runs/saved/run.json").read_text())["labels"] == ["0", "1"]

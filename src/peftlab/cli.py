@@ -573,6 +573,7 @@ def describe(path: Path) -> dict[str, Any]:
         "adapter_parameters": adapter_params,
         "head_parameters": head_params,
         "head_modules": config.get("extra_modules", []),
+        "labels": trained.labels() if "id2label" in config else None,
         "bytes": sum(p.stat().st_size for p in trained.adapter.iterdir() if p.is_file()),
         "target_modules": config.get("target_modules", []),
         "base_model": config.get("base_model"),
@@ -605,6 +606,8 @@ def inspect(
             ("config", json.dumps(info["config"])),
             ("adapter parameters", f"{info['adapter_parameters']:,}"),
             ("head parameters", f"{info['head_parameters']:,} in {info['head_modules']}"),
+            *([("classes", ", ".join(f"{i}: {n}" for i, n in enumerate(info["labels"])))]
+              if info["labels"] else []),
             ("size on disk", f"{info['bytes'] / 1024:.1f} KiB"),
             ("target modules", f"{len(targets)}: " + ", ".join(targets[:4])
                                + (" ..." if len(targets) > 4 else "")),

@@ -276,8 +276,8 @@ def split_file(folder: Path, split: str) -> Path:
     if not found:
         present = sorted(p.name for p in folder.iterdir() if p.suffix in EXTENSIONS)
         raise DataError(f"no {split} file in {folder} (looked for {split}.jsonl/.json/.csv/.parquet/.txt; "
-                        f"found {present or 'no data files'}); name the file {split}.<ext>, or map the "
-                        f"split with --split {split}=NAME")
+                        f"found {present or 'no data files'}); name the file {split}.<ext>, or point "
+                        "--split at another name")
     if len(found) > 1:
         raise DataError(f"{folder} has several {split} files {[p.name for p in found]}; keep one")
     return found[0]
