@@ -101,6 +101,29 @@ def test_merged_model_carries_the_label_names(work, reviews_run, tmp_path):
     assert model.config.label2id == {"negative": 0, "positive": 1}
 
 
+def test_full_fine_tuning_saves_the_names_in_the_model_config_and_predict_uses_them(work, tmp_path):
+    out = tmp_path / "full"
+    _ok(_train(work, ["--data", str(work["reviews"])], out, "--method", "full"))
+    config = json.loads((out / "model" / "config.json").read_text())
+    assert config["id2label"] == {"0": "negative", "1": "positive"}
+    preds = tmp_path / "preds.jsonl"
+    _ok(runner.invoke(app, ["predict", "--adapter", str(out / "model"), "--data", "-", "--out", str(preds),
+                            "--quiet"], input="the film was good\n"))
+    assert json.loads(preds.read_text())["label"] in ("negative", "positive")
+
+
+def test_an_adapter_with_a_broken_label_map_is_refused(work, reviews_run, tmp_path):
+    import shutil
+
+    copy = tmp_path / "adapter"
+    shutil.copytree(reviews_run / "adapter", copy)
+    config = json.loads((copy / "adapter_config.json").read_text())
+    config["id2label"] = {"0": "negative", "2": "positive"}
+    (copy / "adapter_config.json").write_text(json.dumps(config))
+    _bad(runner.invoke(app, ["eval", "--adapter", str(copy), "--model", str(work["bert"]), "--data",
+                             str(work["reviews"])]), "id2label must map the class ids 0..K-1")
+
+
 def test_integer_labels_1_and_2_make_two_named_classes_not_three(work, tmp_path):
     data = _reviews(tmp_path / "ones_twos", names=("1", "2"))
     out = tmp_path / "run"
