@@ -377,10 +377,14 @@ def test_errors_name_the_file_and_row(tmp_path, name, content, expected):
     assert expected in str(caught.value) and str(tmp_path) in str(caught.value)
 
 
-def test_csv_texts_stay_text(tmp_path):
+def test_csv_texts_stay_text_and_a_detected_score_column_stays_numeric(tmp_path):
     (tmp_path / "train.csv").write_text("text,label\n007,1\nNA,0\nnull,1\n")
     rows = list(load_task(tmp_path, splits=("train",))["train"].rows)
     assert [r["text"] for r in rows] == ["007", "NA", "null"]
+    (tmp_path / "train.csv").write_text("sentence1,sentence2,score\na cat,a dog,3.5\n1,2,0.25\n")
+    data = load_task(tmp_path, splits=("train",))
+    assert data.task == "regression" and [r["label"] for r in data["train"].rows] == [3.5, 0.25]
+    assert data["train"].rows[1]["text_pair"] == "2"
 
 
 def test_rows_view_samples_and_tokenises_like_lists(tmp_path):

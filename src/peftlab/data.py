@@ -292,8 +292,9 @@ def _csv_header(path: Path) -> list[str]:
 
 
 def _read_file(path: Path, label: str | None) -> tuple[datasets.Dataset, _Where]:
-    """One data file as a memory-mapped Arrow dataset. ``label`` names the label column, the only
-    CSV column whose type is inferred: the others stay text ("007" is not 7, "NA" is not missing)."""
+    """One data file as a memory-mapped Arrow dataset. ``label`` names the label column (default:
+    the first of :data:`LABEL_COLUMNS` present), the only CSV column whose type is inferred: the
+    others stay text ("007" is not 7, "NA" is not missing)."""
     import datasets
 
     builder = _BUILDERS.get(path.suffix)
@@ -305,6 +306,7 @@ def _read_file(path: Path, label: str | None) -> tuple[datasets.Dataset, _Where]
         header = _csv_header(path)
         if not header:
             raise DataError(f"{path} holds no examples; its first line must name the columns")
+        label = label or next((c for c in LABEL_COLUMNS if c in header), None)
         # pandas would read a ragged row's extra field as an index: index_col=False makes it a
         # warning, caught below.
         kwargs = {"keep_default_na": False, "na_values": [""], "index_col": False,
@@ -727,8 +729,7 @@ def load_task(source: str | Path | DataSource, splits: tuple[str, ...] = ("train
     texts: dict[str, tuple[Any, Any, _Where, list[str], Any]] = {}
     raw: dict[str, _Labels] = {}
     for split in splits:
-        hint = src.label_column or (LABEL_COLUMNS[0] if columns is None else columns.label)
-        ds, where = opened.split(split, hint)
+        ds, where = opened.split(split, src.label_column or (columns.label if columns else None))
         if columns is None:
             columns = detect_columns(ds.column_names, src, where.path, labelled)
         else:
