@@ -2,9 +2,22 @@
 
 from __future__ import annotations
 
+import atexit
+import os
+import shutil
+import tempfile
+
 import pytest
 import torch
 import transformers as T
+
+# No test may reach the network, and the Arrow files that `datasets` makes from data files go to a
+# temporary cache (set before anything imports datasets, which reads these at import).
+os.environ["HF_DATASETS_OFFLINE"] = "1"
+os.environ["HF_HUB_OFFLINE"] = "1"
+_DATASETS_CACHE = tempfile.mkdtemp(prefix="peftlab-test-datasets-")
+os.environ["HF_DATASETS_CACHE"] = _DATASETS_CACHE
+atexit.register(shutil.rmtree, _DATASETS_CACHE, ignore_errors=True)
 
 H, FF, V = 32, 64, 100
 

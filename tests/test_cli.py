@@ -326,7 +326,8 @@ GOOD = '{"text": "the film was good", "label": 1}\n{"text": "the film was bad", 
     ("no_validation_file", "no validation file"),
     ("empty_train", "holds no examples"),
     ("broken_json", "is not valid JSON"),
-    ("string_label", "is not a number"),
+    ("one_class", "at least two classes"),
+    ("names_then_ids", "class label 1 is not one of the 2 classes (negative, positive)"),
     ("unknown_method", "unknown method 'lorax'"),
     ("unknown_set_key", "no setting 'rank'"),
     ("not_a_model", "is not a model folder"),
@@ -342,8 +343,11 @@ def test_bad_input_exits_2_with_one_line_and_writes_nothing(work, tmp_path, case
         data = str(_bad_data(tmp_path, case, "\n", GOOD))
     elif case == "broken_json":
         data = str(_bad_data(tmp_path, case, GOOD + "{oops\n", GOOD))
-    elif case == "string_label":
+    elif case == "one_class":
         data = str(_bad_data(tmp_path, case, '{"text": "fine", "label": "positive"}\n', GOOD))
+    elif case == "names_then_ids":
+        names = '{"text": "fine", "label": "positive"}\n{"text": "dull", "label": "negative"}\n'
+        data = str(_bad_data(tmp_path, case, names, GOOD))
     elif case == "unknown_method":
         extra = ["--method", "lorax"]
     elif case == "unknown_set_key":

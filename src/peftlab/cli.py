@@ -1,4 +1,4 @@
-"""The ``peftlab`` command: train, eval, merge, export, inspect, inspect-model and demo.
+"""The ``peftlab`` command: train, eval, predict, merge, export, inspect, inspect-model and demo.
 
 Exit codes: 0 success; 2 bad input (a one-line ``error:`` message naming the problem and the
 fix; nothing in ``--out`` was written); 3 training diverged (NaN/inf loss; checkpoints kept).
@@ -67,8 +67,10 @@ def _console() -> Any:
 @app.command()
 def train(
     model: Annotated[str, typer.Option(help="Local model folder (save_pretrained) or Hub id.")],
-    data: Annotated[str, typer.Option(help="Folder with train and validation .jsonl/.csv files.")],
     out: Annotated[Path, typer.Option(help="New or empty run directory (or this run's, with --resume).")],
+    data: Annotated[str | None, typer.Option(
+        help="Folder with train and validation files (.jsonl, .json, .csv, .parquet), a folder written "
+             "by save_to_disk, or a Hub dataset name (online).")] = None,
     method: Annotated[str, typer.Option(
         help="A method as `peftlab methods` lists them (lora, ia3, pfeiffer, ...), or full.")] = "lora",
     set_: Annotated[list[str] | None, typer.Option(
@@ -111,6 +113,24 @@ def train(
     resume: Annotated[bool, typer.Option(help="Continue the run in --out from its last checkpoint.")
                       ] = False,
     quiet: Annotated[bool, typer.Option(help="No progress bar.")] = False,
+    train_file: Annotated[str | None, typer.Option(
+        help="Training data file (or Dataset.save_to_disk folder), instead of --data.")] = None,
+    validation_file: Annotated[str | None, typer.Option(
+        help="Validation data file (or Dataset.save_to_disk folder), instead of --data.")] = None,
+    data_config: Annotated[str | None, typer.Option(help="Config of a Hub dataset (e.g. sst2 of glue).")
+                           ] = None,
+    split: Annotated[list[str] | None, typer.Option(
+        "--split", help="Read a split under another name, e.g. --split validation=dev; repeatable.")] = None,
+    text_column: Annotated[str | None, typer.Option(
+        help="Text column (default: detected: text, sentence, sentence1/sentence2, question/passage, ...).")
+    ] = None,
+    pair_column: Annotated[str | None, typer.Option(help="Second text of a pair (with --text-column).")
+                           ] = None,
+    label_column: Annotated[str | None, typer.Option(
+        help="Label column (default: label, labels, score or target).")] = None,
+    labels: Annotated[str | None, typer.Option(
+        help="Class names in id order, comma-separated (default: from the data: names sorted, "
+             "integer ids as they are).")] = None,
 ) -> None:
     """Fine-tune MODEL on DATA with METHOD; writes the adapter, metrics.json, log.csv, loss.png."""
     with _errors():
@@ -124,7 +144,10 @@ def train(
             max_train_samples=max_train_samples, max_eval_samples=max_eval_samples,
             eval_every=eval_every, save_every=save_every, max_grad_norm=max_grad_norm,
             warmup=warmup, max_steps=max_steps, max_minutes=max_minutes, patience=patience,
-            pooling=pooling, group_by_length=group_by_length, name=name, resume=resume, quiet=quiet),
+            pooling=pooling, group_by_length=group_by_length, name=name, resume=resume, quiet=quiet,
+            train_file=train_file, validation_file=validation_file, data_config=data_config,
+            split_names=tuple(split or ()), text_column=text_column, pair_column=pair_column,
+            label_column=label_column, labels=None if labels is None else tuple(_csv(labels))),
             _console())
         _leave_process_group()
 
@@ -229,6 +252,33 @@ class _Trained:
         head = self.config.get("head")
         return str(head.get("pooling", "cls")) if isinstance(head, dict) else "cls"
 
+    def labels(self) -> list[str] | None:
+        """The class names of a classification head, in id order: recorded in the adapter, the
+        run, or a full model's config.json; ``None`` where none are recorded (older adapters)."""
+        from peftlab.heads import check_label_names
+
+        if self.adapter is not None and "id2label" in self.config:
+            return check_label_names(self.config["id2label"], str(self.adapter))
+        if isinstance(self.run.get("labels"), list):
+            return [str(n) for n in self.run["labels"]]
+        if self.full_model is not None and not self.run:
+            config = json.loads((self.full_model / "config.json").read_text())
+            if config.get("problem_type") != "regression" and isinstance(config.get("id2label"), dict):
+                return check_label_names(config["id2label"], str(self.full_model / "config.json"))
+        return None
+
+    def load(self, model: str | None, task: str, num_labels: int,
+             labels: tuple[str, ...] | list[str] | None) -> tuple[Any, Any, str]:
+        """The trained model, ready to run: the base model with the adapter attached (or the
+        fully fine-tuned model), its tokenizer, and the base model's id."""
+        from peftlab.train import load_model
+
+        model_id = self.base_model(model)
+        net, tokenizer, _ = load_model(model_id, task, num_labels, self.pooling(), labels)
+        if self.adapter is not None:
+            self.attach_to(net)
+        return net, tokenizer, model_id
+
     def task_and_labels(self, data_task: str) -> tuple[str, int | None]:
         """The task and head size recorded by the run, else by a full model's config.json (so
         that a head is never silently re-initialised), else left to the data."""
@@ -249,28 +299,36 @@ class _Trained:
 @app.command("eval")
 def eval_(
     adapter: Annotated[Path, typer.Option(help="Run directory, adapter directory or full model folder.")],
-    data: Annotated[str, typer.Option(help="Folder with the split to evaluate.")],
+    data: Annotated[str, typer.Option(
+        help="Folder with the split to evaluate, a data file, a saved dataset or a Hub dataset name.")],
     model: Annotated[str | None, typer.Option(help="Base model (default: the one in run.json).")] = None,
-    split: Annotated[str, typer.Option(help="Split file name without extension.")] = "validation",
+    split: Annotated[str, typer.Option(help="Split (file name without extension) to evaluate.")
+                     ] = "validation",
     task: Annotated[str, typer.Option(help="auto, classification, regression or causal-lm.")] = "auto",
     max_length: Annotated[int | None, typer.Option(help="Default: the training run's.")] = None,
     batch_size: Annotated[int, typer.Option()] = 32,
     out: Annotated[Path | None, typer.Option(
         help="Metrics JSON file (default: eval-SPLIT.json in the run directory, if any).")] = None,
+    data_config: Annotated[str | None, typer.Option(help="Config of a Hub dataset.")] = None,
+    text_column: Annotated[str | None, typer.Option(help="Text column (default: detected).")] = None,
+    pair_column: Annotated[str | None, typer.Option(help="Second text of a pair.")] = None,
+    label_column: Annotated[str | None, typer.Option(help="Label column (default: detected).")] = None,
 ) -> None:
-    """Evaluate a trained adapter (or fully fine-tuned model) on a data split."""
+    """Evaluate a trained adapter (or fully fine-tuned model) on a data split; labels are mapped
+    to classes with the names the adapter recorded."""
     with _errors():
-        from peftlab.data import load_task, tokenize
-        from peftlab.train import collator, evaluate, json_bytes, load_model, resolve_max_length, write_atomic
+        from peftlab.data import DataSource, load_task, tokenize
+        from peftlab.train import collator, evaluate, json_bytes, resolve_max_length, write_atomic
 
         trained = _Trained(adapter)
         run_task, num_labels = trained.task_and_labels(task)
-        task_data = load_task(data, splits=(split,), task=run_task if task == "auto" else task,
-                              num_labels=num_labels)
-        model_id = trained.base_model(model)
-        net, tokenizer, _ = load_model(model_id, task_data.task, task_data.num_labels, trained.pooling())
-        if trained.adapter is not None:
-            trained.attach_to(net)
+        names = trained.labels()
+        source = DataSource(data=data, config=data_config, text_column=text_column,
+                            pair_column=pair_column, label_column=label_column)
+        task_data = load_task(source, splits=(split,), task=run_task if task == "auto" else task,
+                              num_labels=num_labels, labels=names)
+        net, tokenizer, model_id = trained.load(model, task_data.task, task_data.num_labels,
+                                                task_data.labels)
         length = resolve_max_length(max_length or trained.run.get("max_length"), net)
         dataset, cut = tokenize(task_data[split], tokenizer, task_data.task, length)
         if cut:
@@ -283,6 +341,109 @@ def eval_(
         if target is not None:
             write_atomic(Path(target), json_bytes(result))
         print(json.dumps(result["metrics"], indent=2))
+
+
+# ---- predict --------------------------------------------------------------------------------------
+@app.command()
+def predict(
+    adapter: Annotated[Path, typer.Option(help="Run directory, adapter directory or full model folder.")],
+    data: Annotated[str, typer.Option(
+        help="Texts to label: a data file (.jsonl, .json, .csv, .parquet, .txt: one text a line), a folder "
+             "or saved dataset (with --split), a Hub dataset name, or - for standard input (JSON Lines, "
+             "or one text a line). Labels, if any, are ignored.")],
+    out: Annotated[Path, typer.Option(help="JSON Lines file: one prediction per input row, in order.")],
+    model: Annotated[str | None, typer.Option(help="Base model (default: the one in run.json).")] = None,
+    split: Annotated[str, typer.Option(help="Split to read from a folder or dataset.")] = "test",
+    data_config: Annotated[str | None, typer.Option(help="Config of a Hub dataset.")] = None,
+    text_column: Annotated[str | None, typer.Option(help="Text column (default: detected).")] = None,
+    pair_column: Annotated[str | None, typer.Option(help="Second text of a pair.")] = None,
+    task: Annotated[str, typer.Option(
+        help="auto (the trained model's), classification, regression or causal-lm.")] = "auto",
+    max_length: Annotated[int | None, typer.Option(help="Input tokens (default: the training run's).")
+                          ] = None,
+    max_new_tokens: Annotated[int, typer.Option(help="causal-lm: tokens to generate per text.")] = 32,
+    batch_size: Annotated[int, typer.Option(help="Examples per forward pass.")] = 32,
+    quiet: Annotated[bool, typer.Option(help="No progress bar.")] = False,
+) -> None:
+    """Label unlabelled text with a trained adapter (or fully fine-tuned model): per row the class
+    name and scores, the regression value, or the generated text."""
+    with _errors():
+        from peftlab.data import DataSource, load_task, read_stdin
+        from peftlab.predict import jsonl_bytes, predict_split
+        from peftlab.train import resolve_max_length, write_atomic
+
+        if batch_size < 1 or max_new_tokens < 1:
+            raise UsageError("--batch-size and --max-new-tokens must be positive")
+        if out.is_dir():
+            raise UsageError(f"--out {out} is a directory; give a file name such as preds.jsonl")
+        trained = _Trained(adapter)
+        task_name, num_labels = _predict_task(trained, task)
+        names = trained.labels() if task_name == "classification" else None
+        with tempfile.TemporaryDirectory(prefix="peftlab-stdin-") as tmp:
+            path = str(read_stdin(sys.stdin, Path(tmp))) if data == "-" else data
+            source = DataSource(data=path, config=data_config, text_column=text_column,
+                                pair_column=pair_column)
+            task_data = load_task(source, splits=(split,), task=task_name, labelled=False,
+                                  num_labels=num_labels, labels=names)
+            rows = task_data[split]
+            pair = trained.run.get("pair")
+            if isinstance(pair, bool) and pair != task_data.pair:
+                raise UsageError(f"the model was trained on {'pairs of texts' if pair else 'single texts'}, "
+                                 f"but {data} holds {'pairs' if task_data.pair else 'single texts'}; "
+                                 "name the columns with --text-column and --pair-column")
+            net, tokenizer, _ = trained.load(model, task_data.task, task_data.num_labels, task_data.labels)
+            length = resolve_max_length(max_length or trained.run.get("max_length"), net)
+            console = _console()
+            progress = _Progress(console, len(rows), not quiet)
+            try:
+                predictions = predict_split(net, tokenizer, task_data.task, rows, task_data.labels,
+                                            batch_size, length, max_new_tokens, progress.advance)
+            finally:
+                progress.stop()
+        out.parent.mkdir(parents=True, exist_ok=True)
+        write_atomic(out, jsonl_bytes(predictions))
+        console.print(f"wrote {len(predictions)} predictions ({task_data.task}) to {out}")
+
+
+def _predict_task(trained: _Trained, asked: str) -> tuple[str, int | None]:
+    """The task of the trained model: what its run recorded, else what a full model's config
+    says (its architecture and problem type)."""
+    if asked != "auto":
+        return trained.task_and_labels(asked)
+    task, num_labels = trained.task_and_labels("auto")
+    if task != "auto":
+        return task, num_labels
+    if trained.full_model is not None:
+        config = json.loads((trained.full_model / "config.json").read_text())
+        names = [str(a) for a in config.get("architectures") or []]
+        if any(a.endswith("ForSequenceClassification") for a in names):
+            regression = config.get("problem_type") == "regression"
+            return ("regression", 1) if regression else ("classification",
+                                                         len(config.get("id2label") or {}) or 2)
+        return "causal-lm", None
+    raise UsageError(f"{trained.adapter} has no run.json saying its task; pass --task")
+
+
+class _Progress:
+    """A rich progress bar over examples, or nothing (``--quiet``)."""
+
+    def __init__(self, console: Any, total: int, enabled: bool) -> None:
+        self.bar: Any = None
+        if enabled:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+            self.bar = Progress(TextColumn("[bold]predict"), BarColumn(), MofNCompleteColumn(),
+                                TimeRemainingColumn(), console=console)
+            self.bar.start()
+            self.task = self.bar.add_task("predict", total=total)
+
+    def advance(self, n: int) -> None:
+        if self.bar is not None:
+            self.bar.update(self.task, advance=n)
+
+    def stop(self) -> None:
+        if self.bar is not None:
+            self.bar.stop()
 
 
 # ---- merge ----------------------------------------------------------------------------------------
@@ -320,7 +481,9 @@ def merge(
         from peftlab.train import load_model, save_model_atomic
 
         task, num_labels = trained.task_and_labels("classification")
-        net, tokenizer, _ = load_model(trained.base_model(model), task, num_labels or 2, "cls")
+        names = trained.labels() if task == "classification" else None
+        net, tokenizer, _ = load_model(trained.base_model(model), task, num_labels or len(names or "01"),
+                                       "cls", names)
         name = trained.attach_to(net)
         net.eval()
         probe = tokenizer(["peftlab checks that merging keeps the outputs"], return_tensors="pt")
@@ -412,6 +575,7 @@ def describe(path: Path) -> dict[str, Any]:
         "adapter_parameters": adapter_params,
         "head_parameters": head_params,
         "head_modules": config.get("extra_modules", []),
+        "labels": trained.labels() if "id2label" in config else None,
         "bytes": sum(p.stat().st_size for p in trained.adapter.iterdir() if p.is_file()),
         "target_modules": config.get("target_modules", []),
         "base_model": config.get("base_model"),
@@ -444,6 +608,8 @@ def inspect(
             ("config", json.dumps(info["config"])),
             ("adapter parameters", f"{info['adapter_parameters']:,}"),
             ("head parameters", f"{info['head_parameters']:,} in {info['head_modules']}"),
+            *([("classes", ", ".join(f"{i}: {n}" for i, n in enumerate(info["labels"])))]
+              if info["labels"] else []),
             ("size on disk", f"{info['bytes'] / 1024:.1f} KiB"),
             ("target modules", f"{len(targets)}: " + ", ".join(targets[:4])
                                + (" ..." if len(targets) > 4 else "")),

@@ -115,3 +115,35 @@ class MeanPoolClassifier(nn.Module):
 def pooling_of(model: nn.Module) -> str:
     """The pooling a classification model uses."""
     return getattr(model, "pooling", "cls")
+
+
+def label_names(model: nn.Module) -> list[str] | None:
+    """A classifier's class names in id order (its config's ``id2label``); ``None`` for models
+    that are not single-label classifiers (regression heads, language models)."""
+    config = getattr(model, "config", None)
+    is_classifier = isinstance(model, MeanPoolClassifier) or type(model).__name__.endswith(
+        "ForSequenceClassification")
+    n = getattr(config, "num_labels", 0)
+    if not is_classifier or n < 2 or getattr(config, "problem_type", None) == "regression":
+        return None
+    id2label = getattr(config, "id2label", None) or {}
+    return [str(id2label.get(i, f"LABEL_{i}")) for i in range(n)]
+
+
+def set_label_names(model: nn.Module, names: list[str]) -> None:
+    """Name a classifier's classes, so that ``save_pretrained`` (and a merged model) carries them."""
+    model.config.id2label = dict(enumerate(names))
+    model.config.label2id = {name: i for i, name in enumerate(names)}
+
+
+def check_label_names(value: Any, where: str) -> list[str]:
+    """``id2label`` as recorded in a file (keys "0".."K-1", distinct string names) as a list."""
+    if not isinstance(value, dict) or not value:
+        raise UsageError(f"{where}: id2label must be an object mapping class ids to names")
+    keys = sorted(value, key=lambda k: int(k) if str(k).isdigit() else -1)
+    names = [value[k] for k in keys]
+    if [str(k) for k in keys] != [str(i) for i in range(len(keys))] or not all(
+            isinstance(n, str) for n in names) or len(set(names)) != len(names):
+        raise UsageError(f"{where}: id2label must map the class ids 0..K-1 to distinct names")
+    return names
+

@@ -25,7 +25,7 @@ from safetensors.torch import save, save_file
 
 from peftlab.config import clip
 from peftlab.errors import AdapterLoadError, AdapterSaveError, ConfigError, PeftlabError
-from peftlab.heads import pooling_of
+from peftlab.heads import check_label_names, label_names, pooling_of, set_label_names
 
 if TYPE_CHECKING:
     from peftlab.adapter_set import Adapter, AdapterSet
@@ -238,6 +238,10 @@ def adapter_files(adapters: AdapterSet, name: str,
         config["members"] = list(adapter.members)
     if pooling_of(adapters.model) != "cls":  # the head reads the backbone another way (heads.py)
         config["head"] = {"pooling": pooling_of(adapters.model)}
+    names = label_names(adapters.model) if extras else None
+    if names is not None:  # the saved head's classes, so that predictions can be named
+        config["id2label"] = {str(i): n for i, n in enumerate(names)}
+        config["label2id"] = {n: i for i, n in enumerate(names)}
     blob = json.dumps(config, indent=2).encode()
     return {CONFIG_FILE: blob, WEIGHTS_FILE: {k: v.detach().contiguous().cpu() for k, v in tensors.items()}}
 
@@ -312,6 +316,16 @@ def load_adapter(adapters: AdapterSet, path: Path, name: str | None) -> str:
     extras = data.get("extra_modules", [])
     if not isinstance(extras, list) or not all(isinstance(e, str) for e in extras):
         raise AdapterLoadError(f"{path}: extra_modules must be a list of module names")
+    names = None
+    if "id2label" in data and extras and label_names(adapters.model) is not None:
+        try:
+            names = check_label_names(data["id2label"], str(path / CONFIG_FILE))
+        except PeftlabError as e:
+            raise AdapterLoadError(clip(str(e), 500)) from None
+        if len(names) != len(label_names(adapters.model) or ()):
+            raise AdapterLoadError(f"{path} has a head of {len(names)} classes, this model's has "
+                                   f"{len(label_names(adapters.model) or ())}; load the model with "
+                                   f"num_labels={len(names)}")
     members = data.get("members", [])
     if not isinstance(members, list) or not all(isinstance(m, str) for m in members):
         raise AdapterLoadError(f"{path}: members must be a list of adapter names")
@@ -343,4 +357,6 @@ def load_adapter(adapters: AdapterSet, path: Path, name: str | None) -> str:
                            if k.startswith(f"extra.{module}.")})
     built.extras = tuple(extras)
     adapters.install(name, built)
+    if names is not None:  # the head loaded above classifies into these classes
+        set_label_names(adapters.model, names)
     return name

@@ -46,7 +46,7 @@ from torch import nn
 
 from peftlab.adapter_set import attach
 from peftlab.config import AdapterConfig
-from peftlab.data import FIELDS, TaskData, load_task, tokenize
+from peftlab.data import DataSource, TaskData, load_task, parse_split_names, tokenize
 from peftlab.errors import ConfigError, DataError, NonFiniteLossError, UsageError
 from peftlab.heads import HEAD_CONFIG, HEAD_FILE, MeanPoolClassifier, pooling_of, resolve_pooling
 from peftlab.io import WEIGHTS_FILE, write_atomic
@@ -145,12 +145,14 @@ def _quiet_transformers() -> None:
     hf_logging.disable_progress_bar()
 
 
-def load_model(model_id: str, task: str, num_labels: int,
-               pooling: str = "auto") -> tuple[nn.Module, Any, tuple[str, ...]]:
+def load_model(model_id: str, task: str, num_labels: int, pooling: str = "auto",
+               labels: tuple[str, ...] | list[str] | None = None) -> tuple[nn.Module, Any, tuple[str, ...]]:
     """Model, tokenizer and the names of its task-head modules (trained and saved with the
     adapter). ``model_id`` is a local folder saved with ``save_pretrained`` or a Hub id.
     ``pooling`` (auto, cls, mean) chooses a classification head's reading of the backbone
-    (:mod:`peftlab.heads`; auto: what the model folder declares, else [CLS])."""
+    (:mod:`peftlab.heads`; auto: what the model folder declares, else [CLS]). ``labels`` names a
+    classifier's classes in id order: set as the config's ``id2label``/``label2id``, so that the
+    adapter and a saved or merged model carry them."""
     from transformers import (
         AutoConfig,
         AutoModelForCausalLM,
@@ -179,6 +181,11 @@ def load_model(model_id: str, task: str, num_labels: int,
         auto = AutoModelForSequenceClassification
         config.num_labels = num_labels
         config.problem_type = "regression" if task == "regression" else "single_label_classification"
+        if labels is not None and task == "classification":
+            if len(labels) != num_labels:
+                raise UsageError(f"{len(labels)} class names for a head of {num_labels} classes")
+            config.id2label = dict(enumerate(labels))
+            config.label2id = {name: i for i, name in enumerate(labels)}
         kwargs["ignore_mismatched_sizes"] = True  # a head with other classes is replaced
     try:
         tokenizer = AutoTokenizer.from_pretrained(source)
@@ -247,7 +254,10 @@ CHECKPOINTS = "checkpoints"
 _RESUME_KEYS = ("model", "data", "method", "sets", "task", "epochs", "lr", "batch_size", "max_length",
                 "seed", "max_train_samples", "max_eval_samples", "eval_every", "save_every",
                 "max_grad_norm", "warmup", "name", "lr_search", "max_steps", "max_minutes", "patience",
-                "pooling")
+                "pooling", "train_file", "validation_file", "data_config", "split_names", "text_column",
+                "pair_column", "label_column", "labels")
+# What runs from before those data options existed recorded, in effect.
+_RESUME_DEFAULTS: dict[str, Any] = {"split_names": []}
 
 
 def json_bytes(obj: Any) -> bytes:
@@ -276,8 +286,8 @@ def check_out_dir(out: Path, resume: bool, args: dict[str, Any]) -> None:
         except (OSError, ValueError, KeyError, TypeError):
             raise UsageError(f"--resume: {run_file} is unreadable; start a new run in another "
                              "--out") from None
-        diffs = [f"{k} ({previous.get(k)!r} -> {args.get(k)!r})" for k in _RESUME_KEYS
-                 if previous.get(k) != args.get(k)]
+        diffs = [f"{k} ({previous.get(k, _RESUME_DEFAULTS.get(k))!r} -> {args.get(k)!r})"
+                 for k in _RESUME_KEYS if previous.get(k, _RESUME_DEFAULTS.get(k)) != args.get(k)]
         if diffs:
             raise UsageError(f"--resume: arguments differ from the run in {out}: {', '.join(diffs)}; "
                              "repeat the original arguments or choose a new --out")
@@ -319,7 +329,7 @@ class TrainOptions:
     """Everything ``peftlab train`` takes; see the CLI help for each field."""
 
     model: str
-    data: str
+    data: str | None  # folder, file, saved dataset or Hub name (None: train_file + validation_file)
     method: str
     out: Path
     sets: tuple[str, ...] = ()
@@ -340,6 +350,14 @@ class TrainOptions:
     max_minutes: float | None = None  # a budget in training wall time (equal-time comparisons)
     patience: int | None = None  # early stopping on held-out training data, in evaluations
     pooling: str = "auto"  # a classification head's reading of the backbone (peftlab.heads)
+    train_file: str | None = None  # instead of --data: a file (or saved Dataset) per split
+    validation_file: str | None = None
+    data_config: str | None = None  # a Hub dataset's config
+    split_names: tuple[str, ...] = ()  # "validation=dev": a split read under another name
+    text_column: str | None = None  # columns, where detection is not wanted (peftlab.data)
+    pair_column: str | None = None
+    label_column: str | None = None
+    labels: tuple[str, ...] | None = None  # class names in id order (default: from the data)
     group_by_length: bool = False
     name: str | None = None
     resume: bool = False
@@ -351,12 +369,33 @@ class TrainOptions:
         d = dataclasses.asdict(self)
         d["out"] = str(self.out)
         d["sets"] = list(self.sets)
-        for key in ("model", "data"):
-            if Path(d[key]).expanduser().exists():
+        d["split_names"] = list(self.split_names)
+        d["labels"] = None if self.labels is None else list(self.labels)
+        for key in ("model", "data", "train_file", "validation_file"):
+            if d[key] is not None and Path(d[key]).expanduser().exists():
                 d[key] = str(Path(d[key]).expanduser().resolve())
         for key in ("resume", "checkpoints", "quiet", "out"):
             d.pop(key)
         return d
+
+    def source(self) -> DataSource:
+        """Where the data is, and which columns to read."""
+        files = tuple((split, f) for split, f in (("train", self.train_file),
+                                                   ("validation", self.validation_file)) if f)
+        if self.data is None and len(files) < 2:
+            raise UsageError("pass --data (a folder, saved dataset or Hub name), or both --train-file "
+                             "and --validation-file")
+        try:
+            names = parse_split_names(self.split_names)
+        except DataError as e:
+            raise UsageError(str(e)) from None
+        return DataSource(data=self.data, files=files, config=self.data_config, split_names=names,
+                          text_column=self.text_column, pair_column=self.pair_column,
+                          label_column=self.label_column)
+
+    def data_name(self) -> str:
+        """A short name of the data, for plot titles."""
+        return Path(self.data).name if self.data else Path(self.train_file or "data").stem
 
     def check(self) -> None:
         def need(ok: bool, message: str) -> None:
@@ -697,7 +736,7 @@ def run_training(opts: TrainOptions, console: Console | None = None,
     if rank == 0:
         check_out_dir(out, opts.resume, record)
     if data is None:
-        data = load_task(opts.data, task=opts.task, max_samples={
+        data = load_task(opts.source(), task=opts.task, labels=opts.labels, max_samples={
             "train": opts.max_train_samples, "validation": opts.max_eval_samples})
     from transformers import set_seed
 
@@ -715,7 +754,7 @@ def run_training(opts: TrainOptions, console: Console | None = None,
             f"{t.lr:g}: {t.score:.4f}" for t in search.trials if t.rung == 2)) + ")")
     # Seeded before loading: a new head is initialised while the model loads.
     set_seed(opts.seed)
-    model, tokenizer, heads = load_model(opts.model, data.task, data.num_labels, opts.pooling)
+    model, tokenizer, heads = load_model(opts.model, data.task, data.num_labels, opts.pooling, data.labels)
     max_length = resolve_max_length(opts.max_length, model)
 
     if config is None:
@@ -744,10 +783,13 @@ def run_training(opts: TrainOptions, console: Console | None = None,
     eval_set = eval_set.by_length()  # less padding; the metrics do not depend on the order
     select_set = (tokenize(fit["validation"], tokenizer, data.task, max_length)[0].by_length()
                   if opts.patience else eval_set)
+    reads = data.columns.used() if data.columns else []
+    if data.labels is not None:
+        _say(console, opts.quiet, f"labels ({data.label_note}): {data.label_mapping()}")
     for split, cut in (("train", cut_train), ("validation", cut_eval)):
         if data[split].ignored:
-            _say(console, opts.quiet, f"note: {data[split].path} has field(s) "
-                 f"{list(data[split].ignored)} that peftlab does not use (it reads {list(FIELDS)})")
+            _say(console, opts.quiet, f"note: {data[split].path} has column(s) "
+                 f"{list(data[split].ignored)} that peftlab does not use (it reads {reads})")
         if cut:
             _say(console, opts.quiet, f"[yellow]warning:[/] {cut} of {len(data[split])} {split} examples "
                  f"are longer than --max-length {max_length} tokens and were truncated")
@@ -759,6 +801,8 @@ def run_training(opts: TrainOptions, console: Console | None = None,
             write_atomic(out / RUN_FILE, json_bytes({
                 "peftlab_run": 1, "args": record, "task": data.task, "num_labels": data.num_labels,
                 "pair": data.pair, "max_length": max_length, "heads": list(heads),
+                "labels": None if data.labels is None else list(data.labels),
+                "columns": None if data.columns is None else dataclasses.asdict(data.columns),
                 "pooling": pooling_of(model),
                 "adapter_name": name if config else None,
                 "train_examples": len(train_set), "eval_examples": len(eval_set)}))
@@ -861,6 +905,7 @@ def run_training(opts: TrainOptions, console: Console | None = None,
         "eval": {k[5:]: v for k, v in final.items()
                  if k.startswith("eval_") and not k.endswith(("_runtime", "_per_second"))},
         "primary_metric": primary,
+        "labels": None if data.labels is None else list(data.labels),
         "pooling": None if data.task == "causal-lm" else pooling_of(model),
         "steps": trainer.state.global_step,
         "planned_steps": total_steps,
@@ -892,7 +937,7 @@ def run_training(opts: TrainOptions, console: Console | None = None,
         if last_eval_outputs:  # the final evaluation's, the last one that ran
             write_predictions(out, last_eval_outputs["predictions"], last_eval_outputs["labels"])
         write_log_csv(out / "log.csv", history)
-        write_loss_plot(out / "loss.png", history, primary, f"{opts.method} on {Path(opts.data).name}")
+        write_loss_plot(out / "loss.png", history, primary, f"{opts.method} on {opts.data_name()}")
     if not opts.quiet and rank == 0:
         shown = ", ".join(f"{k} {v:.4f}" for k, v in result["eval"].items() if isinstance(v, float))
         console.print(f"[bold green]done[/] in {train_seconds:.1f}s: {shown}")
