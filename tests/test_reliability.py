@@ -1017,6 +1017,33 @@ def test_saving_over_an_adapter_replaces_it_whole(tmp_path, monkeypatch, exchang
     assert fresh.load(dest) == "b" and fresh.config("b") == adapters.config("b")
 
 
+@pytest.mark.parametrize("exchange", [True, False], ids=["renameat2", "without_renameat2"])
+def test_a_full_model_save_that_fails_leaves_the_previous_model_whole(tmp_path, monkeypatch, exchange):
+    from peftlab.train import save_model_atomic
+
+    if not exchange:
+        monkeypatch.setattr(peftlab.io, "_exchange", lambda a, b: False)
+    first, second = tiny_bert(), tiny_bert()
+    with torch.no_grad():
+        second.bert.embeddings.word_embeddings.weight.add_(1.0)
+    dest = tmp_path / "model"
+    save_model_atomic(first, None, dest)
+    saved = files_of(dest)
+
+    def full_disk(*args, **kwargs):
+        raise OSError("no space left on device")
+
+    monkeypatch.setattr(type(second), "save_pretrained", full_disk)
+    with pytest.raises(OSError, match="no space"):
+        save_model_atomic(second, None, dest)
+    assert files_of(dest) == saved and sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+    monkeypatch.undo()
+    if not exchange:
+        monkeypatch.setattr(peftlab.io, "_exchange", lambda a, b: False)
+    save_model_atomic(second, None, dest)
+    assert files_of(dest) != saved and sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="renameat2 is Linux's")
 def test_exchange_swaps_two_directories(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # relative paths: renameat2 resolves them from the working directory

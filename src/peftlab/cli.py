@@ -11,10 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
-import shutil
 import sys
-import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -538,6 +535,7 @@ def demo(
         from rich.table import Table
 
         from peftlab.data import load_task
+        from peftlab.io import replacing_dir
         from peftlab.train import PRESETS, TrainOptions, available_methods, run_training
 
         wanted = [m.strip() for m in methods.split(",") if m.strip()]
@@ -554,9 +552,7 @@ def demo(
         console = _console()
         if skipped:
             console.print(f"[yellow]skipping[/] {', '.join(skipped)}: not in this installation")
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
-        try:
+        with replacing_dir(out) as tmp:  # an earlier demo there is replaced only once this one is done
             rows = []
             started = time.perf_counter()
             for m in wanted:
@@ -571,10 +567,6 @@ def demo(
                       "epochs": epochs, "seed": seed, "skipped": skipped,
                       "seconds": time.perf_counter() - started, "threads": _threads(), "results": rows}
             _write_demo_report(tmp, report)
-            _replace_dir(tmp, out)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
         table = Table(title=f"peftlab demo: MiniLM-L6 on the shipped sentiment set "
                             f"({len(data['train'])} train / {len(data['validation'])} validation)")
         for col in ("method", "params", "% base", "KiB", "accuracy", "F1", "train s"):
@@ -644,18 +636,6 @@ def _write_demo_report(folder: Path, report: dict[str, Any]) -> None:
         lines += ["", f"Skipped (not in this installation): {', '.join(report['skipped'])}."]
     write_atomic(folder / "report.md", ("\n".join(lines) + "\n").encode())
     write_atomic(folder / DEMO_MARKER, json_bytes(report))
-
-
-def _replace_dir(new: Path, target: Path) -> None:
-    """Move ``new`` to ``target``; an earlier demo there is swapped out and then deleted."""
-    if target.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".old", dir=target.parent))
-        os.rmdir(old)
-        os.replace(target, old)
-        os.replace(new, target)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(new, target)
 
 
 # ---- compare and recommend ------------------------------------------------------------------------

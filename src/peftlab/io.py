@@ -9,6 +9,7 @@ No pickle is ever read.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import hashlib
@@ -16,6 +17,7 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -37,7 +39,7 @@ WEIGHTS_FILE = "adapter_model.safetensors"
 MAX_CONFIG_BYTES = 1 << 20
 
 
-# ---- atomic writes ----------------------------------------------------------------------------
+# ---- atomic writes: files and directories, one mechanism --------------------------------------
 def write_atomic(path: Path, data: bytes) -> None:
     """Write a file through a temporary sibling and a rename: readers never see half of it."""
     path = Path(path)
@@ -61,6 +63,18 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _fsync_tree(root: Path) -> None:
+    """Flush every file and folder under ``root`` to disk, so that the rename that publishes it
+    cannot reach the disk before its contents."""
+    for folder, _, names in os.walk(root, topdown=False):
+        for name in names:
+            file = Path(folder) / name
+            if file.is_file() and not file.is_symlink():
+                with open(file, "rb") as f:
+                    os.fsync(f.fileno())
+        _fsync_dir(Path(folder))
+
+
 def _exchange(a: Path, b: Path) -> bool:
     """Atomically swap two paths (Linux ``renameat2(RENAME_EXCHANGE)``); False if unsupported."""
     libc_name = ctypes.util.find_library("c")
@@ -72,6 +86,39 @@ def _exchange(a: Path, b: Path) -> bool:
     at_fdcwd, rename_exchange = -100, 2
     rc = libc.renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange)
     return rc == 0
+
+
+def _swap_in(new: Path, path: Path) -> None:
+    """Put directory ``new`` at ``path``; a directory already there is swapped out, then deleted."""
+    if path.exists():
+        if not _exchange(new, path):
+            # No atomic exchange here: keep the old copy until the new one is in place.
+            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))
+            os.rmdir(old)
+            os.replace(path, old)
+            os.replace(new, path)
+            new = old
+        shutil.rmtree(new, ignore_errors=True)  # after the exchange: the old directory
+    else:
+        os.replace(new, path)
+    _fsync_dir(path.parent)
+
+
+@contextlib.contextmanager
+def replacing_dir(path: Path) -> Iterator[Path]:
+    """Directories' :func:`write_atomic`: the block fills the yielded temporary sibling of
+    ``path``, which then replaces ``path`` in one rename. If the block fails, the sibling is
+    removed and ``path`` is untouched; readers see the old directory or the new one, never a mix."""
+    path = Path(path).parent.resolve() / Path(path).name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    try:
+        yield tmp
+        _fsync_tree(tmp)
+        _swap_in(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def is_adapter_dir(path: Path) -> bool:
@@ -91,36 +138,17 @@ def write_dir_atomic(path: Path, files: dict[str, bytes | dict[str, torch.Tensor
     parent = path.parent.resolve()
     try:
         parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=parent))
     except OSError as e:
         raise AdapterSaveError(f"cannot write to {parent}: {e}") from None
     try:
-        for name, content in files.items():
-            target = tmp / name
-            if isinstance(content, bytes):
-                target.write_bytes(content)
-            else:
-                save_file(content, str(target))
-            with open(target, "rb") as f:
-                os.fsync(f.fileno())
-        _fsync_dir(tmp)
-        if path.exists():
-            if not _exchange(tmp, path):
-                # No atomic exchange here: keep the old copy until the new one is in place.
-                old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=parent))
-                os.rmdir(old)
-                os.replace(path, old)
-                os.replace(tmp, path)
-                tmp = old
-            shutil.rmtree(tmp, ignore_errors=True)
-        else:
-            os.replace(tmp, path)
-        _fsync_dir(parent)
-    except BaseException as e:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if isinstance(e, OSError):
-            raise AdapterSaveError(f"saving to {path} failed: {e}") from None
-        raise
+        with replacing_dir(path) as tmp:
+            for name, content in files.items():
+                if isinstance(content, bytes):
+                    (tmp / name).write_bytes(content)
+                else:
+                    save_file(content, str(tmp / name))
+    except OSError as e:
+        raise AdapterSaveError(f"saving to {path} failed: {e}") from None
     return path
 
 

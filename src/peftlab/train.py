@@ -41,8 +41,6 @@ import io
 import json
 import math
 import os
-import shutil
-import tempfile
 import time
 import typing
 from collections.abc import Callable
@@ -59,7 +57,7 @@ from peftlab.config import AdapterConfig
 from peftlab.data import FIELDS, TaskData, load_task, tokenize
 from peftlab.errors import ConfigError, DataError, NonFiniteLossError, UsageError
 from peftlab.heads import HEAD_CONFIG, HEAD_FILE, MeanPoolClassifier, pooling_of, resolve_pooling
-from peftlab.io import WEIGHTS_FILE, write_atomic
+from peftlab.io import WEIGHTS_FILE, replacing_dir, write_atomic
 from peftlab.metrics import PRIMARY, compute, perplexity, predicted
 
 
@@ -634,22 +632,14 @@ def write_loss_plot(path: Path, history: list[dict[str, Any]], primary: str, tit
 
 
 def save_model_atomic(model: nn.Module, tokenizer: Any, path: Path) -> None:
-    """``save_pretrained`` into a temporary sibling, then rename into place."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
-    try:
+    """The full model (and tokenizer) as folder ``path``, written atomically."""
+    with replacing_dir(path) as tmp:
         if isinstance(model, MeanPoolClassifier):
             model.save_head(tmp)  # plain transformers has no mean-pooled classifier class
         else:
             model.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        if path.exists():
-            shutil.rmtree(path)
-        os.replace(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 # ---- training ---------------------------------------------------------------------------------
