@@ -258,7 +258,8 @@ def eval_(
     """Evaluate a trained adapter (or fully fine-tuned model) on a data split."""
     with _errors():
         from peftlab.data import load_task, tokenize
-        from peftlab.train import collator, evaluate, json_bytes, load_model, resolve_max_length, write_atomic
+        from peftlab.io import write_atomic
+        from peftlab.train import collator, evaluate, json_bytes, load_model, resolve_max_length
 
         trained = _Trained(adapter)
         run_task, num_labels = trained.task_and_labels(task)
@@ -609,7 +610,8 @@ def _is_demo(path: Path) -> bool:
 
 
 def _write_demo_report(folder: Path, report: dict[str, Any]) -> None:
-    from peftlab.train import json_bytes, write_atomic
+    from peftlab.io import write_atomic
+    from peftlab.train import json_bytes
 
     lines = [
         "# peftlab demo",
