@@ -663,7 +663,7 @@ REFUSALS = [
      "holds no LORA tensors"),
     ("peft_ia3", dict(tensors=lambda t: t.update({"base_model.model.nope.ia3_l": torch.ones(1, 1)})),
      "adapts modules this model has no Linear/Conv1D module for: ['nope']"),
-    ("peft_lora", dict(config=lambda c: c.update(r=True)), "r must be a int, got True"),
+    ("peft_lora", dict(config=lambda c: c.update(r=True)), "r: expected an integer below 2**31, got True"),
     ("peft_lora", dict(config=lambda c: c.update(rank_pattern=[1])),
      "rank_pattern must be an object of module pattern"),
     ("peft_lora", dict(config=lambda c: c.update(modules_to_save="classifier")),

@@ -25,7 +25,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save, save_file
 
-from peftlab.config import clip
+from peftlab.config import check_value, clip
 from peftlab.errors import AdapterLoadError, AdapterSaveError, ConfigError, PeftlabError
 from peftlab.heads import pooling_of
 
@@ -337,12 +337,8 @@ def load_adapter(adapters: AdapterSet, path: Path, name: str | None) -> str:
         raise AdapterLoadError(f"{path} was trained with a {clip(repr(pooling))}-pooling head, this "
                                f"model reads {pooling_of(adapters.model)!r}; load the model with the "
                                "same pooling (peftlab.train.load_model(..., pooling=...))")
-    extras = data.get("extra_modules", [])
-    if not isinstance(extras, list) or not all(isinstance(e, str) for e in extras):
-        raise AdapterLoadError(f"{path}: extra_modules must be a list of module names")
-    members = data.get("members", [])
-    if not isinstance(members, list) or not all(isinstance(m, str) for m in members):
-        raise AdapterLoadError(f"{path}: members must be a list of adapter names")
+    extras = _names(path, data, "extra_modules", "module names")
+    members = _names(path, data, "members", "adapter names")
     missing = [m for m in members if m not in adapters]
     if missing:
         raise AdapterLoadError(f"{path} is a fusion of {str(members)[:200]}; load its members "
@@ -372,3 +368,11 @@ def load_adapter(adapters: AdapterSet, path: Path, name: str | None) -> str:
     built.extras = tuple(extras)
     adapters._install(name, built)
     return name
+
+
+def _names(path: Path, data: dict[str, Any], key: str, what: str) -> list[str]:
+    """``data[key]`` (none if absent) as a list of names."""
+    try:
+        return list(check_value(key, data.get(key, []), tuple[str, ...]))
+    except ConfigError:
+        raise AdapterLoadError(f"{path}: {key} must be a list of {what}") from None

@@ -53,7 +53,7 @@ from rich.console import Console
 from torch import nn
 
 from peftlab.adapter_set import attach, check_name
-from peftlab.config import AdapterConfig
+from peftlab.config import AdapterConfig, check_value
 from peftlab.data import FIELDS, TaskData, load_task, tokenize
 from peftlab.errors import ConfigError, DataError, NonFiniteLossError, UsageError
 from peftlab.heads import HEAD_CONFIG, HEAD_FILE, MeanPoolClassifier, pooling_of, resolve_pooling
@@ -128,51 +128,14 @@ def method_config(method: str, sets: tuple[str, ...] | list[str] = ()) -> Adapte
         if key not in fields:
             raise UsageError(f"--set {key}: {method} has no setting {key!r}; its settings are "
                              f"{', '.join(fields)}")
-        changes[key] = _convert(key, value.strip(), hints[key])
+        try:
+            changes[key] = check_value(key, value.strip(), hints[key], text=True)
+        except ConfigError as e:
+            raise UsageError(f"--set {e}") from None
     try:
         return config.replace(**changes) if changes else config
     except ConfigError as e:
         raise UsageError(f"--set: {e}") from None
-
-
-def _convert(key: str, text: str, tp: Any) -> Any:
-    """``text`` as a value of the annotated type ``tp`` (lists are comma-separated)."""
-    origin = typing.get_origin(tp)
-    args = typing.get_args(tp)
-    if origin is typing.Union or type(tp).__name__ == "UnionType":
-        if type(None) in args and text.lower() in ("none", "null", ""):
-            return None
-        for arm in args:
-            if arm is type(None):
-                continue
-            try:
-                return _convert(key, text, arm)
-            except UsageError:
-                continue
-        raise UsageError(f"--set {key}={text}: expected {tp}")
-    if origin is tuple:
-        return tuple(_convert(key, part.strip(), args[0]) for part in text.split(",") if part.strip())
-    if origin is typing.Literal:
-        for choice in args:
-            if str(choice).lower() == text.lower():
-                return choice
-        raise UsageError(f"--set {key}={text}: choose one of {', '.join(map(str, args))}")
-    if tp is bool:
-        low = text.lower()
-        if low in ("true", "1", "yes", "on"):
-            return True
-        if low in ("false", "0", "no", "off"):
-            return False
-        raise UsageError(f"--set {key}={text}: expected true or false")
-    try:
-        if tp is int:
-            return int(text)
-        if tp is float:
-            return float(text)
-    except ValueError:
-        kind = "an integer" if tp is int else "a number"
-        raise UsageError(f"--set {key}={text}: expected {kind}") from None
-    return text
 
 
 # ---- models -----------------------------------------------------------------------------------

@@ -40,7 +40,6 @@ from __future__ import annotations
 import json
 import math
 import re
-import sys
 from collections import Counter
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -50,7 +49,7 @@ from safetensors import safe_open
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from peftlab.config import clip
+from peftlab.config import check_value, clip
 from peftlab.errors import AdapterLoadError, ConfigError, PeftlabError
 from peftlab.experts import AdaptedExperts, expert_parameters, experts_layout
 from peftlab.io import CONFIG_FILE, FORMAT, WEIGHTS_FILE, read_config, read_tensors, write_dir_atomic
@@ -528,21 +527,7 @@ def _extra_modules(model: nn.Module, data: dict[str, Any], others: list[str], pa
 # ---- small validated getters -------------------------------------------------------------------
 def _get(data: dict[str, Any], key: str, tp: type, default: Any) -> Any:
     value = data.get(key)
-    return default if value is None else _typed(key, value, tp)
-
-
-def _typed(what: str, value: Any, tp: type) -> Any:
-    if tp is bool:
-        ok = isinstance(value, bool)
-    elif tp is int:
-        ok = isinstance(value, int) and not isinstance(value, bool)
-    else:
-        # abs() <= max also refuses NaN, and ints too large for a float (where isfinite raises)
-        ok = (isinstance(value, (int, float)) and not isinstance(value, bool)
-              and abs(value) <= sys.float_info.max)
-    if not ok:
-        raise ConfigError(f"{what} must be a {tp.__name__}, got {clip(repr(value))}")
-    return tp(value)
+    return default if value is None else check_value(key, value, tp)
 
 
 def _patterns(data: dict[str, Any], key: str, tp: type) -> dict[re.Pattern[str], Any]:
@@ -552,8 +537,8 @@ def _patterns(data: dict[str, Any], key: str, tp: type) -> dict[re.Pattern[str],
         raise ConfigError(f"{key} must be an object of module pattern -> value")
     # Non-capturing, so that the key's own \1, \2 keep their groups; compiled here, so that a key
     # valid alone but not inside the suffix rule ("(?i)query") fails as a ConfigError.
-    return {_regex(rf"(?:.*\.)?(?:{_regex(k, key).pattern})$", key): _typed(f"{key}[{clip(repr(k))}]", v, tp)
-            for k, v in patterns.items()}
+    return {_regex(rf"(?:.*\.)?(?:{_regex(k, key).pattern})$", key):
+            check_value(f"{key}[{clip(repr(k))}]", v, tp) for k, v in patterns.items()}
 
 
 def _pattern_value(patterns: dict[re.Pattern[str], Any], module: str, default: Any) -> Any:
