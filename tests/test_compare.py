@@ -11,6 +11,7 @@ import dataclasses
 import json
 import math
 import random
+import re
 from pathlib import Path
 
 import pytest
@@ -152,6 +153,35 @@ def test_fusion_attention_is_recorded_per_layer_and_member(compared):
         weights = torch.tensor(run["weights"])
         assert weights.shape == (2, 2)  # 2 layers (Pfeiffer: one adapter per block) x 2 members
         assert torch.allclose(weights.sum(-1), torch.ones(2), atol=1e-4)
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda t: t[sorted(t)[0]].fill_(float("nan")), "holds NaN or infinite values"),
+    (lambda t: t.update(stray=torch.ones(1)), "unexpected ['stray']"),
+])
+def test_the_fusion_stage_refuses_a_damaged_member_adapter(work, compared, tmp_path, damage, message):
+    # Stage 2 loads the other tasks' stage-1 adapters through the same checks as AdapterSet.load.
+    import shutil
+
+    from rich.console import Console
+    from safetensors.torch import load_file, save_file
+
+    from peftlab import compare
+
+    out, _ = compared
+    for task in ("sent", "pairs"):
+        stage1 = Path("runs", "seed0", task, "pfeiffer")
+        shutil.copytree(out / stage1, tmp_path / stage1)
+    weights = tmp_path / "runs" / "seed0" / "sent" / "pfeiffer" / "adapter" / "adapter_model.safetensors"
+    tensors = load_file(weights)
+    damage(tensors)
+    save_file(tensors, weights)
+    opts = compare.CompareOptions(model=str(work["bert"]), data=(str(work["sent"]), str(work["pairs"])),
+                                  out=tmp_path, methods=("pfeiffer", "fusion"), epochs=1, batch_size=8,
+                                  max_length=16, lr_search=False, quiet=True)
+    with pytest.raises(peftlab.AdapterLoadError, match=re.escape(message)):
+        compare._fusion_run(opts, compare._load_tasks(opts), "pairs", 0, tmp_path, Console(quiet=True))
+    assert not (tmp_path / "runs" / "seed0" / "pairs" / "fusion").exists()
 
 
 def test_time_budget_skips_runs_that_do_not_fit(work):

@@ -1079,6 +1079,21 @@ def test_a_model_without_a_config_saves_and_loads(tmp_path):
     assert peftlab.attach(fresh).load(tmp_path / "a") == "a"
 
 
+def test_an_adapter_loads_without_its_head_where_the_head_does_not_fit(tmp_path):
+    adapters = peftlab.attach(tiny_bert())
+    adapters.add("a", peftlab.LoRAConfig())
+    adapters.save("a", tmp_path / "a", extras=("classifier",))  # a 2-label head
+    torch.manual_seed(0)
+    three_labels = BertForSequenceClassification(BertConfig(**{**BERT, "num_labels": 3}))
+    other = peftlab.attach(three_labels)
+    with pytest.raises(peftlab.AdapterLoadError, match="classifier.weight' has shape"):
+        other.load(tmp_path / "a")
+    head = three_labels.classifier.weight.detach().clone()
+    assert other.load(tmp_path / "a", with_extras=False) == "a"
+    assert torch.equal(three_labels.classifier.weight, head) and other["a"].extras == ()
+    assert all(torch.equal(x, y) for x, y in zip(other.parameters("a"), adapters.parameters("a")))
+
+
 def test_a_peft_directory_with_its_readme_is_an_adapter_directory(tmp_path):
     adapters = peftlab.attach(tiny_bert())
     adapters.add("a", peftlab.LoRAConfig())

@@ -377,7 +377,7 @@ def describe(path: Path) -> dict[str, Any]:
     """What an adapter directory holds, read from its files only (no model is loaded)."""
     from safetensors import safe_open
 
-    from peftlab.io import WEIGHTS_FILE
+    from peftlab.io import EXTRA, WEIGHTS_FILE
 
     trained = _Trained(path)
     if trained.adapter is None:
@@ -394,7 +394,7 @@ def describe(path: Path) -> dict[str, Any]:
                 n = 1
                 for d in f.get_slice(key).get_shape():
                     n *= d
-                if key.startswith("extra."):
+                if key.startswith(EXTRA):
                     head_params += n
                 else:
                     adapter_params += n

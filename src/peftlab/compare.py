@@ -518,21 +518,6 @@ def _record(task: str, method: str, seed: int, metric: str, metrics: dict[str, f
 
 
 # ---- fusion (stage 2) -------------------------------------------------------------------------
-def _load_member(adapters: Any, path: Path, name: str) -> None:
-    """Load a stage-1 adapter without its head: other tasks' heads may not fit this model's."""
-    from safetensors.torch import load_file
-
-    from peftlab.io import WEIGHTS_FILE, adapter_tensors, read_config
-    from peftlab.methods import method_for
-
-    data = read_config(path)
-    adapters.add(name, method_for(data["method"]).config.from_dict(data["config"]))
-    stored = load_file(str(path / WEIGHTS_FILE))
-    with torch.no_grad():
-        for key, t in adapter_tensors(adapters, name).items():
-            t.copy_(stored[key])
-
-
 def _fusion_run(opts: CompareOptions, tasks: dict[str, dict[str, Any]], target: str, seed: int,
                 out: Path, console: Console) -> dict[str, Any]:
     from transformers import get_linear_schedule_with_warmup, set_seed
@@ -556,10 +541,9 @@ def _fusion_run(opts: CompareOptions, tasks: dict[str, dict[str, Any]], target: 
     adapters = attach(model)
     for task in tasks:
         path = _run_dir(out, seed, task, FUSION_MEMBER_METHOD) / ADAPTER_DIR
-        if task == target:
-            adapters.load(path, name=task)  # with its head: the fusion's head starts from it
-        else:
-            _load_member(adapters, path, task)
+        # The target's head comes along (the fusion's head starts from it); other tasks' heads
+        # may not fit this model's.
+        adapters.load(path, name=task, with_extras=task == target)
     name = f"{FUSION}-{target}"
     adapters.add_fusion(name, list(tasks))
     adapters.activate(name)

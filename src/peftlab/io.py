@@ -37,6 +37,7 @@ FORMAT_VERSION = 1
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 MAX_CONFIG_BYTES = 1 << 20
+EXTRA = "extra."  # key prefix of the extra modules' tensors (the head saved with an adapter)
 
 
 # ---- atomic writes: files and directories, one mechanism --------------------------------------
@@ -176,15 +177,17 @@ def read_config(path: Path) -> dict[str, Any]:
     return data
 
 
-def read_tensors(path: Path, expected: dict[str, tuple[int, ...]]) -> dict[str, torch.Tensor]:
+def read_tensors(path: Path, expected: dict[str, tuple[int, ...]],
+                 unread: str | None = None) -> dict[str, torch.Tensor]:
     """Read ``path/adapter_model.safetensors`` and check it holds exactly ``expected``
-    (key -> shape) as finite floating-point tensors."""
+    (key -> shape) as finite floating-point tensors; keys starting with ``unread`` may be there
+    too, and are not read."""
     file = Path(path) / WEIGHTS_FILE
     if not file.is_file():
         raise AdapterLoadError(f"{file} is missing (only safetensors weights are loaded)")
     try:
         with safe_open(str(file), framework="pt") as f:
-            keys = set(f.keys())
+            keys = {k for k in f.keys() if unread is None or not k.startswith(unread)}
             missing, extra = sorted(set(expected) - keys), sorted(keys - set(expected))
             if missing or extra:
                 raise AdapterLoadError(
@@ -231,6 +234,12 @@ def adapter_tensors(adapters: AdapterSet, name: str) -> dict[str, torch.Tensor]:
     return _piece_tensors(adapters[name])
 
 
+def _extra_tensors(model: torch.nn.Module, modules: tuple[str, ...] | list[str]) -> dict[str, torch.Tensor]:
+    """The state of the extra modules saved with an adapter (its head), keyed ``extra.<module>.<key>``."""
+    return {f"{EXTRA}{module}.{key}": t for module in modules
+            for key, t in model.get_submodule(module).state_dict().items()}
+
+
 def _piece_tensors(adapter: Adapter) -> dict[str, torch.Tensor]:
     # state_dict() tensors share storage with the parameters, so loading can copy into them.
     out: dict[str, torch.Tensor] = {}
@@ -247,10 +256,7 @@ def adapter_files(adapters: AdapterSet, name: str,
 
     adapter = adapters[name]
     extras = adapter.extras if extras is None else adapters._resolve_modules(tuple(extras))
-    tensors = adapter_tensors(adapters, name)
-    for module in extras:
-        for key, t in adapters.model.get_submodule(module).state_dict().items():
-            tensors[f"extra.{module}.{key}"] = t
+    tensors = adapter_tensors(adapters, name) | _extra_tensors(adapters.model, extras)
     config = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -294,17 +300,22 @@ def restore_adapter(adapters: AdapterSet, name: str, path: Path) -> None:
     if recorded != expected:
         raise AdapterLoadError(f"{path} holds another adapter than {name!r} (format, method, config, "
                                "targets or extra modules differ); resume with the same adapter")
-    current = adapter_tensors(adapters, name)
-    for module in adapter.extras:
-        for key, t in adapters.model.get_submodule(module).state_dict().items():
-            current[f"extra.{module}.{key}"] = t
-    tensors = read_tensors(path, {k: tuple(t.shape) for k, t in current.items()})
+    _fill(path, adapter_tensors(adapters, name) | _extra_tensors(adapters.model, adapter.extras))
+
+
+def _fill(path: Path, targets: dict[str, torch.Tensor], unread: str | None = None) -> None:
+    """Copy the tensors of ``path`` into ``targets`` (key -> tensor sharing a parameter's or a
+    buffer's storage), all checked first (:func:`read_tensors`)."""
+    tensors = read_tensors(path, {k: tuple(t.shape) for k, t in targets.items()}, unread)
     with torch.no_grad():
-        for key, t in current.items():
+        for key, t in targets.items():
             t.copy_(tensors[key])
 
 
-def load_adapter(adapters: AdapterSet, path: Path, name: str | None) -> str:
+def load_adapter(adapters: AdapterSet, path: Path, name: str | None, with_extras: bool = True) -> str:
+    """Attach the adapter saved in ``path`` as ``name`` (default: its recorded name), with its
+    extra modules (its head) unless ``with_extras`` is False. Everything is checked before the
+    model changes; any problem raises :class:`AdapterLoadError`."""
     from peftlab.adapter_set import check_name
     from peftlab.methods import method_for
 
@@ -345,7 +356,7 @@ def load_adapter(adapters: AdapterSet, path: Path, name: str | None) -> str:
                                f"{str(missing)[:200]} before it")
     try:
         built = adapters._build(config, tuple(members))
-        extra_modules = {e: adapters.model.get_submodule(e) for e in extras}
+        extra_tensors = _extra_tensors(adapters.model, extras if with_extras else [])
     # OverflowError, RecursionError: re.compile on absurd target regexes ("a{99999999999}", "((((...")
     except (PeftlabError, AttributeError, OverflowError, RecursionError) as e:
         raise AdapterLoadError(f"{path} does not fit this model: {clip(str(e), 500)}") from None
@@ -354,18 +365,8 @@ def load_adapter(adapters: AdapterSet, path: Path, name: str | None) -> str:
         raise AdapterLoadError(f"{path} targets modules {str(recorded)[:200]}, but on this model "
                                f"its config resolves to {[s.module for s in built.sites][:5]}...")
     # Fill a scratch set of pieces first, so the model is touched only once all is checked.
-    expected = {key: tuple(t.shape) for key, t in _piece_tensors(built).items()}
-    for module, m in extra_modules.items():
-        for key, t in m.state_dict().items():
-            expected[f"extra.{module}.{key}"] = tuple(t.shape)
-    tensors = read_tensors(path, expected)
-    with torch.no_grad():
-        for key, t in _piece_tensors(built).items():
-            t.copy_(tensors[key])
-    for module, m in extra_modules.items():
-        m.load_state_dict({k[len(f"extra.{module}."):]: v for k, v in tensors.items()
-                           if k.startswith(f"extra.{module}.")})
-    built.extras = tuple(extras)
+    _fill(path, _piece_tensors(built) | extra_tensors, unread=None if with_extras else EXTRA)
+    built.extras = tuple(extras) if with_extras else ()
     adapters._install(name, built)
     return name
 
