@@ -9,9 +9,10 @@ Fusion follows the AdapterFusion paper's two stages (Pfeiffer et al. 2021, arXiv
 stage 1 is the single-task Pfeiffer adapter of every task (the ``pfeiffer`` runs, trained even if
 ``pfeiffer`` is not asked for); stage 2, for each target task, loads all tasks' stage-1 adapters
 (the target's own and the others') into a fresh model, starts the head from the target's
-stage-1 head, and trains only the fusion and the head on the target task, with the same
-schedule as the other runs (AdamW, 6% warm-up then linear decay, clipping at 1.0) and the
-paper's learning rate 5e-5, the loss including the fusion's ``V ≈ I`` penalty. The multi-task
+stage-1 head, and trains only the fusion and the head on the target task with
+:func:`peftlab.loop.fit` (the loop of :mod:`peftlab.multitask` too; the recipe of the other
+runs: AdamW, 6% warm-up then linear decay, clipping at 1.0) and the paper's learning rate 5e-5,
+the loss including the fusion's ``V ≈ I`` penalty. The multi-task
 column is the fusion's score minus the stage-1 adapter's on the same task and seed.
 
 Runs go seed by seed (every task and method of seed 0 before seed 1), so a run cut short by
@@ -520,18 +521,19 @@ def _record(task: str, method: str, seed: int, metric: str, metrics: dict[str, f
 # ---- fusion (stage 2) -------------------------------------------------------------------------
 def _fusion_run(opts: CompareOptions, tasks: dict[str, dict[str, Any]], target: str, seed: int,
                 out: Path, console: Console) -> dict[str, Any]:
-    from transformers import get_linear_schedule_with_warmup, set_seed
+    from transformers import set_seed
     from transformers.trainer_pt_utils import LengthGroupedSampler
 
     from peftlab.adapter_set import attach
     from peftlab.data import tokenize
+    from peftlab.io import write_atomic
+    from peftlab.loop import fit
     from peftlab.train import (
         ADAPTER_DIR,
         collator,
         evaluate_with_predictions,
         json_bytes,
         load_model,
-        write_atomic,
         write_predictions,
     )
 
@@ -546,8 +548,6 @@ def _fusion_run(opts: CompareOptions, tasks: dict[str, dict[str, Any]], target: 
         adapters.load(path, name=task, with_extras=task == target)
     name = f"{FUSION}-{target}"
     adapters.add_fusion(name, list(tasks))
-    adapters.activate(name)
-    params = adapters.train(name, also=heads)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model.to(device)
 
@@ -561,26 +561,11 @@ def _fusion_run(opts: CompareOptions, tasks: dict[str, dict[str, Any]], target: 
     loader = torch.utils.data.DataLoader(train_set, batch_size=opts.batch_size, sampler=sampler,
                                          collate_fn=collate)
     total = max(1, math.ceil(len(loader) * opts.epochs))
-    optimizer = torch.optim.AdamW(params, lr=opts.fusion_lr, weight_decay=0.0)
-    schedule = get_linear_schedule_with_warmup(optimizer, math.ceil(0.06 * total), total)
     started = time.perf_counter()
-    step = 0
-    model.train()
-    while step < total:
-        for batch in loader:
-            batch = {k: v.to(device) for k, v in batch.items()}
-            loss = model(**batch).loss + adapters.fusion_penalty(name)
-            if not bool(torch.isfinite(loss.detach())):
-                raise NonFiniteLossError(f"fusion training loss is {loss.item()} at step {step + 1} "
-                                         f"({target}, seed {seed})", step + 1)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            optimizer.step()
-            schedule.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            if step >= total:
-                break
+    try:
+        step = len(fit(model, name, loader, total, opts.fusion_lr, also=heads))
+    except NonFiniteLossError as e:
+        raise NonFiniteLossError(f"fusion {e} ({target}, seed {seed})", e.step) from None
     seconds = time.perf_counter() - started
     metrics, predictions, labels = evaluate_with_predictions(model, eval_set, collate, data.task,
                                                              batch_size=max(opts.batch_size, 32))

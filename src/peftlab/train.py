@@ -58,6 +58,7 @@ from peftlab.data import FIELDS, TaskData, load_task, tokenize
 from peftlab.errors import ConfigError, DataError, NonFiniteLossError, UsageError
 from peftlab.heads import HEAD_CONFIG, HEAD_FILE, MeanPoolClassifier, pooling_of, resolve_pooling
 from peftlab.io import WEIGHTS_FILE, replacing_dir, write_atomic
+from peftlab.loop import MAX_GRAD_NORM, WARMUP
 from peftlab.metrics import PRIMARY, compute, perplexity, predicted
 
 
@@ -336,8 +337,8 @@ class TrainOptions:
     max_eval_samples: int | None = None
     eval_every: int | None = None
     save_every: int | None = None
-    max_grad_norm: float = 1.0
-    warmup: float = 0.06
+    max_grad_norm: float = MAX_GRAD_NORM
+    warmup: float = WARMUP  # the share of the steps
     max_steps: int | None = None  # a budget in steps, whatever the epochs (equal-steps comparisons)
     max_minutes: float | None = None  # a budget in training wall time (equal-time comparisons)
     patience: int | None = None  # early stopping on held-out training data, in evaluations
