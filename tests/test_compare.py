@@ -24,7 +24,7 @@ import peftlab
 from peftlab.cli import app
 from peftlab.measure import Measurement
 from peftlab.recommend import Constraints, parse_size, rank
-from peftlab.train import DEFAULT_LR, UsageError
+from peftlab.train import UsageError, default_lr
 
 WORDS = ("good great fine lovely superb bad awful poor dull boring the a movie film meal book "
          "was is very not really quite").split()
@@ -130,7 +130,7 @@ def test_every_measured_column_is_a_finite_number(compared):
 def test_learning_rates_are_the_defaults_unless_given_per_method(compared):
     out, report = compared
     rates = report["settings"]["learning_rates"]
-    assert rates == {"ia3": DEFAULT_LR["ia3"], "full": 1e-4, "pfeiffer": DEFAULT_LR["pfeiffer"]}
+    assert rates == {"ia3": default_lr("ia3"), "full": 1e-4, "pfeiffer": default_lr("pfeiffer")}
     for method, lr in rates.items():
         run = json.loads((out / "runs" / "seed0" / "sent" / method / "metrics.json").read_text())
         assert run["lr"] == lr
@@ -488,7 +488,7 @@ def test_compare_chooses_each_rate_on_held_out_training_data(work, monkeypatch):
     report = json.loads((out / "report.json").read_text())
     run = report["runs"][0]
     search = run["lr_search"]
-    prior = DEFAULT_LR["ia3"]
+    prior = default_lr("ia3")
     assert [t["lr"] for t in search["trials"] if t["rung"] == 1] == [prior * f for f in (0.5, 1, 2, 4)]
     finalists = [t for t in search["trials"] if t["rung"] == 2]
     assert len(finalists) == 2 and search["lr"] in [t["lr"] for t in finalists]
@@ -515,7 +515,7 @@ def test_the_rate_search_never_reads_the_validation_split(work, tmp_path, monkey
     for folder in (original, flipped):
         opts = TrainOptions(model=str(work["bert"]), data=str(folder), method="lora", out=tmp_path / "x",
                             epochs=2, batch_size=8, max_length=16, quiet=True)
-        results.append(search_lr(opts, load_task(folder), DEFAULT_LR["lora"]))
+        results.append(search_lr(opts, load_task(folder), default_lr("lora")))
     assert results[0] == results[1]
     assert len({t.score for t in results[0].trials}) > 1  # the trials did differ from each other
 
@@ -543,6 +543,6 @@ def test_a_budget_too_small_to_tell_rates_apart_keeps_the_default_and_says_so(wo
 
     opts = TrainOptions(model=str(work["bert"]), data=str(work["sent"]), method="lora", out=tmp_path / "x",
                         epochs=1, batch_size=8, max_length=16, quiet=True)
-    search = search_lr(opts, load_task(work["sent"]), DEFAULT_LR["lora"])
-    assert search.lr == DEFAULT_LR["lora"] and search.trials == ()
+    search = search_lr(opts, load_task(work["sent"]), default_lr("lora"))
+    assert search.lr == default_lr("lora") and search.trials == ()
     assert "too few to tell rates apart" in search.skipped

@@ -32,20 +32,19 @@ if TYPE_CHECKING:
     from peftlab.config import AdapterConfig
     from peftlab.describe import RoleTable, describe_roles
     from peftlab.infer import infer_role_map
-    from peftlab.methods.bottleneck import BottleneckConfig
-    from peftlab.methods.compacter import CompacterConfig
-    from peftlab.methods.fusion import FusionConfig
-    from peftlab.methods.ia3 import IA3Config
-    from peftlab.methods.lora import LoRAConfig
+    from peftlab.methods.bottleneck import BottleneckConfig as BottleneckConfig
+    from peftlab.methods.compacter import CompacterConfig as CompacterConfig
+    from peftlab.methods.fusion import FusionConfig as FusionConfig
+    from peftlab.methods.ia3 import IA3Config as IA3Config
+    from peftlab.methods.lora import LoRAConfig as LoRAConfig
     from peftlab.roles import ROLE_MAPS, ROLES, Role, RoleMap
 
 # Imported on first use, so that `peftlab --help` does not wait for torch and transformers.
+# Method config classes (``peftlab.LoRAConfig``, ...) come from the registry (peftlab.methods).
 _LAZY = {
     "AdapterSet": "adapter_set", "attach": "adapter_set", "detach": "adapter_set",
-    "adapter_checkpoints": "checkpoints",
-    "AdapterConfig": "config", "BottleneckConfig": "methods.bottleneck",
-    "CompacterConfig": "methods.compacter", "FusionConfig": "methods.fusion", "IA3Config": "methods.ia3",
-    "LoRAConfig": "methods.lora", "ROLE_MAPS": "roles", "ROLES": "roles", "Role": "roles",
+    "adapter_checkpoints": "checkpoints", "AdapterConfig": "config",
+    "ROLE_MAPS": "roles", "ROLES": "roles", "Role": "roles",
     "RoleMap": "roles", "RoleTable": "describe", "describe_roles": "describe",
     "infer_role_map": "infer",
 }
@@ -54,21 +53,30 @@ _LAZY = {
 def __getattr__(name: str) -> Any:
     if name in _LAZY:
         value = getattr(importlib.import_module(f"peftlab.{_LAZY[name]}"), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'peftlab' has no attribute {name!r}")
+    elif name.endswith("Config") and not name.startswith("_"):
+        from peftlab.methods import config_class
+
+        value = config_class(name)
+        if value is None:
+            raise AttributeError(f"module 'peftlab' has no attribute {name!r}")
+    else:
+        raise AttributeError(f"module 'peftlab' has no attribute {name!r}")
+    globals()[name] = value
+    return value
 
 
 def __dir__() -> list[str]:
-    return sorted({*globals(), *_LAZY})
+    from peftlab.methods import REGISTRY
+
+    return sorted({*globals(), *_LAZY, *(m.config.__name__ for m in REGISTRY.values())})
 
 
 __version__ = "0.1.0"
 
 __all__ = [
     "ROLES", "ROLE_MAPS", "AdapterConfig", "AdapterLoadError", "AdapterNameError",
-    "AdapterSaveError", "AdapterSet", "AdapterStateError", "BottleneckConfig", "CompacterConfig",
-    "ConfigError", "DataError", "FusionConfig", "IA3Config", "LoRAConfig", "NonFiniteLossError",
+    "AdapterSaveError", "AdapterSet", "AdapterStateError",
+    "ConfigError", "DataError", "NonFiniteLossError",
     "PartialTargetWarning", "PeftlabError", "Role", "RoleMap", "RoleTable", "TargetError",
     "UsageError", "adapter_checkpoints", "attach", "describe_roles", "detach", "infer_role_map",
 ]

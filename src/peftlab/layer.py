@@ -45,6 +45,45 @@ def weight_out_in(module: nn.Module) -> torch.Tensor:
     return module.weight.t() if isinstance(module, Conv1D) else module.weight
 
 
+class BaseLayer:
+    """What a piece may read of the layer it adapts: the frozen weight as ``[out, in]`` (``[E, out,
+    in]`` for routed experts' 3-D parameter) and the bias, both detached. Read-only by contract:
+    a piece never writes them (merging goes through :meth:`Piece.merge_into`).
+
+    It holds the module, not its tensors, and reads them on every access, so it follows
+    ``model.to(...)``, merges of other adapters, and ``copy.deepcopy`` of the model (the copied
+    view points at the copied module). It is a plain object, not a submodule: the base's
+    parameters stay registered once, where the model has them."""
+
+    def __init__(self, module: nn.Module, param: str | None = None, transposed: bool = False,
+                 bias: str | None = None) -> None:
+        self.module = module
+        self.param = param  # a 3-D expert parameter of ``module``, by name
+        self.transposed = transposed  # that parameter is stored [E, in, out]
+        self.bias_name = bias
+
+    @property
+    def weight(self) -> torch.Tensor:
+        if self.param is None:
+            return weight_out_in(self.module).detach()
+        w = getattr(self.module, self.param).detach()
+        return w.transpose(1, 2) if self.transposed else w
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        name = "bias" if self.param is None else self.bias_name
+        b = getattr(self.module, name, None) if name else None
+        return None if b is None else b.detach()
+
+    @property
+    def in_features(self) -> int:
+        return self.weight.shape[-1]
+
+    @property
+    def out_features(self) -> int:
+        return self.weight.shape[-2]
+
+
 class Piece(nn.Module):
     """One adapter's part at one wrapped layer. Subclasses set ``kind`` and implement the hook
     of that kind: ``scales`` (scale), ``add_delta`` (delta), ``forward(y)`` (post) or

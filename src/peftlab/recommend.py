@@ -31,8 +31,8 @@ the ranking when the step times move by ±20% (tested). Memory (autograd account
 and file sizes are exact and count fully. Every comparative word in a reason ("lowest training
 memory", "smallest file") is computed from the measurements, never assumed from the method.
 
-``quality`` is a prior in points relative to full fine-tuning (:data:`QUALITY_PRIOR`), read from
-the papers collected in the project's notes, or measured scores when the caller has them
+``quality`` is a prior in points relative to full fine-tuning (:func:`quality_prior`), read from
+the papers (each method's registry entry, :mod:`peftlab.methods`), or measured scores when the caller has them
 (``peftlab recommend --data D --train-minutes M`` trains each method briefly). The priors encode
 the seed's rules: LoRA is the general-purpose choice (near full fine-tuning and mergeable);
 (IA)³ trains the fewest tensors and keeps the smallest memory and files but loses some quality;
@@ -50,16 +50,8 @@ from typing import Any
 
 from peftlab.errors import UsageError
 from peftlab.measure import FULL, FUSION, FUSION_MEMBER_METHOD, Measurement
+from peftlab.methods import preset
 
-#: Expected validation points relative to full fine-tuning, before any measurement. Sources
-#: (project notes, PAPERS.md): LoRA within ±0.8 of full fine-tuning on GLUE (LoRA paper, RoBERTa;
-#: He et al. 2022 SST-2 −0.4; AdapterHub library paper +0.3); bottleneck adapters −0.4 (Houlsby
-#: et al.; AdapterHub +0.8); Compacter on par with full fine-tuning in its own paper but −2.9 in
-#: AdapterHub's; (IA)³ −1.4 in AdapterHub's. Rounded, and ordered as the seed's rules say.
-QUALITY_PRIOR: dict[str, float] = {
-    FULL: 0.0, "lora": -0.3, "houlsby": -0.4, "pfeiffer": -0.4,
-    "compacter": -1.0, "compacter++": -1.2, "ia3": -1.5,
-}
 #: AdapterFusion over single-task adapters, BERT-base, 16 tasks: 76.05 -> 77.33 (arXiv 2005.00247).
 FUSION_GAIN = 1.28
 LATENCY_WEIGHT = 3.0
@@ -73,14 +65,8 @@ TIMING_TIE = 2.25
 #: Exact measurements (memory, sizes) within this share of the best still count as "the lowest".
 EXACT_TIE = 0.02
 
-#: What each method is; no comparisons here: those come from the measurements (:func:`_standouts`).
-RULES = {
-    "lora": "general-purpose low-rank weight update, mergeable",
-    "ia3": "learned vectors rescaling activations, mergeable",
-    "compacter": "bottleneck adapters of Kronecker-factored (PHM) layers",
-    "compacter++": "Compacter after the FFN only",
-    "houlsby": "bottleneck adapters after attention and FFN, not mergeable",
-    "pfeiffer": "one bottleneck adapter per block, the usual fusion member",
+#: What full fine-tuning and fusion are; each method's own words are in its registry entry.
+ABOUT = {
     FUSION: "AdapterFusion: combines several tasks' adapters",
     FULL: "the quality reference; a full model copy per task",
 }
@@ -143,9 +129,9 @@ def _quality(measurements: Mapping[str, Measurement], scores: Mapping[str, float
              constraints: Constraints) -> dict[str, float]:
     """Priors, replaced by measured scores (0..1) where given: the measured ones are shifted so
     that their mean equals the mean of their priors, which keeps both on one scale."""
-    q = {m: QUALITY_PRIOR.get(m, QUALITY_PRIOR[FUSION_MEMBER_METHOD]) for m in measurements}
-    if FUSION in q:
-        q[FUSION] = QUALITY_PRIOR[FUSION_MEMBER_METHOD] + (FUSION_GAIN if constraints.compose else 0.0)
+    q = {m: quality_prior(m) for m in measurements if m != FUSION}
+    if FUSION in measurements:
+        q[FUSION] = quality_prior(FUSION_MEMBER_METHOD) + (FUSION_GAIN if constraints.compose else 0.0)
     measured = {m: 100.0 * s for m, s in (scores or {}).items()
                 if m in q and m != FUSION and math.isfinite(s)}
     if len(measured) >= 2:
@@ -181,11 +167,22 @@ def rank(measurements: Mapping[str, Measurement], constraints: Constraints,
         }
         unfit = _unfit(name, m, files, constraints)
         facts = _facts(m, files, (scores or {}).get(name))
-        what = ", ".join([RULES.get(name, name), *_standouts(name, measurements)])
+        what = ", ".join([about(name), *_standouts(name, measurements)])
         reason = ("; ".join(unfit) + " — " if unfit else "") + f"{what} — {facts}"
         out.append(Recommendation(name, not unfit, sum(parts.values()), reason, parts))
     out.sort(key=lambda r: (not r.fit, -r.score))
     return out
+
+
+def quality_prior(method: str) -> float:
+    """Expected validation points relative to full fine-tuning before any measurement: the
+    method's registry entry, which cites its sources (0 for full fine-tuning itself)."""
+    return 0.0 if method == FULL else preset(method)[1].quality
+
+
+def about(method: str) -> str:
+    """What a method is, in a few words (its registry entry's)."""
+    return ABOUT[method] if method in ABOUT else preset(method)[1].about
 
 
 def _slower(ratio: float) -> float:
@@ -244,12 +241,13 @@ def profile(model: str, methods: tuple[str, ...] | None = None, data: str | None
     """Measure each method on ``model`` (a local folder or Hub id) at ``batch_size × max_length``:
     on real examples from ``data`` (a task folder) when given, else on random tokens. Methods
     that cannot be attached to this model are left out."""
+    from peftlab.compare import all_methods
     from peftlab.data import load_task
     from peftlab.measure import data_batch, measure_methods, synthetic_batch
-    from peftlab.train import available_methods, load_model
+    from peftlab.train import load_model
 
     if methods is None:
-        methods = (*[m for m in available_methods() if m != FULL], FUSION, FULL)
+        methods = all_methods()
     if batch_size < 1 or max_length < 2:
         raise UsageError(f"--batch-size must be >= 1 and --max-length >= 2, got {batch_size}, {max_length}")
     task = load_task(data, splits=("train",), max_samples={"train": 4 * batch_size}) if data else None
@@ -305,10 +303,10 @@ def recommend(model: str, constraints: Constraints, data: str | None = None, tra
     import tempfile
     from pathlib import Path
 
-    from peftlab.train import available_methods
+    from peftlab.train import method_names
 
     members = max(constraints.tasks, 2)
-    singles = tuple(available_methods())
+    singles = tuple(method_names())
     scores: dict[str, float] = {}
     if data is not None and train_minutes > 0:
         from peftlab.compare import CompareOptions, run_compare

@@ -4,19 +4,10 @@ Training runs on ``transformers.Trainer``, so ``torchrun --nproc_per_node N`` an
 ``accelerate launch`` give data-parallel training with no code change. ``batch_size`` is the
 *global* batch: it is split across processes, so a run gives the same result on 1 or N processes.
 
-Default learning rates, one per method (override with ``--lr``):
-
-=============  ======  ===========================================================================
-method         lr      source
-=============  ======  ===========================================================================
-lora           5e-4    best LoRA lr in AdapterHub's library paper (arXiv 2311.11077)
-ia3            3e-3    T-Few recipe (arXiv 2205.05638); 3e-3 to 5e-3 is usual for encoders
-houlsby        1e-3    upper end of Houlsby et al.'s 1e-4..1e-3 grid (arXiv 1902.00751): short runs
-pfeiffer       1e-3    as houlsby (same module, FFN-only placement, arXiv 2005.00247)
-compacter      3e-3    Compacter paper's setup (arXiv 2106.04647)
-compacter++    3e-3    as compacter
-full           2e-5    BERT's GLUE grid {2,3,4,5}e-5 (arXiv 1810.04805)
-=============  ======  ===========================================================================
+Each method's default learning rate comes from its registry entry (:mod:`peftlab.methods`;
+``peftlab methods`` lists them, and each method's file gives the source). Full fine-tuning uses
+2e-5, from BERT's GLUE grid {2,3,4,5}e-5 (arXiv 1810.04805). ``--lr`` overrides, ``--lr auto``
+searches (:mod:`peftlab.lr_search`).
 
 These suit runs of several epochs. On very short runs a higher rate can pay off: LoRA on
 MiniLM-L6 with 2,000 SST-2 examples for one epoch reached 76.8% at 5e-4 and 81.3% at 2e-3.
@@ -36,7 +27,6 @@ from __future__ import annotations
 
 import csv
 import dataclasses
-import importlib
 import io
 import json
 import math
@@ -52,72 +42,41 @@ import torch
 from rich.console import Console
 from torch import nn
 
-from peftlab.adapter_set import attach, check_name
+from peftlab.adapter_set import attach
 from peftlab.config import AdapterConfig, check_value
 from peftlab.data import FIELDS, TaskData, load_task, tokenize
 from peftlab.errors import ConfigError, DataError, NonFiniteLossError, UsageError
 from peftlab.heads import HEAD_CONFIG, HEAD_FILE, MeanPoolClassifier, pooling_of, resolve_pooling
 from peftlab.io import WEIGHTS_FILE, replacing_dir, write_atomic
 from peftlab.loop import MAX_GRAD_NORM, WARMUP
+from peftlab.measure import FULL
+from peftlab.methods import preset, presets
 from peftlab.metrics import PRIMARY, compute, perplexity, predicted
-
+from peftlab.names import check_name
 
 # ---- methods ----------------------------------------------------------------------------------
-@dataclasses.dataclass(frozen=True)
-class Preset:
-    """Where a method's config lives, which constructor gives the preset, its default lr."""
-
-    module: str | None
-    config_class: str | None
-    factory: str | None
-    lr: float
+#: Full fine-tuning's default rate: BERT's GLUE grid {2,3,4,5}e-5 (arXiv 1810.04805).
+FULL_LR = 2e-5
 
 
-PRESETS: dict[str, Preset] = {
-    "lora": Preset("peftlab.methods.lora", "LoRAConfig", None, 5e-4),
-    "ia3": Preset("peftlab.methods.ia3", "IA3Config", None, 3e-3),
-    "houlsby": Preset("peftlab.methods.bottleneck", "BottleneckConfig", "houlsby", 1e-3),
-    "pfeiffer": Preset("peftlab.methods.bottleneck", "BottleneckConfig", "pfeiffer", 1e-3),
-    "compacter": Preset("peftlab.methods.compacter", "CompacterConfig", None, 3e-3),
-    "compacter++": Preset("peftlab.methods.compacter", "CompacterConfig", "plus_plus", 3e-3),
-    "full": Preset(None, None, None, 2e-5),
-}
-DEFAULT_LR: dict[str, float] = {m: p.lr for m, p in PRESETS.items()}
+def method_names() -> list[str]:
+    """Every method ``train`` takes: the registry's presets, then full fine-tuning."""
+    return [*presets(), FULL]
 
 
-def available_methods() -> list[str]:
-    """Methods whose code is present in this installation."""
-    out = []
-    for name, preset in PRESETS.items():
-        try:
-            _preset_config(name, preset)
-        except UsageError:
-            continue
-        out.append(name)
-    return out
-
-
-def _preset_config(method: str, preset: Preset) -> AdapterConfig | None:
-    if preset.module is None:
-        return None
-    try:
-        cls = getattr(importlib.import_module(preset.module), preset.config_class or "")
-    except (ImportError, AttributeError):
-        raise UsageError(f"method {method!r} is not available in this peftlab installation "
-                         f"({preset.module}.{preset.config_class} is missing)") from None
-    return getattr(cls, preset.factory)() if preset.factory else cls()
+def default_lr(method: str) -> float:
+    """The method's default learning rate (its preset's, or :data:`FULL_LR`)."""
+    return FULL_LR if method == FULL else preset(method)[1].lr
 
 
 def method_config(method: str, sets: tuple[str, ...] | list[str] = ()) -> AdapterConfig | None:
     """The preset config of ``method`` with ``key=value`` overrides applied (``None`` for full
     fine-tuning). Values are converted to the field's type; unknown keys raise :class:`UsageError`."""
-    if method not in PRESETS:
-        raise UsageError(f"unknown method {method!r}; choose one of {', '.join(PRESETS)}")
-    config = _preset_config(method, PRESETS[method])
-    if config is None:
+    if method == FULL:
         if sets:
             raise UsageError("--set does not apply to --method full (it has no adapter config)")
         return None
+    config = preset(method)[1].make()
     hints = typing.get_type_hints(type(config))
     fields = [f.name for f in dataclasses.fields(config)]
     changes: dict[str, Any] = {}
@@ -686,7 +645,7 @@ def run_training(opts: TrainOptions, console: Console | None = None,
                          f"{world_size} processes")
     config = method_config(opts.method, opts.sets)
     name = check_name(opts.name or opts.method)
-    lr = opts.lr if opts.lr is not None else DEFAULT_LR[opts.method]
+    lr = opts.lr if opts.lr is not None else default_lr(opts.method)
     out = Path(opts.out)
     record = opts.record()
     if rank == 0:
@@ -940,5 +899,5 @@ def evaluate_with_predictions(model: nn.Module, dataset: Any, collate: Callable[
     return result, predicted(task, all_logits), all_labels
 
 
-__all__ = ["DEFAULT_LR", "PRESETS", "DataError", "NonFiniteLossError", "TrainOptions", "UsageError",
-           "available_methods", "evaluate", "load_model", "method_config", "run_training"]
+__all__ = ["FULL_LR", "DataError", "NonFiniteLossError", "TrainOptions", "UsageError", "default_lr",
+           "evaluate", "load_model", "method_config", "method_names", "run_training"]

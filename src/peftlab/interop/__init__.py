@@ -1,5 +1,2 @@
-"""Reading and writing other libraries' adapter formats (HF ``peft``: :mod:`peftlab.interop.peft`)."""
-
-from peftlab.interop.peft import export_peft, import_peft
-
-__all__ = ["export_peft", "import_peft"]
+"""Reading and writing other libraries' adapter formats: HF ``peft`` (:mod:`peftlab.interop.peft`;
+each method's mapping is its :class:`peftlab.interop.codec.PeftCodec`)."""

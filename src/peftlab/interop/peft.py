@@ -38,49 +38,35 @@ reads a pickle (``adapter_model.bin``).
 from __future__ import annotations
 
 import json
-import math
 import re
-from collections import Counter
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import torch
 from safetensors import safe_open
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from peftlab.config import check_value, clip
+from peftlab.config import clip
 from peftlab.errors import AdapterLoadError, ConfigError, PeftlabError
 from peftlab.experts import AdaptedExperts, expert_parameters, experts_layout
+from peftlab.interop.codec import PeftCodec
 from peftlab.io import CONFIG_FILE, FORMAT, WEIGHTS_FILE, read_config, read_tensors, write_dir_atomic
 from peftlab.layer import AdaptedLayer, weight_out_in
-from peftlab.methods.ia3 import IA3Config
-from peftlab.methods.lora import LoRAConfig
-from peftlab.patterns import compile_pattern
+from peftlab.methods import REGISTRY, method_for
+from peftlab.names import check_name
 from peftlab.sites import linear_modules
 
 if TYPE_CHECKING:
-    from peftlab.adapter_set import Adapter, AdapterSet
+    from peftlab.adapter_set import AdapterSet
 
 PREFIX = "base_model.model."
-LORA_A, LORA_B, IA3_L = ".lora_A.weight", ".lora_B.weight", ".ia3_l"
 PICKLE_FILE = "adapter_model.bin"
 
-# Config keys that carry what we map, or that only matter while a peft adapter is created or
-# trained. Any other key must hold an empty value (None, false, {}, []), or the import refuses the
-# file: a set value means a peft feature (DoRA, bias training, ...) that peftlab would silently drop.
+# Config keys of every peft type that carry what we map, or that only matter while a peft adapter
+# is created or trained; each method's codec adds its own (PeftCodec.config_keys).
 _COMMON_KEYS = {
     "peft_type", "task_type", "peft_version", "base_model_name_or_path", "revision", "inference_mode",
     "auto_mapping", "target_modules", "exclude_modules", "modules_to_save", "fan_in_fan_out",
-}
-_KNOWN_KEYS = {
-    "LORA": _COMMON_KEYS | {
-        "r", "lora_alpha", "lora_dropout", "use_rslora", "rank_pattern", "alpha_pattern", "bias",
-        "init_lora_weights", "layers_to_transform", "layers_pattern", "megatron_core",
-        "qalora_group_size", "loftq_config", "eva_config", "ensure_weight_tying", "runtime_config",
-        "target_parameters",
-    },
-    "IA3": _COMMON_KEYS | {"feedforward_modules", "init_ia3_weights"},
 }
 # Initialisations after which a peft LoRA is a plain ``W + s·B·A`` on the unchanged base weights
 # (PiSSA, OLoRA, LoftQ, CorDA, ... rewrite the base weights, so their adapters need that base).
@@ -102,19 +88,19 @@ def export_peft(adapters: AdapterSet, name: str, path: Path) -> Path:
     ``peft.PeftModel.from_pretrained(base_model, path)`` then computes what peftlab computes."""
     adapter = adapters[name]
     model = adapters.model
+    codec = method_for(adapter.config).peft
+    if codec is None:
+        raise ConfigError(f"peft's format has no {adapter.config.method} adapters ({name!r}); it holds "
+                          f"{', '.join(m.name for m in REGISTRY.values() if m.peft)} adapters")
     experts = [s.module for s in adapter.sites if s.num_experts is not None]
-    if isinstance(adapter.config, LoRAConfig):
-        fields, tensors = _lora_fields(adapter, _expert_keys(model, experts))
-    elif isinstance(adapter.config, IA3Config):
-        if experts:
-            raise ConfigError(
-                f"(IA)³ adapter {name!r} scales routed experts' 3-D parameters ({experts[0]}, ...), "
-                "which peft's (IA)³ cannot express (it has no target_parameters); it cannot be "
-                "exported to peft. Keep it in peftlab's format (save), or merge it into the weights")
-        fields, tensors = _ia3_fields(adapter)
-    else:
-        raise ConfigError(f"peft's format holds LoRA and (IA)³ adapters; {name!r} is a "
-                          f"{adapter.config.method} adapter")
+    if experts and not codec.target_parameters:
+        raise ConfigError(
+            f"{adapter.config.method} adapter {name!r} acts on routed experts' 3-D parameters "
+            f"({experts[0]}, ...), which peft's {codec.peft_type} cannot express (it has no "
+            "target_parameters); it cannot be exported to peft. Keep it in peftlab's format (save), "
+            "or merge it into the weights")
+    fields, found = codec.export(adapter, _expert_keys(model, experts))
+    tensors = {PREFIX + key: t for key, t in found.items()}
     linear = dict(linear_modules(model))
     names = list(linear)
     sites = [s.module for s in adapter.sites if s.num_experts is None]
@@ -156,46 +142,6 @@ def export_peft(adapters: AdapterSet, name: str, path: Path) -> Path:
     weights = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in tensors.items()}
     blob = json.dumps(config, indent=2, sort_keys=True).encode()
     return write_dir_atomic(path, {CONFIG_FILE: blob, WEIGHTS_FILE: weights})
-
-
-def _lora_fields(adapter: Adapter, keys: dict[str, str]) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    """peft's LoRA config fields and tensors; ``keys`` maps expert sites to peft's module keys."""
-    config = adapter.config
-    assert isinstance(config, LoRAConfig)
-    tensors: dict[str, torch.Tensor] = {}
-    rank_alpha: dict[str, tuple[int, float]] = {}
-    for module, piece in adapter.pieces.items():
-        lora_a, lora_b = piece.lora_A, piece.full_B()
-        # parts·r on a fused projection; r per expert on expert parameters (lora_A is [E·r, in])
-        rank = getattr(piece, "rank", lora_a.shape[0])
-        # peft scales by alpha/rank (rsLoRA alpha/√rank): this alpha keeps our scale exactly.
-        alpha = config.scaling * (math.sqrt(rank) if config.rslora else rank)
-        rank_alpha[module] = (rank, _tidy(alpha))
-        key = keys.get(module, module)
-        tensors[PREFIX + key + LORA_A] = lora_a
-        tensors[PREFIX + key + LORA_B] = lora_b
-    (r, alpha), _ = Counter(rank_alpha.values()).most_common(1)[0]
-    fields = {
-        "peft_type": "LORA", "r": r, "lora_alpha": alpha, "lora_dropout": config.dropout,
-        "use_rslora": config.rslora, "bias": "none", "use_dora": False, "init_lora_weights": True,
-        # peft looks these keys up as regexes matching the end of the module name.
-        "rank_pattern": {re.escape(m): ra for m, (ra, _) in rank_alpha.items() if ra != r},
-        "alpha_pattern": {re.escape(m): al for m, (_, al) in rank_alpha.items() if al != alpha},
-    }
-    return fields, tensors
-
-
-def _ia3_fields(adapter: Adapter) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    tensors: dict[str, torch.Tensor] = {}
-    feedforward = []
-    for module, piece in adapter.pieces.items():
-        l_in, l_out = piece.scales()  # l_out is full length, ones on untargeted fused features
-        if l_in is not None:
-            feedforward.append(module)
-            tensors[PREFIX + module + IA3_L] = l_in.reshape(1, -1)
-        else:
-            tensors[PREFIX + module + IA3_L] = l_out.reshape(-1, 1)
-    return {"peft_type": "IA3", "feedforward_modules": feedforward, "init_ia3_weights": True}, tensors
 
 
 def _refuse_peft_rewrite(model: nn.Module, fields: dict[str, Any]) -> None:
@@ -265,10 +211,6 @@ def _as_peft_names(wanted: list[str], names: list[str], dotted: bool) -> list[st
     return list(wanted)
 
 
-def _tidy(x: float) -> int | float:
-    return int(x) if float(x).is_integer() else x
-
-
 def _task_type(model: nn.Module) -> str | None:
     cls = type(model).__name__
     if cls.endswith("ForConditionalGeneration") and getattr(model.config, "is_encoder_decoder", False):
@@ -302,8 +244,6 @@ def import_peft(adapters: AdapterSet, path: Path, name: str) -> str:
     """Load the LoRA or (IA)³ adapter that peft's ``save_pretrained`` wrote to ``path`` as adapter
     ``name``; its ``modules_to_save`` tensors go into the model's modules and become the adapter's
     extras. Any problem raises :class:`AdapterLoadError` with the model untouched."""
-    from peftlab.adapter_set import check_name
-
     path = Path(path)
     try:
         check_name(name)
@@ -312,20 +252,15 @@ def import_peft(adapters: AdapterSet, path: Path, name: str) -> str:
     if name in adapters:
         raise AdapterLoadError(f"an adapter named {name!r} is already attached; pass another name")
     data = read_config(path)
-    peft_type = data.get("peft_type")
-    if not isinstance(peft_type, str) or peft_type not in _KNOWN_KEYS:
-        hint = " (this is a peftlab adapter: use load)" if data.get("format") == FORMAT else ""
-        raise AdapterLoadError(f"{path}: peft_type {clip(repr(peft_type))} is not supported; import_peft "
-                               f"reads {sorted(_KNOWN_KEYS)} adapters{hint}")
-    _refuse_unsupported(data, path)
+    codec = _codec_for(data, path)
+    _refuse_unsupported(data, codec, path)
     shapes = _tensor_shapes(path)
-    suffixes = (LORA_A, LORA_B) if peft_type == "LORA" else (IA3_L,)
-    keys, others = _split_keys(shapes, suffixes, path)
+    keys, others = _split_keys(shapes, codec.suffixes, path)
     if not keys:
-        raise AdapterLoadError(f"{path} holds no {peft_type} tensors")
+        raise AdapterLoadError(f"{path} holds no {codec.peft_type} tensors")
     # site name -> its key in the file: itself for a Linear module, the (nested) experts module
     # for an expert parameter in target_parameters
-    site_keys = {site: key for key, site in _expert_sites(adapters.model, data, path).items()}
+    site_keys = {site: key for key, site in _expert_sites(adapters.model, data, codec, path).items()}
     linear = {n: tuple(weight_out_in(m).shape) for n, m in linear_modules(adapters.model)}
     linear.update({n: (p.out_features, p.in_features, p.num_experts)
                    for n, p in expert_parameters(adapters.model) if n in site_keys})
@@ -339,39 +274,47 @@ def import_peft(adapters: AdapterSet, path: Path, name: str) -> str:
         raise AdapterLoadError(f"{path} lists {missing[:3]} in target_parameters but holds no tensors "
                                "for them")
     modules = [m for m in linear if m in site_keys]  # model order, like the sites
+    in_file = {k[len(PREFIX):]: shape for k, shape in shapes.items()}
     try:
-        if peft_type == "LORA":
-            config, expected = _lora_config(data, modules, linear, site_keys, path)
-        else:
-            config, expected = _ia3_config(data, modules, linear, shapes, path)
+        config, wanted = codec.config(data, modules, linear, site_keys, in_file)
     except ConfigError as e:
         raise AdapterLoadError(f"{path}: {e}") from None
+    expected = {PREFIX + k: shape for k, shape in wanted.items()}
     extras = _extra_modules(adapters.model, data, others, path)
     for module, m in extras.items():
         expected.update({f"{PREFIX}{module}.{k}": tuple(t.shape) for k, t in m.state_dict().items()})
     try:
-        built = adapters._build(config)
+        built = adapters.build(config)
     except PeftlabError as e:
         raise AdapterLoadError(f"{path} does not fit this model: {e}") from None
     tensors = read_tensors(path, expected)
     # Everything is checked: only now does the model change.
-    with torch.no_grad():
-        for module, piece in built.pieces.items():
-            if peft_type == "LORA":
-                piece.lora_A.copy_(tensors[PREFIX + site_keys[module] + LORA_A])
-                piece.lora_B.copy_(tensors[PREFIX + site_keys[module] + LORA_B])
-            else:
-                piece.ia3_l.copy_(tensors[PREFIX + module + IA3_L].reshape(-1))
+    codec.load(built.pieces, {k[len(PREFIX):]: t for k, t in tensors.items() if k[len(PREFIX):] in wanted},
+               site_keys)
     for module, m in extras.items():
         prefix = f"{PREFIX}{module}."
         m.load_state_dict({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
     built.extras = tuple(extras)
-    adapters._install(name, built)
+    adapters.install(name, built)
     return name
 
 
-def _refuse_unsupported(data: dict[str, Any], path: Path) -> None:
-    known = _KNOWN_KEYS[data["peft_type"]]
+def _codec_for(data: dict[str, Any], path: Path) -> PeftCodec:
+    """The codec that reads this config; for a known peft type with a feature no codec reads
+    (``use_dora`` before DoRA existed), that type's codec, whose key check then names it."""
+    codecs = [m.peft for m in REGISTRY.values() if m.peft is not None]
+    chosen = next((c for c in codecs if c.accepts(data)), None) or next(
+        (c for c in codecs if c.peft_type == data.get("peft_type")), None)
+    if chosen is None:
+        hint = " (this is a peftlab adapter: use load)" if data.get("format") == FORMAT else ""
+        raise AdapterLoadError(
+            f"{path}: peft_type {clip(repr(data.get('peft_type')))} is not supported; import_peft reads "
+            f"{sorted({c.peft_type for c in codecs})} adapters{hint}")
+    return chosen
+
+
+def _refuse_unsupported(data: dict[str, Any], codec: PeftCodec, path: Path) -> None:
+    known = _COMMON_KEYS | codec.config_keys
     used = sorted(k for k, v in data.items() if k not in known and v not in (None, False, {}, [], ""))
     if used:
         raise AdapterLoadError(f"{path} uses peft features peftlab cannot import: "
@@ -418,7 +361,7 @@ def _split_keys(shapes: dict[str, tuple[int, ...]], suffixes: tuple[str, ...], p
     return modules, others
 
 
-def _expert_sites(model: nn.Module, data: dict[str, Any], path: Path) -> dict[str, str]:
+def _expert_sites(model: nn.Module, data: dict[str, Any], codec: PeftCodec, path: Path) -> dict[str, str]:
     """peft's module key -> expert site for the parameters that ``target_parameters`` reaches.
     peft matches each parameter's full name, or its end after a dot, against the list; one that
     is not a 3-D expert parameter is refused (peftlab adapts no other parameter)."""
@@ -427,8 +370,9 @@ def _expert_sites(model: nn.Module, data: dict[str, Any], path: Path) -> dict[st
         return {}
     if not isinstance(rule, list) or not all(isinstance(t, str) for t in rule):
         raise AdapterLoadError(f"{path}: target_parameters must be a list of parameter names")
-    if data.get("peft_type") != "LORA":
-        raise AdapterLoadError(f"{path}: target_parameters are supported for LoRA only")
+    if not codec.target_parameters:
+        readers = sorted(m.peft.peft_type for m in REGISTRY.values() if m.peft and m.peft.target_parameters)
+        raise AdapterLoadError(f"{path}: peftlab reads target_parameters of {readers} adapters only")
     experts = dict(expert_parameters(model))
     hits = [n for n in _parameter_names(model) if n in rule or any(n.endswith("." + t) for t in rule)]
     other = [n for n in hits if n not in experts]
@@ -455,55 +399,6 @@ def _parameter_names(model: nn.Module) -> list[str]:
     return walk(model, "")
 
 
-def _anchored(modules: list[str]) -> tuple[str, ...]:
-    return tuple(f"^{re.escape(m)}$" for m in modules)
-
-
-def _lora_config(data, modules, linear, keys, path) -> tuple[LoRAConfig, dict[str, tuple[int, ...]]]:
-    r = _get(data, "r", int, 8)
-    alpha = _get(data, "lora_alpha", float, 8.0)
-    rank_pattern = _patterns(data, "rank_pattern", int)
-    alpha_pattern = _patterns(data, "alpha_pattern", float)
-    per_module = {m: (_pattern_value(rank_pattern, m, r), _pattern_value(alpha_pattern, m, alpha))
-                  for m in modules}
-    distinct = sorted(set(per_module.values()))
-    if len(distinct) > 1:
-        raise ConfigError(
-            f"its modules have different (rank, alpha) pairs {distinct} through rank_pattern/"
-            "alpha_pattern; a peftlab LoRA adapter has one rank and one alpha, so it cannot be "
-            "imported as one adapter")
-    rank, alpha = distinct[0]
-    config = LoRAConfig(r=rank, alpha=alpha, dropout=_get(data, "lora_dropout", float, 0.0),
-                        targets=_anchored(modules), rslora=_get(data, "use_rslora", bool, False))
-    expected = {}
-    for m in modules:
-        out_f, in_f, *experts = linear[m]  # expert parameters: r per expert, [E·r, in], [out, r·E]
-        n = rank * experts[0] if experts else rank
-        expected[PREFIX + keys[m] + LORA_A] = (n, in_f)
-        expected[PREFIX + keys[m] + LORA_B] = (out_f, n)
-    return config, expected
-
-
-def _ia3_config(data, modules, linear, shapes, path) -> tuple[IA3Config, dict[str, tuple[int, ...]]]:
-    rule = data.get("feedforward_modules")
-    if not (rule is None or isinstance(rule, str)
-            or (isinstance(rule, list) and all(isinstance(x, str) for x in rule))):
-        raise ConfigError("feedforward_modules must be a list of names or a regex string")
-    expected, scale_input = {}, []
-    for m in modules:
-        out_f, in_f = linear[m]
-        if rule is None:  # peft would use its per-architecture default; the shapes say what it was
-            feedforward = shapes[PREFIX + m + IA3_L] == (1, in_f) and (in_f, out_f) != (1, 1)
-        elif isinstance(rule, str):
-            feedforward = _regex(rule, "feedforward_modules").fullmatch(m) is not None
-        else:
-            feedforward = any(m.endswith(k) for k in rule)  # peft: plain suffix, no dot needed
-        expected[PREFIX + m + IA3_L] = (1, in_f) if feedforward else (out_f, 1)
-        if feedforward:
-            scale_input.append(m)
-    return IA3Config(targets=_anchored(modules), scale_input=_anchored(scale_input)), expected
-
-
 def _extra_modules(model: nn.Module, data: dict[str, Any], others: list[str], path: Path):
     """The modules_to_save modules whose tensors the file holds (each one complete)."""
     wanted = data.get("modules_to_save") or []
@@ -522,29 +417,3 @@ def _extra_modules(model: nn.Module, data: dict[str, Any], others: list[str], pa
                 f"of a module in modules_to_save {clip(str(wanted))}")
         found.setdefault(owner, model.get_submodule(owner))
     return {n: found[n] for n, _, _ in candidates if n in found}
-
-
-# ---- small validated getters -------------------------------------------------------------------
-def _get(data: dict[str, Any], key: str, tp: type, default: Any) -> Any:
-    value = data.get(key)
-    return default if value is None else check_value(key, value, tp)
-
-
-def _patterns(data: dict[str, Any], key: str, tp: type) -> dict[re.Pattern[str], Any]:
-    """Each key as the regex peft matches it with (the end of a module name, after a dot)."""
-    patterns = data.get(key) or {}
-    if not isinstance(patterns, dict):
-        raise ConfigError(f"{key} must be an object of module pattern -> value")
-    # Non-capturing, so that the key's own \1, \2 keep their groups; compiled here, so that a key
-    # valid alone but not inside the suffix rule ("(?i)query") fails as a ConfigError.
-    return {_regex(rf"(?:.*\.)?(?:{_regex(k, key).pattern})$", key):
-            check_value(f"{key}[{clip(repr(k))}]", v, tp) for k, v in patterns.items()}
-
-
-def _pattern_value(patterns: dict[re.Pattern[str], Any], module: str, default: Any) -> Any:
-    """peft's rule: the first key that matches the end of the name (after a dot) wins."""
-    return next((value for rule, value in patterns.items() if rule.match(module)), default)
-
-
-def _regex(pattern: str, what: str) -> re.Pattern[str]:
-    return compile_pattern(pattern, what, ConfigError)

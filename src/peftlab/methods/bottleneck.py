@@ -36,7 +36,8 @@ from torch import nn
 
 from peftlab.config import AdapterConfig
 from peftlab.errors import ConfigError, TargetError
-from peftlab.layer import Piece
+from peftlab.layer import BaseLayer, Piece
+from peftlab.methods import Method, Preset
 from peftlab.sites import Site
 
 Activation = Literal["relu", "gelu", "gelu_tanh", "swish", "silu", "tanh"]
@@ -120,5 +121,19 @@ class Bottleneck(Piece):
         return y + self.up(ACTIVATIONS[self.activation](self.down(y)))
 
 
-def build(config: BottleneckConfig, site: Site, shared: nn.Module | None = None) -> Bottleneck:
+def build(config: BottleneckConfig, site: Site, base: BaseLayer,
+          shared: nn.Module | None = None) -> Bottleneck:
     return Bottleneck(config, site)
+
+
+METHOD = Method(
+    BottleneckConfig, build,
+    # lr: the upper end of Houlsby et al.'s 1e-4..1e-3 grid, for short runs. quality: -0.4 points
+    # against full fine-tuning (Houlsby et al.; AdapterHub's library paper: +0.8).
+    presets=(
+        Preset("houlsby", BottleneckConfig.houlsby, lr=1e-3, quality=-0.4,
+               about="bottleneck adapters after attention and FFN, not mergeable"),
+        Preset("pfeiffer", BottleneckConfig.pfeiffer, lr=1e-3, quality=-0.4,
+               about="one bottleneck adapter per block, the usual fusion member"),
+    ),
+)

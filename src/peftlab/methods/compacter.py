@@ -35,7 +35,8 @@ from torch import nn
 
 from peftlab.config import AdapterConfig
 from peftlab.errors import ConfigError
-from peftlab.layer import Piece
+from peftlab.layer import BaseLayer, Piece
+from peftlab.methods import Method, Preset
 from peftlab.methods.bottleneck import (
     ACTIVATIONS,
     HOULSBY_PLACEMENT,
@@ -161,5 +162,19 @@ def make_shared(config: CompacterConfig, sites: list[Site]) -> SharedRules | Non
     return SharedRules(config.phm_dim) if config.shared_rules else None
 
 
-def build(config: CompacterConfig, site: Site, shared: nn.Module | None = None) -> Compacter:
+def build(config: CompacterConfig, site: Site, base: BaseLayer,
+          shared: nn.Module | None = None) -> Compacter:
     return Compacter(config, site, shared)  # type: ignore[arg-type]
+
+
+METHOD = Method(
+    CompacterConfig, build, shared=make_shared,
+    # lr: the Compacter paper's setup. quality: on par with full fine-tuning in its own paper,
+    # -2.9 points in AdapterHub's library paper; rounded between the two.
+    presets=(
+        Preset("compacter", CompacterConfig, lr=3e-3, quality=-1.0,
+               about="bottleneck adapters of Kronecker-factored (PHM) layers"),
+        Preset("compacter++", CompacterConfig.plus_plus, lr=3e-3, quality=-1.2,
+               about="Compacter after the FFN only"),
+    ),
+)

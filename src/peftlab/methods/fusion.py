@@ -43,7 +43,8 @@ from torch import nn
 
 from peftlab.config import AdapterConfig
 from peftlab.errors import ConfigError
-from peftlab.layer import Piece
+from peftlab.layer import BaseLayer, Piece
+from peftlab.methods import Method
 from peftlab.sites import Site
 
 QUERY_KEY_STD = 0.02
@@ -107,5 +108,10 @@ class Fusion(Piece):
         return (v - torch.eye(v.shape[0], device=v.device, dtype=v.dtype)).pow(2).sum()
 
 
-def build(config: FusionConfig, site: Site, shared: nn.Module | None = None) -> Fusion:
+def build(config: FusionConfig, site: Site, base: BaseLayer, shared: nn.Module | None = None) -> Fusion:
     return Fusion(config, site)
+
+
+#: Built by :meth:`AdapterSet.add_fusion` over member adapters; no preset of its own (``compare``
+#: and ``recommend`` name it ``fusion`` and give it Pfeiffer members).
+METHOD = Method(FusionConfig, build)
