@@ -108,3 +108,34 @@ def randomize(params, scale: float = 0.1, seed: int = 2) -> None:
 @pytest.fixture
 def bert():
     return tiny_model("bert")
+
+
+def train_by_the_recipe(model, name, batches, lr, also=(), rng_states=None, **forward):
+    """peftlab's training recipe written out by hand, independently of ``peftlab.loop``: AdamW
+    without weight decay, learning rate warmed up linearly over the first ceil(6%) of the steps
+    (from zero) then decayed linearly to zero, gradients clipped to norm 1.0, the loss plus the
+    fusion penalty. One step per batch; ``rng_states``: the random state to start each step from
+    (dropout), as recorded where the batches were taken."""
+    import math
+
+    import peftlab
+
+    adapters = peftlab.attach(model)
+    adapters.activate(name)
+    params = adapters.train(name, also=tuple(also))
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    total = len(batches)
+    warm = math.ceil(0.06 * total)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda i: i / warm if i < warm else max(0.0, (total - i) / max(1, total - warm)))
+    model.train()
+    for i, batch in enumerate(batches):
+        if rng_states is not None:
+            torch.set_rng_state(rng_states[i])
+        loss = model(**batch, **forward).loss + adapters.fusion_penalty(name)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        schedule.step()
+        optimizer.zero_grad(set_to_none=True)
+    model.eval()

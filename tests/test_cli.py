@@ -187,6 +187,13 @@ def test_set_values_are_converted_to_the_config_field_types():
         method_config("lora", ["r=four"])
     with pytest.raises(UsageError, match="r must be between"):
         method_config("lora", ["r=0"])
+    # The text is read as the field's type asks, then checked like any config value.
+    assert method_config("pfeiffer", ["activation=ReLU"]).activation == "relu"
+    assert method_config("lora", ["rslora=off", "dropout=0.1"]).rslora is False
+    with pytest.raises(UsageError, match=r"^--set rslora: expected true/false, got 'maybe'$"):
+        method_config("lora", ["rslora=maybe"])
+    with pytest.raises(UsageError, match=r"^--set alpha: expected a finite number, got nan$"):
+        method_config("lora", ["alpha=nan"])
 
 
 def test_default_learning_rates_follow_the_papers():

@@ -11,11 +11,13 @@ import dataclasses
 import json
 import math
 import random
+import re
 from pathlib import Path
 
 import pytest
 import torch
 import transformers as T
+from conftest import train_by_the_recipe
 from typer.testing import CliRunner
 
 import peftlab
@@ -152,6 +154,87 @@ def test_fusion_attention_is_recorded_per_layer_and_member(compared):
         weights = torch.tensor(run["weights"])
         assert weights.shape == (2, 2)  # 2 layers (Pfeiffer: one adapter per block) x 2 members
         assert torch.allclose(weights.sum(-1), torch.ones(2), atol=1e-4)
+
+
+def _stage_two_inputs(work, compared, folder: Path, **changes):
+    """Options for a compare in ``folder`` that holds only the stage-1 adapters of ``compared``,
+    and its tasks: what the fusion stage needs."""
+    import shutil
+
+    from peftlab import compare
+
+    out, _ = compared
+    for task in ("sent", "pairs"):
+        stage1 = Path("runs", "seed0", task, "pfeiffer")
+        shutil.copytree(out / stage1, folder / stage1)
+    opts = compare.CompareOptions(model=str(work["bert"]), data=(str(work["sent"]), str(work["pairs"])),
+                                  out=folder, methods=("pfeiffer", "fusion"), epochs=1, batch_size=8,
+                                  max_length=16, lr_search=False, quiet=True)
+    opts = dataclasses.replace(opts, **changes)
+    return opts, compare._load_tasks(opts)
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda t: t[sorted(t)[0]].fill_(float("nan")), "holds NaN or infinite values"),
+    (lambda t: t.update(stray=torch.ones(1)), "unexpected ['stray']"),
+])
+def test_the_fusion_stage_refuses_a_damaged_member_adapter(work, compared, tmp_path, damage, message):
+    # Stage 2 loads the other tasks' stage-1 adapters through the same checks as AdapterSet.load.
+    from rich.console import Console
+    from safetensors.torch import load_file, save_file
+
+    from peftlab import compare
+
+    opts, tasks = _stage_two_inputs(work, compared, tmp_path)
+    weights = tmp_path / "runs" / "seed0" / "sent" / "pfeiffer" / "adapter" / "adapter_model.safetensors"
+    tensors = load_file(weights)
+    damage(tensors)
+    save_file(tensors, weights)
+    with pytest.raises(peftlab.AdapterLoadError, match=re.escape(message)):
+        compare._fusion_run(opts, tasks, "pairs", 0, tmp_path, Console(quiet=True))
+    assert not (tmp_path / "runs" / "seed0" / "pairs" / "fusion").exists()
+
+
+def test_the_fusion_stage_trains_by_the_recipe_multitask_uses_too(work, compared, tmp_path, monkeypatch):
+    # Record what compare's stage 2 trains on (the model before, each batch and the random state
+    # it met), train the same start by hand with the recipe, and compare the weights.
+    from rich.console import Console
+
+    from peftlab import compare, loop
+
+    seen: dict = {}
+
+    class Recorded:
+        def __init__(self, batches):
+            self.batches = batches
+
+        def __iter__(self):
+            for batch in self.batches:
+                seen["batches"].append(batch)
+                seen["rng"].append(torch.get_rng_state())
+                yield batch
+
+    def recording_fit(model, name, batches, steps, lr, also=(), **forward):
+        start = {n: p.detach().clone() for n, p in model.named_parameters()}
+        seen.update(model=model, name=name, lr=lr, also=also, start=start, batches=[], rng=[])
+        return real_fit(model, name, Recorded(batches), steps, lr, also, **forward)
+
+    real_fit = loop.fit
+    monkeypatch.setattr(loop, "fit", recording_fit)
+    opts, tasks = _stage_two_inputs(work, compared, tmp_path, epochs=2, fusion_lr=1e-3)
+    run = compare._fusion_run(opts, tasks, "pairs", 0, tmp_path, Console(quiet=True))
+    model = seen["model"]
+    trained = {n: p.detach().clone() for n, p in model.named_parameters()}
+    assert run["steps"] == len(seen["batches"]) == 6  # 24 examples, batches of 8, 2 epochs
+    assert seen["name"] == "fusion-pairs" and seen["lr"] == 1e-3
+
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            p.copy_(seen["start"][n])
+    train_by_the_recipe(model, "fusion-pairs", seen["batches"], lr=1e-3, also=seen["also"],
+                        rng_states=seen["rng"])
+    assert all(torch.equal(p, trained[n]) for n, p in model.named_parameters())
+    assert not all(torch.equal(seen["start"][n], trained[n]) for n in trained)  # it learned
 
 
 def test_time_budget_skips_runs_that_do_not_fit(work):

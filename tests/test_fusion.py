@@ -7,7 +7,7 @@ import threading
 
 import pytest
 import torch
-from conftest import output_of, randomize, tiny_inputs, tiny_model
+from conftest import output_of, randomize, tiny_inputs, tiny_model, train_by_the_recipe
 
 import peftlab
 from peftlab.layer import _nonzero
@@ -200,6 +200,32 @@ def test_members_are_bit_identical_after_stage_two(bert):
     assert all(torch.equal(heads[k], model.heads.state_dict()[k]) for k in heads)  # stage-1 heads
     assert not torch.equal(model.heads["fusion-a"].weight, model.heads["a"].weight)
     assert adapters.active == ("fusion-a",)
+
+
+def test_stage_two_trains_by_the_recipe_compare_uses_too(bert):
+    # peftlab.loop.fit trains compare's fusion stage and train_fusion's; test_compare checks the
+    # same recipe against compare's fusion runs.
+    batches = [{**tiny_inputs("bert", batch=4, seed=s), "labels": torch.tensor([0, 1, 1, 0])}
+               for s in range(5)]
+
+    def stage_one_done():
+        torch.manual_seed(0)
+        model = MultiTaskModel(tiny_model("bert"), {"a": 2, "b": 2})
+        return model, _with_members(model, a=PFEIFFER, b=LORA_FFN)
+
+    model, adapters = stage_one_done()
+    torch.manual_seed(1)
+    train_fusion(model, {"a": batches, "b": batches}, target="a", fusion_lr=1e-2, fusion_epochs=2)
+
+    by_hand, by_hand_adapters = stage_one_done()
+    torch.manual_seed(1)
+    by_hand.add_head("fusion-a", like="a")
+    by_hand_adapters.add_fusion("fusion-a", ["a", "b"])
+    train_by_the_recipe(by_hand, "fusion-a", batches * 2, lr=1e-2, also=("heads.fusion-a",), head="fusion-a")
+
+    trained = dict(model.named_parameters())
+    assert all(torch.equal(p, trained[n]) for n, p in by_hand.named_parameters())
+    assert not torch.equal(trained["heads.fusion-a.weight"], trained["heads.a.weight"])  # it learned
 
 
 def test_both_stages_from_scratch_with_a_head_per_task():

@@ -1017,6 +1017,33 @@ def test_saving_over_an_adapter_replaces_it_whole(tmp_path, monkeypatch, exchang
     assert fresh.load(dest) == "b" and fresh.config("b") == adapters.config("b")
 
 
+@pytest.mark.parametrize("exchange", [True, False], ids=["renameat2", "without_renameat2"])
+def test_a_full_model_save_that_fails_leaves_the_previous_model_whole(tmp_path, monkeypatch, exchange):
+    from peftlab.train import save_model_atomic
+
+    if not exchange:
+        monkeypatch.setattr(peftlab.io, "_exchange", lambda a, b: False)
+    first, second = tiny_bert(), tiny_bert()
+    with torch.no_grad():
+        second.bert.embeddings.word_embeddings.weight.add_(1.0)
+    dest = tmp_path / "model"
+    save_model_atomic(first, None, dest)
+    saved = files_of(dest)
+
+    def full_disk(*args, **kwargs):
+        raise OSError("no space left on device")
+
+    monkeypatch.setattr(type(second), "save_pretrained", full_disk)
+    with pytest.raises(OSError, match="no space"):
+        save_model_atomic(second, None, dest)
+    assert files_of(dest) == saved and sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+    monkeypatch.undo()
+    if not exchange:
+        monkeypatch.setattr(peftlab.io, "_exchange", lambda a, b: False)
+    save_model_atomic(second, None, dest)
+    assert files_of(dest) != saved and sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="renameat2 is Linux's")
 def test_exchange_swaps_two_directories(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # relative paths: renameat2 resolves them from the working directory
@@ -1050,6 +1077,21 @@ def test_a_model_without_a_config_saves_and_loads(tmp_path):
     assert config["base_model"]["model_type"] is None and config["extra_modules"] == ["1"]
     fresh = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 2))
     assert peftlab.attach(fresh).load(tmp_path / "a") == "a"
+
+
+def test_an_adapter_loads_without_its_head_where_the_head_does_not_fit(tmp_path):
+    adapters = peftlab.attach(tiny_bert())
+    adapters.add("a", peftlab.LoRAConfig())
+    adapters.save("a", tmp_path / "a", extras=("classifier",))  # a 2-label head
+    torch.manual_seed(0)
+    three_labels = BertForSequenceClassification(BertConfig(**{**BERT, "num_labels": 3}))
+    other = peftlab.attach(three_labels)
+    with pytest.raises(peftlab.AdapterLoadError, match="classifier.weight' has shape"):
+        other.load(tmp_path / "a")
+    head = three_labels.classifier.weight.detach().clone()
+    assert other.load(tmp_path / "a", with_extras=False) == "a"
+    assert torch.equal(three_labels.classifier.weight, head) and other["a"].extras == ()
+    assert all(torch.equal(x, y) for x, y in zip(other.parameters("a"), adapters.parameters("a")))
 
 
 def test_a_peft_directory_with_its_readme_is_an_adapter_directory(tmp_path):

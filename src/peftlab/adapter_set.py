@@ -440,11 +440,12 @@ class AdapterSet:
 
         return save_adapter(self, name, Path(path), extras)
 
-    def load(self, path: str | Path, name: str | None = None) -> str:
-        """Load an adapter directory (validated fully before the model changes); returns its name."""
+    def load(self, path: str | Path, name: str | None = None, with_extras: bool = True) -> str:
+        """Load an adapter directory (validated fully before the model changes); returns its name.
+        ``with_extras=False`` leaves out the modules saved with it (e.g. another task's head)."""
         from peftlab.io import load_adapter
 
-        return load_adapter(self, Path(path), name)
+        return load_adapter(self, Path(path), name, with_extras)
 
     def export_peft(self, name: str, path: str | Path) -> Path:
         """Write a LoRA or (IA)³ adapter in HF peft's format."""

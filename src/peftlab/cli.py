@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
-import shutil
 import sys
 import tempfile
 import time
@@ -318,7 +316,8 @@ def eval_(
     to classes with the names the adapter recorded."""
     with _errors():
         from peftlab.data import DataSource, load_task, tokenize
-        from peftlab.train import collator, evaluate, json_bytes, resolve_max_length, write_atomic
+        from peftlab.io import write_atomic
+        from peftlab.train import collator, evaluate, json_bytes, resolve_max_length
 
         trained = _Trained(adapter)
         run_task, num_labels = trained.task_and_labels(task)
@@ -369,8 +368,9 @@ def predict(
     name and scores, the regression value, or the generated text."""
     with _errors():
         from peftlab.data import DataSource, load_task, read_stdin
+        from peftlab.io import write_atomic
         from peftlab.predict import jsonl_bytes, predict_split
-        from peftlab.train import resolve_max_length, write_atomic
+        from peftlab.train import resolve_max_length
 
         if batch_size < 1 or max_new_tokens < 1:
             raise UsageError("--batch-size and --max-new-tokens must be positive")
@@ -544,7 +544,7 @@ def describe(path: Path) -> dict[str, Any]:
     """What an adapter directory holds, read from its files only (no model is loaded)."""
     from safetensors import safe_open
 
-    from peftlab.io import WEIGHTS_FILE
+    from peftlab.io import EXTRA, WEIGHTS_FILE
 
     trained = _Trained(path)
     if trained.adapter is None:
@@ -561,7 +561,7 @@ def describe(path: Path) -> dict[str, Any]:
                 n = 1
                 for d in f.get_slice(key).get_shape():
                     n *= d
-                if key.startswith("extra."):
+                if key.startswith(EXTRA):
                     head_params += n
                 else:
                     adapter_params += n
@@ -735,6 +735,7 @@ def demo(
         from rich.table import Table
 
         from peftlab.data import load_task
+        from peftlab.io import replacing_dir
         from peftlab.train import TrainOptions, method_names, run_training
 
         wanted = [m.strip() for m in methods.split(",") if m.strip()]
@@ -747,9 +748,7 @@ def demo(
         model_dir, data_dir = demo_model_dir(), demo_data_dir()
         data = load_task(data_dir)
         console = _console()
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
-        try:
+        with replacing_dir(out) as tmp:  # an earlier demo there is replaced only once this one is done
             rows = []
             started = time.perf_counter()
             for m in wanted:
@@ -764,10 +763,6 @@ def demo(
                       "epochs": epochs, "seed": seed,
                       "seconds": time.perf_counter() - started, "threads": _threads(), "results": rows}
             _write_demo_report(tmp, report)
-            _replace_dir(tmp, out)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
         table = Table(title=f"peftlab demo: MiniLM-L6 on the shipped sentiment set "
                             f"({len(data['train'])} train / {len(data['validation'])} validation)")
         for col in ("method", "params", "% base", "KiB", "accuracy", "F1", "train s"):
@@ -810,7 +805,8 @@ def _is_demo(path: Path) -> bool:
 
 
 def _write_demo_report(folder: Path, report: dict[str, Any]) -> None:
-    from peftlab.train import json_bytes, write_atomic
+    from peftlab.io import write_atomic
+    from peftlab.train import json_bytes
 
     lines = [
         "# peftlab demo",
@@ -835,18 +831,6 @@ def _write_demo_report(folder: Path, report: dict[str, Any]) -> None:
     lines += ["", "Each method's folder holds `adapter/`, `metrics.json`, `log.csv` and `loss.png`."]
     write_atomic(folder / "report.md", ("\n".join(lines) + "\n").encode())
     write_atomic(folder / DEMO_MARKER, json_bytes(report))
-
-
-def _replace_dir(new: Path, target: Path) -> None:
-    """Move ``new`` to ``target``; an earlier demo there is swapped out and then deleted."""
-    if target.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".old", dir=target.parent))
-        os.rmdir(old)
-        os.replace(target, old)
-        os.replace(new, target)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(new, target)
 
 
 # ---- compare and recommend ------------------------------------------------------------------------

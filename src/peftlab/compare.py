@@ -9,9 +9,10 @@ Fusion follows the AdapterFusion paper's two stages (Pfeiffer et al. 2021, arXiv
 stage 1 is the single-task Pfeiffer adapter of every task (the ``pfeiffer`` runs, trained even if
 ``pfeiffer`` is not asked for); stage 2, for each target task, loads all tasks' stage-1 adapters
 (the target's own and the others') into a fresh model, starts the head from the target's
-stage-1 head, and trains only the fusion and the head on the target task, with the same
-schedule as the other runs (AdamW, 6% warm-up then linear decay, clipping at 1.0) and the
-paper's learning rate 5e-5, the loss including the fusion's ``V ≈ I`` penalty. The multi-task
+stage-1 head, and trains only the fusion and the head on the target task with
+:func:`peftlab.loop.fit` (the loop of :mod:`peftlab.multitask` too; the recipe of the other
+runs: AdamW, 6% warm-up then linear decay, clipping at 1.0) and the paper's learning rate 5e-5,
+the loss including the fusion's ``V ≈ I`` penalty. The multi-task
 column is the fusion's score minus the stage-1 adapter's on the same task and seed.
 
 Runs go seed by seed (every task and method of seed 0 before seed 1), so a run cut short by
@@ -520,35 +521,21 @@ def _record(task: str, method: str, seed: int, metric: str, metrics: dict[str, f
 
 
 # ---- fusion (stage 2) -------------------------------------------------------------------------
-def _load_member(adapters: Any, path: Path, name: str) -> None:
-    """Load a stage-1 adapter without its head: other tasks' heads may not fit this model's."""
-    from safetensors.torch import load_file
-
-    from peftlab.io import WEIGHTS_FILE, adapter_tensors, read_config
-    from peftlab.methods import method_for
-
-    data = read_config(path)
-    adapters.add(name, method_for(data["method"]).config.from_dict(data["config"]))
-    stored = load_file(str(path / WEIGHTS_FILE))
-    with torch.no_grad():
-        for key, t in adapter_tensors(adapters, name).items():
-            t.copy_(stored[key])
-
-
 def _fusion_run(opts: CompareOptions, tasks: dict[str, dict[str, Any]], target: str, seed: int,
                 out: Path, console: Console) -> dict[str, Any]:
-    from transformers import get_linear_schedule_with_warmup, set_seed
+    from transformers import set_seed
     from transformers.trainer_pt_utils import LengthGroupedSampler
 
     from peftlab.adapter_set import attach
     from peftlab.data import tokenize
+    from peftlab.io import write_atomic
+    from peftlab.loop import fit
     from peftlab.train import (
         ADAPTER_DIR,
         collator,
         evaluate_with_predictions,
         json_bytes,
         load_model,
-        write_atomic,
         write_predictions,
     )
 
@@ -558,14 +545,11 @@ def _fusion_run(opts: CompareOptions, tasks: dict[str, dict[str, Any]], target: 
     adapters = attach(model)
     for task in tasks:
         path = _run_dir(out, seed, task, FUSION_MEMBER_METHOD) / ADAPTER_DIR
-        if task == target:
-            adapters.load(path, name=task)  # with its head: the fusion's head starts from it
-        else:
-            _load_member(adapters, path, task)
+        # The target's head comes along (the fusion's head starts from it); other tasks' heads
+        # may not fit this model's.
+        adapters.load(path, name=task, with_extras=task == target)
     name = f"{FUSION}-{target}"
     adapters.add_fusion(name, list(tasks))
-    adapters.activate(name)
-    params = adapters.train(name, also=heads)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model.to(device)
 
@@ -579,26 +563,11 @@ def _fusion_run(opts: CompareOptions, tasks: dict[str, dict[str, Any]], target: 
     loader = torch.utils.data.DataLoader(train_set, batch_size=opts.batch_size, sampler=sampler,
                                          collate_fn=collate)
     total = max(1, math.ceil(len(loader) * opts.epochs))
-    optimizer = torch.optim.AdamW(params, lr=opts.fusion_lr, weight_decay=0.0)
-    schedule = get_linear_schedule_with_warmup(optimizer, math.ceil(0.06 * total), total)
     started = time.perf_counter()
-    step = 0
-    model.train()
-    while step < total:
-        for batch in loader:
-            batch = {k: v.to(device) for k, v in batch.items()}
-            loss = model(**batch).loss + adapters.fusion_penalty(name)
-            if not bool(torch.isfinite(loss.detach())):
-                raise NonFiniteLossError(f"fusion training loss is {loss.item()} at step {step + 1} "
-                                         f"({target}, seed {seed})", step + 1)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            optimizer.step()
-            schedule.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            if step >= total:
-                break
+    try:
+        step = len(fit(model, name, loader, total, opts.fusion_lr, also=heads))
+    except NonFiniteLossError as e:
+        raise NonFiniteLossError(f"fusion {e} ({target}, seed {seed})", e.step) from None
     seconds = time.perf_counter() - started
     metrics, predictions, labels = evaluate_with_predictions(model, eval_set, collate, data.task,
                                                              batch_size=max(opts.batch_size, 32))

@@ -29,8 +29,13 @@ def clip(text: str, limit: int = 200) -> str:
     return f"{text[:limit * 2 // 3]}...<{len(text) - limit} characters cut>...{text[-limit // 3:]}"
 
 
-def check_value(name: str, value: Any, tp: Any) -> Any:
-    """Validate ``value`` against the annotation ``tp`` and return it in canonical form."""
+def check_value(name: str, value: Any, tp: Any, text: bool = False) -> Any:
+    """``value`` checked against the annotation ``tp`` and returned in canonical form; anything
+    else raises :class:`ConfigError` naming ``name``. peftlab's one check of untrusted values:
+    config fields, fields read from adapter files (peftlab's and peft's) and, with ``text``,
+    command-line text (``--set r=16``), which is first read as the type asks (:func:`_from_text`)."""
+    if text and isinstance(value, str):
+        value = _from_text(value, tp)
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
         errors = []
@@ -40,15 +45,15 @@ def check_value(name: str, value: Any, tp: Any) -> Any:
                     return None
                 continue
             try:
-                return check_value(name, value, arm)
+                return check_value(name, value, arm, text)
             except ConfigError as e:
                 errors.append(str(e))
-        raise ConfigError(errors[0] if errors else f"{name}: got {value!r}")
+        raise ConfigError(errors[0] if errors else f"{name}: got {clip(repr(value))}")
     if origin is tuple:
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{name}: expected a list, got {type(value).__name__}")
         (item_tp, _) = typing.get_args(tp)
-        return tuple(check_value(f"{name}[{i}]", v, item_tp) for i, v in enumerate(value))
+        return tuple(check_value(f"{name}[{i}]", v, item_tp, text) for i, v in enumerate(value))
     if origin is typing.Literal:
         if value not in typing.get_args(tp):
             raise ConfigError(f"{name}: must be one of {typing.get_args(tp)}, got {clip(repr(value))}")
@@ -71,6 +76,28 @@ def check_value(name: str, value: Any, tp: Any) -> Any:
             raise ConfigError(f"{name}: expected a string, got {type(value).__name__}")
         return value
     raise ConfigError(f"{name}: unsupported field type {tp!r}")  # pragma: no cover
+
+
+def _from_text(text: str, tp: Any) -> Any:
+    """Command-line ``text`` read as the JSON value ``tp`` asks for: a number, true/false (also
+    yes/no, on/off, 1/0), none, a Literal choice in any case, or a comma-separated list. Text that
+    does not read as the type is returned unchanged, for :func:`check_value` to refuse."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        optional = type(None) in typing.get_args(tp)
+        return None if optional and text.strip().lower() in ("none", "null", "") else text
+    if origin is tuple:
+        return [part.strip() for part in text.split(",") if part.strip()]
+    if origin is typing.Literal:
+        return next((c for c in typing.get_args(tp) if str(c).lower() == text.lower()), text)
+    words = {"true": True, "1": True, "yes": True, "on": True,
+             "false": False, "0": False, "no": False, "off": False}
+    if tp is bool:
+        return words.get(text.lower(), text)
+    try:
+        return int(text) if tp is int else float(text) if tp is float else text
+    except ValueError:
+        return text
 
 
 @dataclasses.dataclass(frozen=True)

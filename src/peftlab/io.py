@@ -9,6 +9,7 @@ No pickle is ever read.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import hashlib
@@ -16,6 +17,7 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -23,7 +25,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save, save_file
 
-from peftlab.config import clip
+from peftlab.config import check_value, clip
 from peftlab.errors import AdapterLoadError, AdapterSaveError, ConfigError, PeftlabError
 from peftlab.heads import check_label_names, label_names, pooling_of, set_label_names
 
@@ -35,9 +37,10 @@ FORMAT_VERSION = 1
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 MAX_CONFIG_BYTES = 1 << 20
+EXTRA = "extra."  # key prefix of the extra modules' tensors (the head saved with an adapter)
 
 
-# ---- atomic writes ----------------------------------------------------------------------------
+# ---- atomic writes: files and directories, one mechanism --------------------------------------
 def write_atomic(path: Path, data: bytes) -> None:
     """Write a file through a temporary sibling and a rename: readers never see half of it."""
     path = Path(path)
@@ -61,6 +64,18 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _fsync_tree(root: Path) -> None:
+    """Flush every file and folder under ``root`` to disk, so that the rename that publishes it
+    cannot reach the disk before its contents."""
+    for folder, _, names in os.walk(root, topdown=False):
+        for name in names:
+            file = Path(folder) / name
+            if file.is_file() and not file.is_symlink():
+                with open(file, "rb") as f:
+                    os.fsync(f.fileno())
+        _fsync_dir(Path(folder))
+
+
 def _exchange(a: Path, b: Path) -> bool:
     """Atomically swap two paths (Linux ``renameat2(RENAME_EXCHANGE)``); False if unsupported."""
     libc_name = ctypes.util.find_library("c")
@@ -72,6 +87,39 @@ def _exchange(a: Path, b: Path) -> bool:
     at_fdcwd, rename_exchange = -100, 2
     rc = libc.renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange)
     return rc == 0
+
+
+def _swap_in(new: Path, path: Path) -> None:
+    """Put directory ``new`` at ``path``; a directory already there is swapped out, then deleted."""
+    if path.exists():
+        if not _exchange(new, path):
+            # No atomic exchange here: keep the old copy until the new one is in place.
+            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))
+            os.rmdir(old)
+            os.replace(path, old)
+            os.replace(new, path)
+            new = old
+        shutil.rmtree(new, ignore_errors=True)  # after the exchange: the old directory
+    else:
+        os.replace(new, path)
+    _fsync_dir(path.parent)
+
+
+@contextlib.contextmanager
+def replacing_dir(path: Path) -> Iterator[Path]:
+    """Directories' :func:`write_atomic`: the block fills the yielded temporary sibling of
+    ``path``, which then replaces ``path`` in one rename. If the block fails, the sibling is
+    removed and ``path`` is untouched; readers see the old directory or the new one, never a mix."""
+    path = Path(path).parent.resolve() / Path(path).name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    try:
+        yield tmp
+        _fsync_tree(tmp)
+        _swap_in(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def is_adapter_dir(path: Path) -> bool:
@@ -91,36 +139,17 @@ def write_dir_atomic(path: Path, files: dict[str, bytes | dict[str, torch.Tensor
     parent = path.parent.resolve()
     try:
         parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=parent))
     except OSError as e:
         raise AdapterSaveError(f"cannot write to {parent}: {e}") from None
     try:
-        for name, content in files.items():
-            target = tmp / name
-            if isinstance(content, bytes):
-                target.write_bytes(content)
-            else:
-                save_file(content, str(target))
-            with open(target, "rb") as f:
-                os.fsync(f.fileno())
-        _fsync_dir(tmp)
-        if path.exists():
-            if not _exchange(tmp, path):
-                # No atomic exchange here: keep the old copy until the new one is in place.
-                old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=parent))
-                os.rmdir(old)
-                os.replace(path, old)
-                os.replace(tmp, path)
-                tmp = old
-            shutil.rmtree(tmp, ignore_errors=True)
-        else:
-            os.replace(tmp, path)
-        _fsync_dir(parent)
-    except BaseException as e:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if isinstance(e, OSError):
-            raise AdapterSaveError(f"saving to {path} failed: {e}") from None
-        raise
+        with replacing_dir(path) as tmp:
+            for name, content in files.items():
+                if isinstance(content, bytes):
+                    (tmp / name).write_bytes(content)
+                else:
+                    save_file(content, str(tmp / name))
+    except OSError as e:
+        raise AdapterSaveError(f"saving to {path} failed: {e}") from None
     return path
 
 
@@ -148,15 +177,17 @@ def read_config(path: Path) -> dict[str, Any]:
     return data
 
 
-def read_tensors(path: Path, expected: dict[str, tuple[int, ...]]) -> dict[str, torch.Tensor]:
+def read_tensors(path: Path, expected: dict[str, tuple[int, ...]],
+                 unread: str | None = None) -> dict[str, torch.Tensor]:
     """Read ``path/adapter_model.safetensors`` and check it holds exactly ``expected``
-    (key -> shape) as finite floating-point tensors."""
+    (key -> shape) as finite floating-point tensors; keys starting with ``unread`` may be there
+    too, and are not read."""
     file = Path(path) / WEIGHTS_FILE
     if not file.is_file():
         raise AdapterLoadError(f"{file} is missing (only safetensors weights are loaded)")
     try:
         with safe_open(str(file), framework="pt") as f:
-            keys = set(f.keys())
+            keys = {k for k in f.keys() if unread is None or not k.startswith(unread)}
             missing, extra = sorted(set(expected) - keys), sorted(keys - set(expected))
             if missing or extra:
                 raise AdapterLoadError(
@@ -203,6 +234,12 @@ def adapter_tensors(adapters: AdapterSet, name: str) -> dict[str, torch.Tensor]:
     return _piece_tensors(adapters[name])
 
 
+def _extra_tensors(model: torch.nn.Module, modules: tuple[str, ...] | list[str]) -> dict[str, torch.Tensor]:
+    """The state of the extra modules saved with an adapter (its head), keyed ``extra.<module>.<key>``."""
+    return {f"{EXTRA}{module}.{key}": t for module in modules
+            for key, t in model.get_submodule(module).state_dict().items()}
+
+
 def _piece_tensors(adapter: Adapter) -> dict[str, torch.Tensor]:
     # state_dict() tensors share storage with the parameters, so loading can copy into them.
     out: dict[str, torch.Tensor] = {}
@@ -219,10 +256,7 @@ def adapter_files(adapters: AdapterSet, name: str,
 
     adapter = adapters[name]
     extras = adapter.extras if extras is None else adapters.resolve_modules(tuple(extras))
-    tensors = adapter_tensors(adapters, name)
-    for module in extras:
-        for key, t in adapters.model.get_submodule(module).state_dict().items():
-            tensors[f"extra.{module}.{key}"] = t
+    tensors = adapter_tensors(adapters, name) | _extra_tensors(adapters.model, extras)
     config = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -270,17 +304,22 @@ def restore_adapter(adapters: AdapterSet, name: str, path: Path) -> None:
     if recorded != expected:
         raise AdapterLoadError(f"{path} holds another adapter than {name!r} (format, method, config, "
                                "targets or extra modules differ); resume with the same adapter")
-    current = adapter_tensors(adapters, name)
-    for module in adapter.extras:
-        for key, t in adapters.model.get_submodule(module).state_dict().items():
-            current[f"extra.{module}.{key}"] = t
-    tensors = read_tensors(path, {k: tuple(t.shape) for k, t in current.items()})
+    _fill(path, adapter_tensors(adapters, name) | _extra_tensors(adapters.model, adapter.extras))
+
+
+def _fill(path: Path, targets: dict[str, torch.Tensor], unread: str | None = None) -> None:
+    """Copy the tensors of ``path`` into ``targets`` (key -> tensor sharing a parameter's or a
+    buffer's storage), all checked first (:func:`read_tensors`)."""
+    tensors = read_tensors(path, {k: tuple(t.shape) for k, t in targets.items()}, unread)
     with torch.no_grad():
-        for key, t in current.items():
+        for key, t in targets.items():
             t.copy_(tensors[key])
 
 
-def load_adapter(adapters: AdapterSet, path: Path, name: str | None) -> str:
+def load_adapter(adapters: AdapterSet, path: Path, name: str | None, with_extras: bool = True) -> str:
+    """Attach the adapter saved in ``path`` as ``name`` (default: its recorded name), with its
+    extra modules (its head) unless ``with_extras`` is False. Everything is checked before the
+    model changes; any problem raises :class:`AdapterLoadError`."""
     from peftlab.methods import method_for
     from peftlab.names import check_name
 
@@ -313,9 +352,7 @@ def load_adapter(adapters: AdapterSet, path: Path, name: str | None) -> str:
         raise AdapterLoadError(f"{path} was trained with a {clip(repr(pooling))}-pooling head, this "
                                f"model reads {pooling_of(adapters.model)!r}; load the model with the "
                                "same pooling (peftlab.train.load_model(..., pooling=...))")
-    extras = data.get("extra_modules", [])
-    if not isinstance(extras, list) or not all(isinstance(e, str) for e in extras):
-        raise AdapterLoadError(f"{path}: extra_modules must be a list of module names")
+    extras = _names(path, data, "extra_modules", "module names")
     names = None
     if "id2label" in data and extras and label_names(adapters.model) is not None:
         try:
@@ -326,16 +363,14 @@ def load_adapter(adapters: AdapterSet, path: Path, name: str | None) -> str:
             raise AdapterLoadError(f"{path} has a head of {len(names)} classes, this model's has "
                                    f"{len(label_names(adapters.model) or ())}; load the model with "
                                    f"num_labels={len(names)}")
-    members = data.get("members", [])
-    if not isinstance(members, list) or not all(isinstance(m, str) for m in members):
-        raise AdapterLoadError(f"{path}: members must be a list of adapter names")
+    members = _names(path, data, "members", "adapter names")
     missing = [m for m in members if m not in adapters]
     if missing:
         raise AdapterLoadError(f"{path} is a fusion of {str(members)[:200]}; load its members "
                                f"{str(missing)[:200]} before it")
     try:
         built = adapters.build(config, tuple(members))
-        extra_modules = {e: adapters.model.get_submodule(e) for e in extras}
+        extra_tensors = _extra_tensors(adapters.model, extras if with_extras else [])
     # OverflowError, RecursionError: re.compile on absurd target regexes ("a{99999999999}", "((((...")
     except (PeftlabError, AttributeError, OverflowError, RecursionError) as e:
         raise AdapterLoadError(f"{path} does not fit this model: {clip(str(e), 500)}") from None
@@ -344,19 +379,17 @@ def load_adapter(adapters: AdapterSet, path: Path, name: str | None) -> str:
         raise AdapterLoadError(f"{path} targets modules {str(recorded)[:200]}, but on this model "
                                f"its config resolves to {[s.module for s in built.sites][:5]}...")
     # Fill a scratch set of pieces first, so the model is touched only once all is checked.
-    expected = {key: tuple(t.shape) for key, t in _piece_tensors(built).items()}
-    for module, m in extra_modules.items():
-        for key, t in m.state_dict().items():
-            expected[f"extra.{module}.{key}"] = tuple(t.shape)
-    tensors = read_tensors(path, expected)
-    with torch.no_grad():
-        for key, t in _piece_tensors(built).items():
-            t.copy_(tensors[key])
-    for module, m in extra_modules.items():
-        m.load_state_dict({k[len(f"extra.{module}."):]: v for k, v in tensors.items()
-                           if k.startswith(f"extra.{module}.")})
-    built.extras = tuple(extras)
+    _fill(path, _piece_tensors(built) | extra_tensors, unread=None if with_extras else EXTRA)
+    built.extras = tuple(extras) if with_extras else ()
     adapters.install(name, built)
     if names is not None:  # the head loaded above classifies into these classes
         set_label_names(adapters.model, names)
     return name
+
+
+def _names(path: Path, data: dict[str, Any], key: str, what: str) -> list[str]:
+    """``data[key]`` (none if absent) as a list of names."""
+    try:
+        return list(check_value(key, data.get(key, []), tuple[str, ...]))
+    except ConfigError:
+        raise AdapterLoadError(f"{path}: {key} must be a list of {what}") from None

@@ -17,8 +17,8 @@ one run are measured alike:
   peak of a step, exactly and repeatably; allocator overheads and short-lived temporaries are not
   in it. ``memory_increase`` is the part above the base model's inference footprint (its weights
   on CPU; its peak during a no-grad forward on CUDA).
-* **train step**: median wall time of full AdamW steps (forward, backward, clipping, update)
-  after one warm-up step; throughput is ``batch / median``.
+* **train step**: median wall time of full AdamW steps (forward, backward, clipping, update:
+  :func:`peftlab.loop.step`) after one warm-up step; throughput is ``batch / median``.
 * **inference latency**: the median no-grad forward of the adapted model, unmerged, and merged
   when the method can merge, over the base model's median forward.
 
@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import gc
 import math
 import statistics
@@ -45,6 +46,8 @@ from typing import Any
 
 import torch
 from torch import nn
+
+from peftlab.loop import adapter_loss, step
 
 #: Methods measured by :func:`measure_method`, besides the adapter presets of ``peftlab.train``.
 FULL = "full"
@@ -199,15 +202,6 @@ def prepare(model: nn.Module, method: str, heads: Sequence[str] = (), members: i
     return name, adapters.train(name, also=tuple(heads))
 
 
-def _loss(model: nn.Module, name: str | None, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    loss = model(**batch).loss
-    if name == FUSION:
-        from peftlab.adapter_set import attach
-
-        loss = loss + attach(model).fusion_penalty(name)
-    return loss
-
-
 # ---- the measurement --------------------------------------------------------------------------
 @dataclasses.dataclass
 class _Setup:
@@ -249,11 +243,13 @@ def _setup(base: nn.Module, method: str, batch: dict[str, torch.Tensor], heads: 
     optimizer = torch.optim.AdamW(params, lr=1e-5)
     model.train()
     saved = SavedBytes(model)
-    with torch.autograd.graph.saved_tensors_hooks(saved.pack, lambda t: t):
-        loss = _loss(model, name, batch)
-    loss.backward()  # the warm-up step: allocates the optimizer state, pays for lazy set-up
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
+
+    def loss_saving() -> torch.Tensor:  # the forward pass, with what it saves for backward counted
+        with torch.autograd.graph.saved_tensors_hooks(saved.pack, lambda t: t):
+            return adapter_loss(model, name, batch)
+
+    # The warm-up step: allocates the optimizer state, pays for lazy set-up.
+    step(loss_saving, params, optimizer)
     return _Setup(method, model, name, params, optimizer, counts, saved.total)
 
 
@@ -269,20 +265,15 @@ def _copy(base: nn.Module, share_frozen: bool, heads: Sequence[str] = ()) -> nn.
 
 
 def _step(s: _Setup, batch: dict[str, torch.Tensor], device: torch.device) -> None:
-    """One timed AdamW step (and, on CUDA, the memory it took above what was allocated)."""
+    """One timed training step (and, on CUDA, the memory it took above what was allocated): the
+    update of :func:`peftlab.loop.step` that training makes. Not :func:`peftlab.loop.fit`: steps
+    are timed one at a time, each after a base forward, with no schedule or data loading."""
     cuda = device.type == "cuda"
     if cuda:
         before = torch.cuda.memory_allocated(device)
         torch.cuda.reset_peak_memory_stats(device)
-
-    def step() -> None:
-        loss = _loss(s.model, s.name, batch)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(s.params, 1.0)
-        s.optimizer.step()
-        s.optimizer.zero_grad(set_to_none=True)
-
-    s.times.append(timed(step, device))
+    loss_of = functools.partial(adapter_loss, s.model, s.name, batch)
+    s.times.append(timed(lambda: step(loss_of, s.params, s.optimizer), device))
     if cuda:
         s.cuda_extra = max(s.cuda_extra, torch.cuda.max_memory_allocated(device) - before)
 

@@ -18,14 +18,16 @@ what the stage-1 adapters predict. One model serves all tasks: ``out.logits[name
 head's scores, which is what per-example routing needs (``with adapters.route([...])``: example
 ``i`` reads ``out.logits[route[i]][i]``).
 
-The loop is deliberately plain (AdamW, no schedule, no evaluation); for more, train each stage
-with your own loop using ``adapters.train(name, also=...)`` and ``adapters.fusion_penalty``.
+Both stages train with :func:`peftlab.loop.fit`, the loop of ``peftlab compare``'s fusion stage
+too (AdamW without weight decay, 6% warm-up then linear decay, clipping at 1.0; no evaluation);
+for more, train each stage with your own loop using ``adapters.train(name, also=...)`` and
+``adapters.fusion_penalty``.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sized
 from typing import Any, Literal
 
 import torch
@@ -35,6 +37,7 @@ from torch import nn
 from peftlab.adapter_set import attach
 from peftlab.config import AdapterConfig
 from peftlab.errors import AdapterNameError, ConfigError
+from peftlab.loop import fit
 from peftlab.methods.fusion import FusionConfig
 
 Pooling = Literal["mean", "first", "last"]
@@ -112,29 +115,12 @@ class MultiTaskModel(nn.Module):
 
 def train_adapter(model: MultiTaskModel, name: str, batches: Batches, epochs: int = 1,
                   lr: float = 1e-3) -> list[float]:
-    """Train adapter (or fusion) ``name`` and its head ``heads.<name>`` on ``batches`` (dicts of
-    model inputs with ``labels``) with AdamW; everything else stays frozen. Returns the losses.
-    A fusion's loss includes its ``fusion_penalty``."""
-    adapters = attach(model)
-    adapters.activate(name)
-    params = adapters.train(name, also=(f"heads.{name}",))
-    optimizer = torch.optim.AdamW(params, lr=lr)
-    fusion = bool(adapters[name].members)
-    losses = []
-    model.train()
-    try:
-        for _ in range(epochs):
-            for batch in batches:
-                loss = model(**batch, head=name).loss
-                if fusion:
-                    loss = loss + adapters.fusion_penalty(name)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                losses.append(loss.item())
-    finally:
-        model.eval()
-    return losses
+    """Train adapter (or fusion) ``name`` and its head ``heads.<name>`` for ``epochs`` passes over
+    ``batches`` (dicts of model inputs with ``labels``) with :func:`peftlab.loop.fit`; everything
+    else stays frozen. Returns the losses. A fusion's loss includes its ``fusion_penalty``."""
+    if not isinstance(batches, Sized):
+        batches = list(batches)  # the schedule needs the number of steps; a generator runs once
+    return fit(model, name, batches, epochs * len(batches), lr, also=(f"heads.{name}",), head=name)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -25,7 +25,8 @@ MIB = 2**20
 def write_report(out: Path, report: dict[str, Any], plots: bool = True) -> None:
     """``report.json``, ``report.md`` and (unless ``plots`` is false) the PNG plots in ``out``,
     each written atomically."""
-    from peftlab.train import json_bytes, write_atomic
+    from peftlab.io import write_atomic
+    from peftlab.train import json_bytes
 
     out = Path(out)
     write_atomic(out / "report.json", json_bytes(report))
@@ -321,7 +322,7 @@ def terminal_table(report: dict[str, Any]) -> Any:
 def _png(fig: Any, path: Path) -> None:
     import matplotlib.pyplot as plt
 
-    from peftlab.train import write_atomic
+    from peftlab.io import write_atomic
 
     buf = io.BytesIO()
     fig.tight_layout()
@@ -394,7 +395,7 @@ def write_plots(out: Path, report: dict[str, Any]) -> list[str]:
         buf = io.BytesIO()
         fig.savefig(buf, format="png", dpi=110)
         plt.close(fig)
-        from peftlab.train import write_atomic
+        from peftlab.io import write_atomic
 
         write_atomic(out / FUSION_PLOT, buf.getvalue())
         written.append(FUSION_PLOT)

@@ -31,8 +31,6 @@ import io
 import json
 import math
 import os
-import shutil
-import tempfile
 import time
 import typing
 from collections.abc import Callable
@@ -45,11 +43,12 @@ from rich.console import Console
 from torch import nn
 
 from peftlab.adapter_set import attach
-from peftlab.config import AdapterConfig
+from peftlab.config import AdapterConfig, check_value
 from peftlab.data import DataSource, TaskData, load_task, parse_split_names, tokenize
 from peftlab.errors import ConfigError, DataError, NonFiniteLossError, UsageError
 from peftlab.heads import HEAD_CONFIG, HEAD_FILE, MeanPoolClassifier, pooling_of, resolve_pooling
-from peftlab.io import WEIGHTS_FILE, write_atomic
+from peftlab.io import WEIGHTS_FILE, replacing_dir, write_atomic
+from peftlab.loop import MAX_GRAD_NORM, WARMUP
 from peftlab.measure import FULL
 from peftlab.methods import preset, presets
 from peftlab.metrics import PRIMARY, compute, perplexity, predicted
@@ -89,51 +88,14 @@ def method_config(method: str, sets: tuple[str, ...] | list[str] = ()) -> Adapte
         if key not in fields:
             raise UsageError(f"--set {key}: {method} has no setting {key!r}; its settings are "
                              f"{', '.join(fields)}")
-        changes[key] = _convert(key, value.strip(), hints[key])
+        try:
+            changes[key] = check_value(key, value.strip(), hints[key], text=True)
+        except ConfigError as e:
+            raise UsageError(f"--set {e}") from None
     try:
         return config.replace(**changes) if changes else config
     except ConfigError as e:
         raise UsageError(f"--set: {e}") from None
-
-
-def _convert(key: str, text: str, tp: Any) -> Any:
-    """``text`` as a value of the annotated type ``tp`` (lists are comma-separated)."""
-    origin = typing.get_origin(tp)
-    args = typing.get_args(tp)
-    if origin is typing.Union or type(tp).__name__ == "UnionType":
-        if type(None) in args and text.lower() in ("none", "null", ""):
-            return None
-        for arm in args:
-            if arm is type(None):
-                continue
-            try:
-                return _convert(key, text, arm)
-            except UsageError:
-                continue
-        raise UsageError(f"--set {key}={text}: expected {tp}")
-    if origin is tuple:
-        return tuple(_convert(key, part.strip(), args[0]) for part in text.split(",") if part.strip())
-    if origin is typing.Literal:
-        for choice in args:
-            if str(choice).lower() == text.lower():
-                return choice
-        raise UsageError(f"--set {key}={text}: choose one of {', '.join(map(str, args))}")
-    if tp is bool:
-        low = text.lower()
-        if low in ("true", "1", "yes", "on"):
-            return True
-        if low in ("false", "0", "no", "off"):
-            return False
-        raise UsageError(f"--set {key}={text}: expected true or false")
-    try:
-        if tp is int:
-            return int(text)
-        if tp is float:
-            return float(text)
-    except ValueError:
-        kind = "an integer" if tp is int else "a number"
-        raise UsageError(f"--set {key}={text}: expected {kind}") from None
-    return text
 
 
 # ---- models -----------------------------------------------------------------------------------
@@ -344,8 +306,8 @@ class TrainOptions:
     max_eval_samples: int | None = None
     eval_every: int | None = None
     save_every: int | None = None
-    max_grad_norm: float = 1.0
-    warmup: float = 0.06
+    max_grad_norm: float = MAX_GRAD_NORM
+    warmup: float = WARMUP  # the share of the steps
     max_steps: int | None = None  # a budget in steps, whatever the epochs (equal-steps comparisons)
     max_minutes: float | None = None  # a budget in training wall time (equal-time comparisons)
     patience: int | None = None  # early stopping on held-out training data, in evaluations
@@ -632,22 +594,14 @@ def write_loss_plot(path: Path, history: list[dict[str, Any]], primary: str, tit
 
 
 def save_model_atomic(model: nn.Module, tokenizer: Any, path: Path) -> None:
-    """``save_pretrained`` into a temporary sibling, then rename into place."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
-    try:
+    """The full model (and tokenizer) as folder ``path``, written atomically."""
+    with replacing_dir(path) as tmp:
         if isinstance(model, MeanPoolClassifier):
             model.save_head(tmp)  # plain transformers has no mean-pooled classifier class
         else:
             model.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        if path.exists():
-            shutil.rmtree(path)
-        os.replace(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 # ---- training ---------------------------------------------------------------------------------
