@@ -111,8 +111,9 @@ def export_peft(adapters: AdapterSet, name: str, path: Path) -> Path:
         _refuse_peft_rewrite(model, fields)
     if "feedforward_modules" in fields:
         fields["feedforward_modules"] = _as_peft_names(fields["feedforward_modules"], names, dotted=False)
-    # peft warns and flips this flag unless it matches the layer type (transformers Conv1D).
-    fields["fan_in_fan_out"] = bool(sites) and all(isinstance(linear[s], Conv1D) for s in sites)
+    if codec.fan_in_fan_out:
+        # peft warns and flips this flag unless it matches the layer type (transformers Conv1D).
+        fields["fan_in_fan_out"] = bool(sites) and all(isinstance(linear[s], Conv1D) for s in sites)
     extras = list(adapter.extras)
     # peft wraps every module whose name ends with a modules_to_save entry (task classes add
     # their heads) and refuses to load unless the file holds the tensors of each one.
