@@ -100,6 +100,18 @@ def test_lokr_output_is_the_kronecker_formula(config):
                                atol=1e-6, rtol=1e-5)
 
 
+def test_lokr_structured_backward_matches_plain_autograd():
+    from peftlab.methods.lokr import _KronLinear
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 35, dtype=torch.double, requires_grad=True)
+    w1 = torch.randn(3, 5, dtype=torch.double, requires_grad=True)
+    w2 = torch.randn(7, 7, dtype=torch.double, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda *t: _KronLinear.apply(*t, 0.7), (x, w1, w2))
+    plain = x @ (torch.kron(w1, w2) * 0.7).t()
+    torch.testing.assert_close(_KronLinear.apply(x, w1, w2, 0.7), plain)
+
+
 def test_lokr_factors_follow_peft_shapes_on_a_bert_layer():
     model = tiny_model("bert", seed=0)  # 32 -> 32 and 32 -> 64 / 64 -> 32
     adapters = peftlab.attach(model)

@@ -19,7 +19,9 @@ unmerging subtracts it.
 Forward never builds ``ΔW``: with ``X = x`` viewed as ``[c, d]``, ``(W1 ⊗ W2)·vec(X) = vec(W1·X·W2ᵀ)``
 (row-major), two small matrix products costing ``N·b·c·(a + d)`` multiply-adds for N tokens
 instead of peft's ``a·b·c·d·(N + 1)`` (a ``[out, in]`` product per step, then a full GEMM).
-``tests/test_loha_lokr.py`` checks it equals ``x·(W1 ⊗ W2)ᵀ``.
+Its backward keeps only ``x`` (which the base layer keeps anyway) and the factors, and recomputes
+the small intermediates. ``tests/test_loha_lokr.py`` checks it equals ``x·(W1 ⊗ W2)ᵀ``, gradients
+included.
 
 Training-time regularisers, as peft (not in the paper): ``rank_dropout`` drops whole output rows
 of ``ΔW`` (one draw per forward), rescaling the kept rows only with ``rank_dropout_scale``;
@@ -147,10 +149,41 @@ class LoKr(LycorisPiece):
     def apply_delta(self, x: torch.Tensor) -> torch.Tensor:
         """``s·(W1 ⊗ W2)·x`` as ``vec(W1·X·W2ᵀ)`` with ``X = x`` viewed as ``[c, d]``."""
         w1, w2 = self.factors()
+        return _KronLinear.apply(x, w1, w2, self.scaling)
+
+
+class _KronLinear(torch.autograd.Function):
+    """``y = vec(s·W1·X·W2ᵀ)`` for ``X = x`` viewed as ``[N, c, d]``. Backward saves ``x`` (which the
+    base layer keeps anyway) and the small factors only, and recomputes the ``[N, c, b]`` and
+    ``[N, a, d]`` intermediates: plain autograd would keep one of them per adapted layer, an extra
+    activation about the size of the layer's output."""
+
+    @staticmethod
+    def forward(ctx, x, w1, w2, s):  # type: ignore[override]
         (a, c), (b, d) = w1.shape, w2.shape
-        t = x.reshape(-1, c, d) @ w2.t()  # [N, c, b]
-        t = t.transpose(1, 2) @ (w1 * self.scaling).t()  # [N, b, a]
-        return t.transpose(1, 2).reshape(*x.shape[:-1], a * b)
+        xs = x.reshape(-1, c, d)
+        t = torch.einsum("ncd,bd->ncb", xs, w2)
+        y = torch.einsum("ac,ncb->nab", w1 * s, t)
+        ctx.save_for_backward(x, w1, w2)
+        ctx.s = s
+        return y.reshape(*x.shape[:-1], a * b)
+
+    @staticmethod
+    def backward(ctx, g):  # type: ignore[override]
+        x, w1, w2 = ctx.saved_tensors
+        need_x, need_w1, need_w2, _ = ctx.needs_input_grad
+        (a, c), (b, d) = w1.shape, w2.shape
+        s, w1s = ctx.s, w1 * ctx.s
+        gs = g.reshape(-1, a, b)
+        xs = x.reshape(-1, c, d)
+        grad_x = grad_w1 = grad_w2 = None
+        if need_x:  # ∂X[n] = s·W1ᵀ·G[n]·W2
+            grad_x = torch.einsum("ac,nad->ncd", w1s, torch.einsum("nab,bd->nad", gs, w2)).reshape(x.shape)
+        if need_w1:  # ∂W1 = s·Σ_n G[n]·(X[n]·W2ᵀ)ᵀ
+            grad_w1 = torch.einsum("nab,ncb->ac", gs, torch.einsum("ncd,bd->ncb", xs, w2)) * s
+        if need_w2:  # ∂W2 = Σ_n G[n]ᵀ·(s·W1·X[n])
+            grad_w2 = torch.einsum("nab,nad->bd", gs, torch.einsum("ac,ncd->nad", w1s, xs))
+        return grad_x, grad_w1, grad_w2, None
 
 
 def build(config: LoKrConfig, site: Site, base: BaseLayer, shared: nn.Module | None = None) -> Piece:
