@@ -459,3 +459,17 @@ def test_presets_are_listed_with_their_rates():
 
     assert {"loha", "lokr"} <= set(method_names())
     assert default_lr("loha") == default_lr("lokr") == 5e-4
+
+
+@pytest.mark.parametrize("config", [LoHa(), LoKr(r=1, decompose_both=True)], ids=["loha", "lokr"])
+def test_a_training_step_runs_under_autocast_and_in_bfloat16(config):
+    for model, autocast in ((tiny_model("bert"), True), (tiny_model("bert").to(torch.bfloat16), False)):
+        adapters = peftlab.attach(model)
+        adapters.add("a", config)
+        adapters.activate("a")
+        trainable = adapters.train("a")
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            out = model(**tiny_inputs("bert")).last_hidden_state
+        out.float().square().mean().backward()
+        assert all(p.grad is not None and p.grad.dtype == p.dtype for p in trainable)
+        assert any(p.grad.abs().sum() > 0 for p in trainable)

@@ -173,9 +173,13 @@ class _KronLinear(torch.autograd.Function):
         x, w1, w2 = ctx.saved_tensors
         need_x, need_w1, need_w2, _ = ctx.needs_input_grad
         (a, c), (b, d) = w1.shape, w2.shape
+        # Under autocast the forward ran in lower precision and backward does not: one dtype for
+        # all (autograd casts each gradient back to its input's dtype).
+        dtype = torch.promote_types(g.dtype, w1.dtype)
+        w1, w2 = w1.to(dtype), w2.to(dtype)
         s, w1s = ctx.s, w1 * ctx.s
-        gs = g.reshape(-1, a, b)
-        xs = x.reshape(-1, c, d)
+        gs = g.reshape(-1, a, b).to(dtype)
+        xs = x.reshape(-1, c, d).to(dtype)
         grad_x = grad_w1 = grad_w2 = None
         if need_x:  # ∂X[n] = s·W1ᵀ·G[n]·W2
             grad_x = torch.einsum("ac,nad->ncd", w1s, torch.einsum("nab,bd->nad", gs, w2)).reshape(x.shape)
