@@ -48,6 +48,9 @@ def peftlab_configs() -> dict[str, peftlab.AdapterConfig]:
         "lora": peftlab.LoRAConfig(r=8, alpha=16, targets=("query", "value")),
         "ia3": peftlab.IA3Config(),
     }
+    if hasattr(peftlab, "LoHaConfig"):  # peft's defaults (r=8, alpha=8) on peft's BERT targets
+        configs["loha"] = peftlab.LoHaConfig(r=8, alpha=8, targets=("query", "value"))
+        configs["lokr"] = peftlab.LoKrConfig(r=8, alpha=8, targets=("query", "value"))
     if hasattr(peftlab, "BottleneckConfig"):
         configs["pfeiffer"] = peftlab.BottleneckConfig.pfeiffer()
         configs["houlsby"] = peftlab.BottleneckConfig.houlsby()
@@ -69,6 +72,10 @@ def peft_model(base: torch.nn.Module, method: str) -> torch.nn.Module | None:
     elif method == "ia3":
         # Explicit regexes: peft's BERT default also hits attention.output.dense.
         config = peft.IA3Config(target_modules=rf".*\.(key|value)$|{ffn_down}", feedforward_modules=ffn_down)
+    elif method == "loha":
+        config = peft.LoHaConfig(r=8, alpha=8, target_modules=["query", "value"])
+    elif method == "lokr":
+        config = peft.LoKrConfig(r=8, alpha=8, target_modules=["query", "value"])
     else:
         return None
     return peft.get_peft_model(copy.deepcopy(base), config)

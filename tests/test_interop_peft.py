@@ -345,7 +345,7 @@ def assert_untouched(model, adapters, before):
 
 
 @pytest.mark.parametrize("changes, message", [
-    ({"peft_type": "LOHA"}, "peft_type 'LOHA' is not supported"),
+    ({"peft_type": "BOFT"}, "peft_type 'BOFT' is not supported"),
     ({"use_dora": True}, "use_dora=True"),
     ({"bias": "all"}, "bias='all'"),
     ({"init_lora_weights": "pissa"}, "rewrites the base weights"),

@@ -647,8 +647,8 @@ REFUSALS = [
     ("lora", dict(config=lambda c: c.update(extra_modules=["nope"])), "does not fit this model"),
     ("lora", dict(config=lambda c: c.update(target_modules=["x"])),
      "targets modules ['x'], but on this model its config resolves to ['bert."),
-    ("peft_lora", dict(config=lambda c: c.update(peft_type="LOHA")),
-     "peft_type 'LOHA' is not supported; import_peft reads ['IA3', 'LORA'] adapters"),
+    ("peft_lora", dict(config=lambda c: c.update(peft_type="BOFT")),  # the list grows with the registry
+     "peft_type 'BOFT' is not supported; import_peft reads ['IA3', "),
     ("peft_ia3", dict(config=lambda c: c.update(format="peftlab-adapter", peft_type=None)),
      "(this is a peftlab adapter: use load)"),
     ("peft_lora", dict(config=lambda c: c.update(use_dora=True)),

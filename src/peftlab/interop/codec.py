@@ -52,6 +52,9 @@ class PeftCodec:
     suffixes: ClassVar[tuple[str, ...]]
     #: Whether peft's format reaches routed experts' 3-D parameters (``target_parameters``).
     target_parameters: ClassVar[bool] = False
+    #: Whether peft's config of this type has ``fan_in_fan_out`` (its LyCORIS configs do not, and
+    #: peft warns about a key its config lacks).
+    fan_in_fan_out: ClassVar[bool] = True
 
     def accepts(self, data: Mapping[str, Any]) -> bool:
         """Whether this codec reads the peft config ``data`` (DoRA and LoRA share ``LORA``)."""

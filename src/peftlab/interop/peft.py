@@ -1,4 +1,5 @@
-"""HF ``peft``'s adapter format: export peftlab LoRA and (IA)³ adapters to it, import them from it.
+"""HF ``peft``'s adapter format: export peftlab LoRA, (IA)³, LoHa and LoKr adapters to it, import
+them from it.
 
 peft saves ``adapter_config.json`` (its config dataclass as JSON) and ``adapter_model.safetensors``
 whose keys are ``base_model.model.<module>.<tensor>``:
@@ -8,6 +9,10 @@ whose keys are ``base_model.model.<module>.<tensor>``:
             override r and lora_alpha for modules whose name ends in a match of their key
     (IA)³   <module>.ia3_l, [out, 1] rescaling the output, or [1, in] rescaling the input for
             modules in feedforward_modules
+    LoHa    <module>.hada_w1_a [out, r], hada_w1_b [r, in], hada_w2_a, hada_w2_b; scaled by alpha/r
+    LoKr    <module>.lokr_w1 (or lokr_w1_a, lokr_w1_b) and lokr_w2 (or lokr_w2_a, lokr_w2_b), which
+            ones from r, decompose_both and decompose_factor; scaled by alpha/r
+            (see :mod:`peftlab.methods.loha` and :mod:`peftlab.methods.lokr`)
     extras  <module>.<param> of every module in modules_to_save (a classifier head, ...)
     experts LoRA on 3-D expert parameters (``target_parameters``, peft's ``lora.ParamWrapper``):
             <experts>.lora_A.weight [E·r, in] and <experts>.lora_B.weight [out, r·E] (see
@@ -111,8 +116,9 @@ def export_peft(adapters: AdapterSet, name: str, path: Path) -> Path:
         _refuse_peft_rewrite(model, fields)
     if "feedforward_modules" in fields:
         fields["feedforward_modules"] = _as_peft_names(fields["feedforward_modules"], names, dotted=False)
-    # peft warns and flips this flag unless it matches the layer type (transformers Conv1D).
-    fields["fan_in_fan_out"] = bool(sites) and all(isinstance(linear[s], Conv1D) for s in sites)
+    if codec.fan_in_fan_out:
+        # peft warns and flips this flag unless it matches the layer type (transformers Conv1D).
+        fields["fan_in_fan_out"] = bool(sites) and all(isinstance(linear[s], Conv1D) for s in sites)
     extras = list(adapter.extras)
     # peft wraps every module whose name ends with a modules_to_save entry (task classes add
     # their heads) and refuses to load unless the file holds the tensors of each one.
