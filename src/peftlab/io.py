@@ -212,6 +212,20 @@ def _piece_tensors(adapter: Adapter) -> dict[str, torch.Tensor]:
     return out
 
 
+def _verify_shared(adapter: Adapter, tensors: dict[str, torch.Tensor], path: Path) -> None:
+    """Let the adapter's shared module refuse the file before anything is copied: it may define
+    ``verify_file(saved)``, ``saved`` being the file's ``shared.*`` tensors without that prefix, and
+    raise :class:`ConfigError` (VeRA checks that projections regenerated from a seed are the
+    ones the adapter was trained with)."""
+    verify = getattr(adapter.shared, "verify_file", None)
+    if verify is None:
+        return
+    try:
+        verify({k[len("shared."):]: t for k, t in tensors.items() if k.startswith("shared.")})
+    except ConfigError as e:
+        raise AdapterLoadError(f"{path}: {e}") from None
+
+
 def adapter_files(adapters: AdapterSet, name: str,
                   extras: tuple[str, ...] | None) -> dict[str, bytes | dict[str, torch.Tensor]]:
     """The two files of adapter ``name``: its config as JSON bytes and its tensors."""
@@ -271,6 +285,7 @@ def restore_adapter(adapters: AdapterSet, name: str, path: Path) -> None:
         for key, t in adapters.model.get_submodule(module).state_dict().items():
             current[f"extra.{module}.{key}"] = t
     tensors = read_tensors(path, {k: tuple(t.shape) for k, t in current.items()})
+    _verify_shared(adapter, tensors, path)
     with torch.no_grad():
         for key, t in current.items():
             t.copy_(tensors[key])
@@ -335,6 +350,7 @@ def load_adapter(adapters: AdapterSet, path: Path, name: str | None) -> str:
         for key, t in m.state_dict().items():
             expected[f"extra.{module}.{key}"] = tuple(t.shape)
     tensors = read_tensors(path, expected)
+    _verify_shared(built, tensors, path)
     with torch.no_grad():
         for key, t in _piece_tensors(built).items():
             t.copy_(tensors[key])

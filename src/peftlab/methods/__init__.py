@@ -66,7 +66,7 @@ class Method:
 
 
 def _registry() -> dict[str, Method]:
-    from peftlab.methods import bottleneck, compacter, fusion, ia3, lora
+    from peftlab.methods import bottleneck, compacter, fusion, ia3, lora, vera
 
     return {m.name: m for m in (
         lora.METHOD,
@@ -74,6 +74,7 @@ def _registry() -> dict[str, Method]:
         bottleneck.METHOD,
         compacter.METHOD,
         fusion.METHOD,
+        vera.METHOD,
     )}
 
 
