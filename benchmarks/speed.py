@@ -54,6 +54,8 @@ def peftlab_configs() -> dict[str, peftlab.AdapterConfig]:
     if hasattr(peftlab, "CompacterConfig"):
         configs["compacter"] = peftlab.CompacterConfig()
         configs["compacter++"] = peftlab.CompacterConfig.plus_plus()
+    if hasattr(peftlab, "VeRAConfig"):
+        configs["vera"] = peftlab.VeRAConfig(r=256, targets=("query", "value"))  # peft's default rank
     return configs
 
 
@@ -69,6 +71,8 @@ def peft_model(base: torch.nn.Module, method: str) -> torch.nn.Module | None:
     elif method == "ia3":
         # Explicit regexes: peft's BERT default also hits attention.output.dense.
         config = peft.IA3Config(target_modules=rf".*\.(key|value)$|{ffn_down}", feedforward_modules=ffn_down)
+    elif method == "vera":
+        config = peft.VeraConfig(r=256, vera_dropout=0.0, target_modules=["query", "value"])
     else:
         return None
     return peft.get_peft_model(copy.deepcopy(base), config)
