@@ -57,6 +57,8 @@ def peftlab_configs() -> dict[str, peftlab.AdapterConfig]:
     if hasattr(peftlab, "CompacterConfig"):
         configs["compacter"] = peftlab.CompacterConfig()
         configs["compacter++"] = peftlab.CompacterConfig.plus_plus()
+    if hasattr(peftlab, "VeRAConfig"):
+        configs["vera"] = peftlab.VeRAConfig(r=256, targets=("query", "value"))  # peft's default rank
     return configs
 
 
@@ -76,6 +78,8 @@ def peft_model(base: torch.nn.Module, method: str) -> torch.nn.Module | None:
         config = peft.LoHaConfig(r=8, alpha=8, target_modules=["query", "value"])
     elif method == "lokr":
         config = peft.LoKrConfig(r=8, alpha=8, target_modules=["query", "value"])
+    elif method == "vera":
+        config = peft.VeraConfig(r=256, vera_dropout=0.0, target_modules=["query", "value"])
     else:
         return None
     return peft.get_peft_model(copy.deepcopy(base), config)

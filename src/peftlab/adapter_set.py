@@ -373,7 +373,7 @@ class AdapterSet:
 
     # ---- merging ----------------------------------------------------------------------------
     def merge(self, name: str) -> None:
-        """Fold an active LoRA or (IA)³ adapter into the base weights (no extra inference cost)."""
+        """Fold an active mergeable adapter (LoRA, (IA)³, VeRA) into the base weights (no inference cost)."""
         adapter = self[name]
         if not adapter.config.mergeable:
             raise AdapterStateError(
@@ -448,13 +448,13 @@ class AdapterSet:
         return load_adapter(self, Path(path), name, with_extras)
 
     def export_peft(self, name: str, path: str | Path) -> Path:
-        """Write a LoRA or (IA)³ adapter in HF peft's format."""
+        """Write a LoRA, (IA)³ or VeRA adapter in HF peft's format."""
         from peftlab.interop.peft import export_peft
 
         return export_peft(self, name, Path(path))
 
     def import_peft(self, path: str | Path, name: str) -> str:
-        """Load a LoRA or (IA)³ adapter saved by HF peft's ``save_pretrained``."""
+        """Load a LoRA, (IA)³ or VeRA adapter saved by HF peft's ``save_pretrained``."""
         from peftlab.interop.peft import import_peft
 
         return import_peft(self, Path(path), name)

@@ -454,7 +454,7 @@ def _check_new_dir(path: Path) -> None:
 
 @app.command()
 def merge(
-    adapter: Annotated[Path, typer.Option(help="Run directory or adapter directory (LoRA or (IA)3).")],
+    adapter: Annotated[Path, typer.Option(help="Run directory or adapter directory (LoRA, (IA)3, VeRA).")],
     out: Annotated[Path, typer.Option(help="New directory for the merged model.")],
     model: Annotated[str | None, typer.Option(help="Base model (default: the one in run.json).")] = None,
 ) -> None:
@@ -514,7 +514,7 @@ def export(
     format: Annotated[str, typer.Option(help="Target format: peft (Hugging Face peft).")] = "peft",
     model: Annotated[str | None, typer.Option(help="Base model (default: the one in run.json).")] = None,
 ) -> None:
-    """Write an adapter in another library's format (HF peft: LoRA and (IA)3)."""
+    """Write an adapter in another library's format (HF peft: LoRA, (IA)3 and VeRA)."""
     with _errors():
         from peftlab.train import load_model
 

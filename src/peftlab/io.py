@@ -249,6 +249,20 @@ def _piece_tensors(adapter: Adapter) -> dict[str, torch.Tensor]:
     return out
 
 
+def _verify_shared(adapter: Adapter, tensors: dict[str, torch.Tensor], path: Path) -> None:
+    """Let the adapter's shared module refuse the file before anything is copied: it may define
+    ``verify_file(saved)``, ``saved`` being the file's ``shared.*`` tensors without that prefix, and
+    raise :class:`ConfigError` (VeRA checks that projections regenerated from a seed are the
+    ones the adapter was trained with)."""
+    verify = getattr(adapter.shared, "verify_file", None)
+    if verify is None:
+        return
+    try:
+        verify({k[len("shared."):]: t for k, t in tensors.items() if k.startswith("shared.")})
+    except ConfigError as e:
+        raise AdapterLoadError(f"{path}: {e}") from None
+
+
 def adapter_files(adapters: AdapterSet, name: str,
                   extras: tuple[str, ...] | None) -> dict[str, bytes | dict[str, torch.Tensor]]:
     """The two files of adapter ``name``: its config as JSON bytes and its tensors."""
@@ -304,13 +318,15 @@ def restore_adapter(adapters: AdapterSet, name: str, path: Path) -> None:
     if recorded != expected:
         raise AdapterLoadError(f"{path} holds another adapter than {name!r} (format, method, config, "
                                "targets or extra modules differ); resume with the same adapter")
-    _fill(path, adapter_tensors(adapters, name) | _extra_tensors(adapters.model, adapter.extras))
+    _fill(path, adapter_tensors(adapters, name) | _extra_tensors(adapters.model, adapter.extras), adapter)
 
 
-def _fill(path: Path, targets: dict[str, torch.Tensor], unread: str | None = None) -> None:
+def _fill(path: Path, targets: dict[str, torch.Tensor], adapter: Adapter, unread: str | None = None) -> None:
     """Copy the tensors of ``path`` into ``targets`` (key -> tensor sharing a parameter's or a
-    buffer's storage), all checked first (:func:`read_tensors`)."""
+    buffer's storage) of ``adapter``, all checked first (:func:`read_tensors`,
+    :func:`_verify_shared`)."""
     tensors = read_tensors(path, {k: tuple(t.shape) for k, t in targets.items()}, unread)
+    _verify_shared(adapter, tensors, path)
     with torch.no_grad():
         for key, t in targets.items():
             t.copy_(tensors[key])
@@ -379,7 +395,7 @@ def load_adapter(adapters: AdapterSet, path: Path, name: str | None, with_extras
         raise AdapterLoadError(f"{path} targets modules {str(recorded)[:200]}, but on this model "
                                f"its config resolves to {[s.module for s in built.sites][:5]}...")
     # Fill a scratch set of pieces first, so the model is touched only once all is checked.
-    _fill(path, _piece_tensors(built) | extra_tensors, unread=None if with_extras else EXTRA)
+    _fill(path, _piece_tensors(built) | extra_tensors, built, unread=None if with_extras else EXTRA)
     built.extras = tuple(extras) if with_extras else ()
     adapters.install(name, built)
     if names is not None:  # the head loaded above classifies into these classes

@@ -7,7 +7,8 @@ config fields, its tensors per module, and the config that reproduces a peft fil
 
 Tensor keys in a codec are ``<module key><suffix>``, without peft's ``base_model.model.`` prefix;
 ``<module key>`` is the site's module name, or for a routed experts' 3-D parameter the key peft
-gives its wrapper (see :mod:`peftlab.interop.peft`).
+gives its wrapper (see :mod:`peftlab.interop.peft`). Tensors of the whole adapter (VeRA's shared
+projections) keep their full peft key, listed in :attr:`PeftCodec.shared_keys`.
 
 This module is a leaf (no AdapterSet, no files), so that method modules can import it.
 """
@@ -55,6 +56,12 @@ class PeftCodec:
     #: Whether peft's config of this type has ``fan_in_fan_out`` (its LyCORIS configs do not, and
     #: peft warns about a key its config lacks).
     fan_in_fan_out: ClassVar[bool] = True
+    #: Full keys of tensors that belong to the whole adapter, not to one module, and that peft
+    #: writes outside ``base_model.model.`` (VeRA's shared projections, ``base_model.vera_A``).
+    #: They pass through unprefixed: :meth:`export` returns them under these keys, :meth:`config`
+    #: lists those the file must hold in its expected shapes, and :meth:`load` gets them under
+    #: these keys. The import refuses any other key outside ``base_model.model.``.
+    shared_keys: ClassVar[tuple[str, ...]] = ()
 
     def accepts(self, data: Mapping[str, Any]) -> bool:
         """Whether this codec reads the peft config ``data`` (DoRA and LoRA share ``LORA``)."""

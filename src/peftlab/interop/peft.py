@@ -1,5 +1,5 @@
-"""HF ``peft``'s adapter format: export peftlab LoRA, (IA)³, LoHa and LoKr adapters to it, import
-them from it.
+"""HF ``peft``'s adapter format: export peftlab LoRA, (IA)³, VeRA, LoHa and LoKr adapters to it,
+import them from it.
 
 peft saves ``adapter_config.json`` (its config dataclass as JSON) and ``adapter_model.safetensors``
 whose keys are ``base_model.model.<module>.<tensor>``:
@@ -9,6 +9,9 @@ whose keys are ``base_model.model.<module>.<tensor>``:
             override r and lora_alpha for modules whose name ends in a match of their key
     (IA)³   <module>.ia3_l, [out, 1] rescaling the output, or [1, in] rescaling the input for
             modules in feedforward_modules
+    VeRA    <module>.vera_lambda_b [out] and <module>.vera_lambda_d [r]; once per adapter the shared
+            projections base_model.vera_A [r, in_max] and base_model.vera_B [out_max, r] (none with
+            save_projection=false: peft regenerates them from projection_prng_key)
     LoHa    <module>.hada_w1_a [out, r], hada_w1_b [r, in], hada_w2_a, hada_w2_b; scaled by alpha/r
     LoKr    <module>.lokr_w1 (or lokr_w1_a, lokr_w1_b) and lokr_w2 (or lokr_w2_a, lokr_w2_b), which
             ones from r, decompose_both and decompose_factor; scaled by alpha/r
@@ -88,7 +91,7 @@ _TASK_HEADS = {"SEQ_CLS": ["classifier", "score"], "TOKEN_CLS": ["classifier", "
 
 # ---- export -----------------------------------------------------------------------------------
 def export_peft(adapters: AdapterSet, name: str, path: Path) -> Path:
-    """Write LoRA or (IA)³ adapter ``name`` as a peft adapter directory at ``path`` (atomically),
+    """Write adapter ``name`` (LoRA, (IA)³, VeRA) as a peft adapter directory at ``path`` (atomically),
     with its extra modules (see :meth:`AdapterSet.train`) as peft's ``modules_to_save``.
     ``peft.PeftModel.from_pretrained(base_model, path)`` then computes what peftlab computes."""
     adapter = adapters[name]
@@ -105,7 +108,7 @@ def export_peft(adapters: AdapterSet, name: str, path: Path) -> Path:
             "target_parameters); it cannot be exported to peft. Keep it in peftlab's format (save), "
             "or merge it into the weights")
     fields, found = codec.export(adapter, _expert_keys(model, experts))
-    tensors = {PREFIX + key: t for key, t in found.items()}
+    tensors = {_full_key(codec, key): t for key, t in found.items()}
     linear = dict(linear_modules(model))
     names = list(linear)
     sites = [s.module for s in adapter.sites if s.num_experts is None]
@@ -247,7 +250,7 @@ def _module_names(model: nn.Module) -> list[str]:
 
 # ---- import -----------------------------------------------------------------------------------
 def import_peft(adapters: AdapterSet, path: Path, name: str) -> str:
-    """Load the LoRA or (IA)³ adapter that peft's ``save_pretrained`` wrote to ``path`` as adapter
+    """Load the LoRA, (IA)³ or VeRA adapter that peft's ``save_pretrained`` wrote to ``path`` as adapter
     ``name``; its ``modules_to_save`` tensors go into the model's modules and become the adapter's
     extras. Any problem raises :class:`AdapterLoadError` with the model untouched."""
     path = Path(path)
@@ -261,7 +264,7 @@ def import_peft(adapters: AdapterSet, path: Path, name: str) -> str:
     codec = _codec_for(data, path)
     _refuse_unsupported(data, codec, path)
     shapes = _tensor_shapes(path)
-    keys, others = _split_keys(shapes, codec.suffixes, path)
+    keys, others = _split_keys(shapes, codec, path)
     if not keys:
         raise AdapterLoadError(f"{path} holds no {codec.peft_type} tensors")
     # site name -> its key in the file: itself for a Linear module, the (nested) experts module
@@ -280,12 +283,12 @@ def import_peft(adapters: AdapterSet, path: Path, name: str) -> str:
         raise AdapterLoadError(f"{path} lists {missing[:3]} in target_parameters but holds no tensors "
                                "for them")
     modules = [m for m in linear if m in site_keys]  # model order, like the sites
-    in_file = {k[len(PREFIX):]: shape for k, shape in shapes.items()}
+    in_file = {_codec_key(codec, k): shape for k, shape in shapes.items()}
     try:
         config, wanted = codec.config(data, modules, linear, site_keys, in_file)
     except ConfigError as e:
         raise AdapterLoadError(f"{path}: {e}") from None
-    expected = {PREFIX + k: shape for k, shape in wanted.items()}
+    expected = {_full_key(codec, k): shape for k, shape in wanted.items()}
     extras = _extra_modules(adapters.model, data, others, path)
     for module, m in extras.items():
         expected.update({f"{PREFIX}{module}.{k}": tuple(t.shape) for k, t in m.state_dict().items()})
@@ -295,8 +298,8 @@ def import_peft(adapters: AdapterSet, path: Path, name: str) -> str:
         raise AdapterLoadError(f"{path} does not fit this model: {e}") from None
     tensors = read_tensors(path, expected)
     # Everything is checked: only now does the model change.
-    codec.load(built.pieces, {k[len(PREFIX):]: t for k, t in tensors.items() if k[len(PREFIX):] in wanted},
-               site_keys)
+    codec.load(built.pieces, {_codec_key(codec, k): t for k, t in tensors.items()
+                              if _codec_key(codec, k) in wanted}, site_keys)
     for module, m in extras.items():
         prefix = f"{PREFIX}{module}."
         m.load_state_dict({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
@@ -350,11 +353,25 @@ def _tensor_shapes(path: Path) -> dict[str, tuple[int, ...]]:
         raise AdapterLoadError(f"{file} is not a valid safetensors file: {clip(str(e))}") from None
 
 
-def _split_keys(shapes: dict[str, tuple[int, ...]], suffixes: tuple[str, ...], path: Path):
-    """Adapted module names, and the other keys (without the prefix), which must be extras."""
+def _full_key(codec: PeftCodec, key: str) -> str:
+    """A codec's tensor key as it is in peft's file (see :attr:`PeftCodec.shared_keys`)."""
+    return key if key in codec.shared_keys else PREFIX + key
+
+
+def _codec_key(codec: PeftCodec, key: str) -> str:
+    """A key of peft's file as the codec names it: without the prefix, unless a shared key."""
+    return key if key in codec.shared_keys else key[len(PREFIX):]
+
+
+def _split_keys(shapes: dict[str, tuple[int, ...]], codec: PeftCodec, path: Path):
+    """Adapted module names, and the other keys (without the prefix), which must be extras; the
+    codec's shared keys are neither (its config says whether the file must hold them)."""
+    suffixes = codec.suffixes
     modules: list[str] = []
     others: list[str] = []
     for key in shapes:
+        if key in codec.shared_keys:
+            continue
         if not key.startswith(PREFIX):
             raise AdapterLoadError(f"{path}: tensor {clip(repr(key))} does not start with {PREFIX!r}; this "
                                    "is not a file written by peft's save_pretrained")

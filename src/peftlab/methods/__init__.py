@@ -66,15 +66,17 @@ class Method:
 
 
 def _registry() -> dict[str, Method]:
-    from peftlab.methods import bottleneck, compacter, fusion, ia3, loha, lokr, lora
+    from peftlab.methods import bottleneck, compacter, fusion, ia3, loha, lokr, lora, vera
 
     return {m.name: m for m in (
         lora.METHOD,
         ia3.METHOD,
         bottleneck.METHOD,
         compacter.METHOD,
+        vera.METHOD,
+        loha.METHOD,
+        lokr.METHOD,
         fusion.METHOD,
-        loha.METHOD, lokr.METHOD,
     )}
 
 
