@@ -1086,7 +1086,7 @@ def test_an_adapter_loads_without_its_head_where_the_head_does_not_fit(tmp_path)
     torch.manual_seed(0)
     three_labels = BertForSequenceClassification(BertConfig(**{**BERT, "num_labels": 3}))
     other = peftlab.attach(three_labels)
-    with pytest.raises(peftlab.AdapterLoadError, match="classifier.weight' has shape"):
+    with pytest.raises(peftlab.AdapterLoadError, match="has a head of 2 classes, this model's has 3"):
         other.load(tmp_path / "a")
     head = three_labels.classifier.weight.detach().clone()
     assert other.load(tmp_path / "a", with_extras=False) == "a"

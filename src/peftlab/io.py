@@ -370,7 +370,7 @@ def load_adapter(adapters: AdapterSet, path: Path, name: str | None, with_extras
                                "same pooling (peftlab.train.load_model(..., pooling=...))")
     extras = _names(path, data, "extra_modules", "module names")
     names = None
-    if "id2label" in data and extras and label_names(adapters.model) is not None:
+    if "id2label" in data and extras and with_extras and label_names(adapters.model) is not None:
         try:
             names = check_label_names(data["id2label"], str(path / CONFIG_FILE))
         except PeftlabError as e:
