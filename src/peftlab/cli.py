@@ -922,8 +922,11 @@ def recommend(
     train_minutes: Annotated[float, typer.Option(
         help="With --data: train each method briefly within this many minutes and rank by score.")
     ] = 0.0,
-    batch_size: Annotated[int, typer.Option(help="Training batch size to profile at.")] = 16,
-    max_length: Annotated[int, typer.Option(help="Tokens per example to profile at.")] = 128,
+    batch_size: Annotated[int, typer.Option(
+        help="Training batch size to profile at; memory is measured at this shape, so give your "
+             "training's (the small default keeps a profile quick and light).")] = 8,
+    max_length: Annotated[int, typer.Option(help="Tokens per example to profile at (see --batch-size).")
+                          ] = 64,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
 ) -> None:
     """Profile each method on MODEL (memory, speed, size, merge) and rank them for your constraints."""

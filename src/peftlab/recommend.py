@@ -236,7 +236,7 @@ def _facts(m: Measurement, files: int, score: float | None) -> str:
 
 # ---- profiling the user's model ----------------------------------------------------------------
 def profile(model: str, methods: tuple[str, ...] | None = None, data: str | None = None,
-            batch_size: int = 16, max_length: int = 128, members: int = 2, steps: int = 3,
+            batch_size: int = 8, max_length: int = 64, members: int = 2, steps: int = 3,
             forwards: int = 5, on_done: Any = None) -> dict[str, Measurement]:
     """Measure each method on ``model`` (a local folder or Hub id) at ``batch_size × max_length``:
     on real examples from ``data`` (a task folder) when given, else on random tokens. Methods
@@ -293,7 +293,7 @@ def _fits(model: Any, method: str) -> bool:
 
 
 def recommend(model: str, constraints: Constraints, data: str | None = None, train_minutes: float = 0.0,
-              batch_size: int = 16, max_length: int = 128, work_dir: Any = None,
+              batch_size: int = 8, max_length: int = 64, work_dir: Any = None,
               on_done: Any = None) -> tuple[list[Recommendation], dict[str, Measurement], dict[str, float]]:
     """Profile, optionally train briefly, and rank. With ``data`` and ``train_minutes``, each
     method is trained for one epoch on at most 512 examples of ``data`` (one seed, by
