@@ -110,7 +110,7 @@ def bert():
     return tiny_model("bert")
 
 
-def train_by_the_recipe(model, name, batches, lr, also=(), rng_states=None, **forward):
+def train_by_the_recipe(model, name, batches, lr, extras=(), rng_states=None, **forward):
     """peftlab's training recipe written out by hand, independently of ``peftlab.loop``: AdamW
     without weight decay, learning rate warmed up linearly over the first ceil(6%) of the steps
     (from zero) then decayed linearly to zero, gradients clipped to norm 1.0, the loss plus the
@@ -122,7 +122,7 @@ def train_by_the_recipe(model, name, batches, lr, also=(), rng_states=None, **fo
 
     adapters = peftlab.attach(model)
     adapters.activate(name)
-    params = adapters.train(name, also=tuple(also))
+    params = adapters.train(name, extras=tuple(extras))
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     total = len(batches)
     warm = math.ceil(0.06 * total)

@@ -160,7 +160,7 @@ def test_gradients_reach_only_the_adapter_and_the_layernorms(tmp_path):
     adapters.add("other", TINY_COMPACTER)
     adapters.activate("other", "houlsby")
     # Houlsby et al. also trained the LayerNorms; "LayerNorm" matches every BERT LayerNorm.
-    trainable = adapters.train("houlsby", also=("LayerNorm",))
+    trainable = adapters.train("houlsby", extras=("LayerNorm",))
     names = {n for n, p in model.named_parameters() if p.requires_grad}
     assert names == {n for n, p in model.named_parameters() if any(p is t for t in trainable)}
     assert all(".adapters.houlsby." in n or ".LayerNorm." in n for n in names)

@@ -121,7 +121,7 @@ def test_train_writes_adapter_with_head_metrics_log_and_plot(lora_run):
 
     config = json.loads((lora_run / "adapter" / "adapter_config.json").read_text())
     assert config["method"] == "lora" and config["config"]["r"] == 4
-    assert config["extra_modules"] == ["bert.pooler", "classifier"]
+    assert config["extras"] == ["bert.pooler", "classifier"]
     tensors = load_file(lora_run / "adapter" / "adapter_model.safetensors")
     assert "extra.classifier.weight" in tensors and "extra.bert.pooler.dense.weight" in tensors
 
@@ -286,7 +286,7 @@ def test_causal_lm_on_a_decoder_reports_perplexity(work):
                             "--quiet"]))
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["task"] == "causal-lm" and metrics["eval"]["perplexity"] > 1.0
-    assert json.loads((out / "adapter" / "adapter_config.json").read_text())["extra_modules"] == []
+    assert json.loads((out / "adapter" / "adapter_config.json").read_text())["extras"] == []
 
 
 def test_full_fine_tuning_writes_a_plain_model(work):

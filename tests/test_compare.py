@@ -214,10 +214,10 @@ def test_the_fusion_stage_trains_by_the_recipe_multitask_uses_too(work, compared
                 seen["rng"].append(torch.get_rng_state())
                 yield batch
 
-    def recording_fit(model, name, batches, steps, lr, also=(), **forward):
+    def recording_fit(model, name, batches, steps, lr, extras=(), **forward):
         start = {n: p.detach().clone() for n, p in model.named_parameters()}
-        seen.update(model=model, name=name, lr=lr, also=also, start=start, batches=[], rng=[])
-        return real_fit(model, name, Recorded(batches), steps, lr, also, **forward)
+        seen.update(model=model, name=name, lr=lr, extras=extras, start=start, batches=[], rng=[])
+        return real_fit(model, name, Recorded(batches), steps, lr, extras, **forward)
 
     real_fit = loop.fit
     monkeypatch.setattr(loop, "fit", recording_fit)
@@ -231,7 +231,7 @@ def test_the_fusion_stage_trains_by_the_recipe_multitask_uses_too(work, compared
     with torch.no_grad():
         for n, p in model.named_parameters():
             p.copy_(seen["start"][n])
-    train_by_the_recipe(model, "fusion-pairs", seen["batches"], lr=1e-3, also=seen["also"],
+    train_by_the_recipe(model, "fusion-pairs", seen["batches"], lr=1e-3, extras=seen["extras"],
                         rng_states=seen["rng"])
     assert all(torch.equal(p, trained[n]) for n, p in model.named_parameters())
     assert not all(torch.equal(seen["start"][n], trained[n]) for n in trained)  # it learned

@@ -425,7 +425,7 @@ def test_train_freezes_everything_but_the_adapter_and_the_named_modules():
     adapters.add("task", peftlab.LoRAConfig())
     adapters.add("other", peftlab.LoRAConfig())
     adapters.activate("task")
-    trainable = adapters.train("task", also=("classifier",))
+    trainable = adapters.train("task", extras=("classifier",))
     names = {n for n, p in model.named_parameters() if p.requires_grad}
     assert names == {n for n, p in model.named_parameters() if any(p is t for t in trainable)}
     assert all(".adapters.task." in n or n.startswith("classifier.") for n in names)
@@ -451,7 +451,7 @@ def test_a_short_training_run_lowers_the_loss(config, lr, factor):
     adapters = peftlab.attach(model)
     adapters.add("task", config)
     adapters.activate("task")
-    opt = torch.optim.AdamW(adapters.train("task", also="classifier"), lr=lr)
+    opt = torch.optim.AdamW(adapters.train("task", extras="classifier"), lr=lr)
     losses = []
     for _ in range(30):
         loss = model(input_ids=ids, labels=labels).loss
@@ -595,10 +595,10 @@ def test_train_along_every_named_module():
     adapters.add("a", peftlab.LoRAConfig())
     adapters.add("f", peftlab.BottleneckConfig.pfeiffer(reduction=8))
     adapters.activate("a")
-    adapters.train("a", also=("classifier", "pooler"))
+    adapters.train("a", extras=("classifier", "pooler"))
     assert adapters["a"].extras == ("classifier", "bert.pooler")
     with pytest.raises(peftlab.TargetError, match="^no module named 'nope' to train along; top-level"):
-        adapters.train("a", also="nope")
+        adapters.train("a", extras="nope")
     adapters.add("m", peftlab.LoRAConfig(targets=("ffn_down",)))
     adapters.add_fusion("fused", ["f", "m"])
     adapters.activate("m")

@@ -221,7 +221,8 @@ def test_stage_two_trains_by_the_recipe_compare_uses_too(bert):
     torch.manual_seed(1)
     by_hand.add_head("fusion-a", like="a")
     by_hand_adapters.add_fusion("fusion-a", ["a", "b"])
-    train_by_the_recipe(by_hand, "fusion-a", batches * 2, lr=1e-2, also=("heads.fusion-a",), head="fusion-a")
+    train_by_the_recipe(by_hand, "fusion-a", batches * 2, lr=1e-2, extras=("heads.fusion-a",),
+                        head="fusion-a")
 
     trained = dict(model.named_parameters())
     assert all(torch.equal(p, trained[n]) for n, p in by_hand.named_parameters())

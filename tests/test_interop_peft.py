@@ -111,7 +111,7 @@ def test_bert_lora_with_classifier_exports_to_peft(tmp_path):
     adapters = peftlab.attach(model)
     adapters.add("sst2", peftlab.LoRAConfig(r=4, alpha=6.5, dropout=0.1))
     adapters.activate("sst2")
-    trainable = adapters.train("sst2", also=("classifier",))
+    trainable = adapters.train("sst2", extras=("classifier",))
     randomize(trainable)
     model.eval()
 
@@ -427,11 +427,11 @@ class Named(torch.nn.Module):
             parent.add_module(leaf, torch.nn.Linear(4, 4))
 
 
-def exported(model, config, tmp_path, also=()):
+def exported(model, config, tmp_path, extras=()):
     adapters = peftlab.attach(model)
     adapters.add("a", config)
     adapters.activate("a")
-    adapters.train("a", also=also)
+    adapters.train("a", extras=extras)
     out = adapters.export_peft("a", tmp_path / "peft")
     return json.loads((out / "adapter_config.json").read_text())
 
@@ -450,18 +450,18 @@ def test_target_lists_become_a_regex_only_where_peft_would_match_other_modules(t
     assert config["target_modules"] == "proj|other"  # "block.proj" ends in ".proj"
 
 
-def test_extra_modules_must_mean_the_same_to_peft(tmp_path):
+def test_extras_must_mean_the_same_to_peft(tmp_path):
     lora = peftlab.LoRAConfig(targets=("^proj$",))
-    config = exported(Named("proj", "block.head"), lora, tmp_path / "1", also="head")
+    config = exported(Named("proj", "block.head"), lora, tmp_path / "1", extras="head")
     assert config["modules_to_save"] == ["block.head"]
     with pytest.raises(peftlab.ConfigError, match=re.escape(
             "peft would also treat ['xhead'] as extra modules (it matches modules_to_save ['head'] "
             "as name suffixes)")):
-        exported(Named("proj", "head", "xhead"), lora, tmp_path / "2", also="head")
+        exported(Named("proj", "head", "xhead"), lora, tmp_path / "2", extras="head")
     with pytest.raises(peftlab.ConfigError, match=re.escape(
             "extra module 'block' holds adapted layers; peft cannot save a module both in "
             "modules_to_save and as an adapter target")):
-        exported(Named("block.proj"), peftlab.LoRAConfig(targets=("proj$",)), tmp_path / "3", also="block")
+        exported(Named("block.proj"), peftlab.LoRAConfig(targets=("proj$",)), tmp_path / "3", extras="block")
 
 
 def test_export_records_the_task_and_base_model(tmp_path):

@@ -308,14 +308,14 @@ EXPORTS = [
 ]
 
 
-@pytest.mark.parametrize("family, config, also", EXPORTS,
+@pytest.mark.parametrize("family, config, extras", EXPORTS,
                          ids=["bert-loha", "bert-lokr", "bert-lokr-both", "llama-loha", "llama-lokr"])
-def test_export_loads_in_peft_with_equal_logits(family, config, also, tmp_path):
+def test_export_loads_in_peft_with_equal_logits(family, config, extras, tmp_path):
     base = tiny_bert() if family == "bert" else tiny_llama()
     model = copy.deepcopy(base)
     adapters = adapted(model, config)
-    if also:
-        randomize(adapters.train("a", also=also), scale=0.3)
+    if extras:
+        randomize(adapters.train("a", extras=extras), scale=0.3)
     model.eval()
 
     out = adapters.export_peft("a", tmp_path / "peft")

@@ -118,7 +118,7 @@ def sources(tmp_path_factory) -> dict[str, Path]:
     adapters.add("lora", peftlab.LoRAConfig(r=4, targets=("query", "value", "ffn_down")))
     adapters.add("ia3", peftlab.IA3Config())
     adapters.activate("lora")
-    adapters.train("lora", also="classifier")
+    adapters.train("lora", extras="classifier")
     _randomize(adapters.parameters("lora") + list(model.classifier.parameters()), 0.0, seed=1)
     _randomize(adapters.parameters("ia3"), 1.0, seed=2)
     adapters.save("lora", root / "lora")
@@ -448,10 +448,10 @@ def refused_field(ctx: Ctx) -> Damage:
     else:
         field, value = rng.choice([
             ("format", rng.choice(["peft", None, "", 1, ["peftlab-adapter"]])),
-            ("format_version", rng.choice([2, 99, 2**63, 10**400, Raw("1e999"), "1", 1.5, None, True, [1]])),
+            ("format_version", rng.choice([3, 99, 2**63, 10**400, Raw("1e999"), "1", 1.5, None, True, [1]])),
             ("method", rng.choice(["LORA", "evil", "", "../lora", "lora/../ia3", None, 5, [], {}, ["lora"]])),
             ("name", rng.choice(BAD_NAMES)),
-            ("extra_modules", rng.choice(["classifier", ["../classifier"], ["nope"], [5], {"a": 1}])),
+            ("extras", rng.choice(["classifier", ["../classifier"], ["nope"], [5], {"a": 1}])),
             ("config", rng.choice([None, [], "r=4", {"r": 4, "evil": 1}])),
         ])
 
@@ -634,17 +634,17 @@ REFUSALS = [
     ("ia3", dict(tensors=lambda t: t[_first(t)].fill_(float("nan"))), "holds NaN or infinite values"),
     ("lora", dict(config=lambda c: c.update(format="x", peft_type="LORA")),
      "is not a peftlab adapter (this looks like a peft adapter: use import_peft)"),
-    ("lora", dict(config=lambda c: c.update(format_version=2)),
-     "has format version 2; this peftlab reads versions up to 1: upgrade peftlab"),
+    ("lora", dict(config=lambda c: c.update(format_version=3)),
+     "has format version 3; this peftlab reads versions up to 2: upgrade peftlab"),
     ("lora", dict(config=lambda c: c.update(method=5)), "method must be a method name, got 5"),
     ("lora", dict(config=lambda c: c["base_model"].update(model_type="gpt2")),
      "was trained on a 'gpt2' model, this model is 'bert'"),
-    ("lora", dict(config=lambda c: c.update(extra_modules="classifier")),
-     "extra_modules must be a list of module names"),
+    ("lora", dict(config=lambda c: c.update(extras="classifier")),
+     "extras must be a list of module names"),
     ("lora", dict(config=lambda c: c.update(members="a")), "members must be a list of adapter names"),
     ("lora", dict(config=lambda c: c.update(members=["m"])),
      "is a fusion of ['m']; load its members ['m'] before it"),
-    ("lora", dict(config=lambda c: c.update(extra_modules=["nope"])), "does not fit this model"),
+    ("lora", dict(config=lambda c: c.update(extras=["nope"])), "does not fit this model"),
     ("lora", dict(config=lambda c: c.update(target_modules=["x"])),
      "targets modules ['x'], but on this model its config resolves to ['bert."),
     ("peft_lora", dict(config=lambda c: c.update(peft_type="BOFT")),  # the list grows with the registry
@@ -768,7 +768,7 @@ def test_the_saved_config_records_the_base_model_whatever_else_is_attached(tmp_p
     assert configs[0]["base_model"] == {"model_type": "bert", "parameters": adapters.base_parameters(),
                                         "shape_sha256": plain.hexdigest()}
     assert configs[0]["peftlab_version"] == peftlab.__version__
-    assert configs[0]["format"] == "peftlab-adapter" and configs[0]["format_version"] == 1
+    assert configs[0]["format"] == "peftlab-adapter" and configs[0]["format_version"] == 2
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64], ids=str)
@@ -1074,7 +1074,7 @@ def test_a_model_without_a_config_saves_and_loads(tmp_path):
     adapters.train("a")
     adapters.save("a", tmp_path / "a", extras=("1",))  # extras named here, not by train
     config = json.loads((tmp_path / "a" / CONFIG_FILE).read_text())
-    assert config["base_model"]["model_type"] is None and config["extra_modules"] == ["1"]
+    assert config["base_model"]["model_type"] is None and config["extras"] == ["1"]
     fresh = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 2))
     assert peftlab.attach(fresh).load(tmp_path / "a") == "a"
 
@@ -1121,3 +1121,24 @@ def test_a_save_into_new_nested_directories_works_and_a_failed_one_leaves_nothin
     with pytest.raises(RuntimeError, match="disk on fire"):
         adapters.save("a", tmp_path / "x" / "z")
     assert sorted(p.name for p in (tmp_path / "x").iterdir()) == ["y"]  # no temporary directory left
+
+
+def test_a_version_1_file_names_its_extras_extra_modules_and_still_loads(tmp_path):
+    model = tiny_bert()
+    adapters = peftlab.attach(model)
+    adapters.add("a", peftlab.LoRAConfig())
+    adapters.activate("a")
+    adapters.train("a", extras=("classifier",))
+    with torch.no_grad():
+        model.classifier.weight.add_(1.0)
+    adapters.save("a", tmp_path / "a")
+    config_file = tmp_path / "a" / "adapter_config.json"
+    config = json.loads(config_file.read_text())
+    assert config["format_version"] == 2 and config["extras"] == ["classifier"]
+    config["format_version"] = 1
+    config["extra_modules"] = config.pop("extras")
+    config_file.write_text(json.dumps(config))
+    fresh = tiny_bert()
+    assert peftlab.attach(fresh).load(tmp_path / "a") == "a"
+    assert torch.equal(fresh.classifier.weight, model.classifier.weight)
+    assert peftlab.attach(fresh)["a"].extras == ("classifier",)

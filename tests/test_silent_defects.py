@@ -187,7 +187,7 @@ def test_plain_trainer_checkpoints_hold_the_adapter_and_resume_it(tmp_path):
     adapters = peftlab.attach(model)
     adapters.add("x", peftlab.LoRAConfig())
     adapters.activate("x")
-    adapters.train("x", also=("classifier",))
+    adapters.train("x", extras=("classifier",))
     trainer = peftlab.adapter_checkpoints(_trainer(model, tmp_path))  # the one line
     trainer.train()
 
@@ -201,7 +201,7 @@ def test_plain_trainer_checkpoints_hold_the_adapter_and_resume_it(tmp_path):
     again = peftlab.attach(fresh)
     again.add("x", peftlab.LoRAConfig())
     again.activate("x")
-    again.train("x", also=("classifier",))
+    again.train("x", extras=("classifier",))
     peftlab.adapter_checkpoints(_trainer(fresh, tmp_path / "resumed")).train(
         resume_from_checkpoint=str(checkpoint))
     restored = peftlab.io.adapter_files(again, "x", None)["adapter_model.safetensors"]

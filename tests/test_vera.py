@@ -43,12 +43,12 @@ def randomize(params, seed: int = 3) -> None:
             p.copy_(0.3 * torch.randn(p.shape, generator=g))
 
 
-def vera(model, config: VeRAConfig, name: str = "v", also: tuple[str, ...] = ()):
+def vera(model, config: VeRAConfig, name: str = "v", extras: tuple[str, ...] = ()):
     """``model`` with an active VeRA adapter whose trainable vectors (and ``also``) are random."""
     adapters = peftlab.attach(model)
     adapters.add(name, config)
     adapters.activate(name)
-    randomize(adapters.train(name, also=also))
+    randomize(adapters.train(name, extras=extras))
     model.eval()
     return adapters
 
@@ -253,7 +253,7 @@ def test_export_loads_in_peft_with_the_same_logits(tmp_path, save_projection):
     base = tiny_bert()
     model = copy.deepcopy(base)
     config = VeRAConfig(r=16, targets=("query", "value", *FFN), save_projection=save_projection)
-    adapters = vera(model, config, also=("classifier",))
+    adapters = vera(model, config, extras=("classifier",))
     out = adapters.export_peft("v", tmp_path / "peft")
     config = json.loads((out / "adapter_config.json").read_text())
     assert (config["peft_type"], config["r"], config["save_projection"]) == ("VERA", 16, save_projection)

@@ -4,7 +4,7 @@
     adapters = peftlab.attach(model)
     adapters.add("sst2", peftlab.LoRAConfig(r=8, alpha=16))
     adapters.activate("sst2")
-    adapters.train("sst2", also=("classifier",))
+    adapters.train("sst2", extras=("classifier",))
 """
 
 from __future__ import annotations

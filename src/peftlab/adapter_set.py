@@ -292,16 +292,17 @@ class AdapterSet:
         for _, layer in self.layers():
             layer.set_active(self._active)
 
-    def train(self, name: str, also: tuple[str, ...] | str = ()) -> list[nn.Parameter]:
-        """Freeze the whole model except adapter ``name`` and the modules named in ``also``
-        (e.g. ``("classifier",)``: a module name or a dotted suffix of one). The ``also``
-        modules are saved with the adapter. Returns the trainable parameters."""
+    def train(self, name: str, extras: tuple[str, ...] | str = ()) -> list[nn.Parameter]:
+        """Freeze the whole model except adapter ``name`` and its *extras*: the modules named in
+        ``extras`` (e.g. ``("classifier",)``: a module name or a dotted suffix of one), trained
+        along with the adapter and saved with it (peft calls them ``modules_to_save``). Returns
+        the trainable parameters."""
         adapter = self[name]
         if name not in self._active:
             raise AdapterStateError(f"adapter {name!r} is not active; call activate({name!r}) first")
         if adapter.merged:
             raise AdapterStateError(f"adapter {name!r} is merged; unmerge it before training")
-        extras = self.resolve_modules((also,) if isinstance(also, str) else tuple(also))
+        extras = self.resolve_modules((extras,) if isinstance(extras, str) else tuple(extras))
         for p in self.model.parameters():
             p.requires_grad_(False)
         trainable = adapter.parameters()
@@ -435,7 +436,7 @@ class AdapterSet:
     # ---- files ------------------------------------------------------------------------------
     def save(self, name: str, path: str | Path, extras: tuple[str, ...] | None = None) -> Path:
         """Write ``adapter_config.json`` and ``adapter_model.safetensors`` to directory ``path``
-        atomically. ``extras`` (default: the ``also`` modules of :meth:`train`) are saved too."""
+        atomically. ``extras`` (default: the extras given to :meth:`train`) are saved too."""
         from peftlab.io import save_adapter
 
         return save_adapter(self, name, Path(path), extras)

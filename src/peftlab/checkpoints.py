@@ -9,7 +9,7 @@ and one line gives the Trainer adapter-sized checkpoints instead::
 
 Each checkpoint (and ``trainer.save_model(dir)``) then holds ``adapter_config.json`` and
 ``adapter_model.safetensors`` of the trained adapter plus the modules trained along with it
-(``adapters.train(name, also=...)``): an adapter directory that ``adapters.load`` reads.
+(``adapters.train(name, extras=...)``): an adapter directory that ``adapters.load`` reads.
 ``trainer.train(resume_from_checkpoint=...)`` and ``load_best_model_at_end`` copy those tensors
 back into the adapter after checking that they are the same adapter. This works for any
 ``Trainer`` subclass (``Seq2SeqTrainer``, TRL's trainers), as peft's models do; it relies on the

@@ -574,7 +574,7 @@ def describe(path: Path) -> dict[str, Any]:
         "config": config.get("config"),
         "adapter_parameters": adapter_params,
         "head_parameters": head_params,
-        "head_modules": config.get("extra_modules", []),
+        "extras": config.get("extras", []),
         "labels": trained.labels() if "id2label" in config else None,
         "bytes": sum(p.stat().st_size for p in trained.adapter.iterdir() if p.is_file()),
         "target_modules": config.get("target_modules", []),
@@ -607,7 +607,7 @@ def inspect(
             ("method", str(info["method"])),
             ("config", json.dumps(info["config"])),
             ("adapter parameters", f"{info['adapter_parameters']:,}"),
-            ("head parameters", f"{info['head_parameters']:,} in {info['head_modules']}"),
+            ("head parameters", f"{info['head_parameters']:,} in {info['extras']}"),
             *([("classes", ", ".join(f"{i}: {n}" for i, n in enumerate(info["labels"])))]
               if info["labels"] else []),
             ("size on disk", f"{info['bytes'] / 1024:.1f} KiB"),
@@ -787,7 +787,7 @@ def _adapter_kib(result: dict[str, Any]) -> float:
 
 def _head_note(result: dict[str, Any]) -> str:
     head = result["trainable_parameters"] - result["adapter_parameters"]
-    return (f"Every adapter file also holds the trained task head {result['head_modules']} "
+    return (f"Every adapter file also holds the trained task head {result['extras']} "
             f"({head:,} parameters, {4 * head / 1024:.0f} KiB), the same for all methods.")
 
 

@@ -565,7 +565,7 @@ def _fusion_run(opts: CompareOptions, tasks: dict[str, dict[str, Any]], target: 
     total = max(1, math.ceil(len(loader) * opts.epochs))
     started = time.perf_counter()
     try:
-        step = len(fit(model, name, loader, total, opts.fusion_lr, also=heads))
+        step = len(fit(model, name, loader, total, opts.fusion_lr, extras=heads))
     except NonFiniteLossError as e:
         raise NonFiniteLossError(f"fusion {e} ({target}, seed {seed})", e.step) from None
     seconds = time.perf_counter() - started

@@ -33,7 +33,7 @@ if TYPE_CHECKING:
     from peftlab.adapter_set import Adapter, AdapterSet
 
 FORMAT = "peftlab-adapter"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the extras' key is "extras" (1: "extra_modules")
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 MAX_CONFIG_BYTES = 1 << 20
@@ -174,6 +174,9 @@ def read_config(path: Path) -> dict[str, Any]:
         raise AdapterLoadError(f"{file} is not valid JSON: {e}") from None
     if not isinstance(data, dict):
         raise AdapterLoadError(f"{file} must hold a JSON object")
+    if data.get("format") == FORMAT and data.get("format_version") == 1 and "extra_modules" in data:
+        # Version 1 named the extras (modules trained and saved with the adapter) "extra_modules".
+        data["extras"] = data.pop("extra_modules")
     return data
 
 
@@ -280,7 +283,7 @@ def adapter_files(adapters: AdapterSet, name: str,
         "config": adapter.config.to_dict(),
         "base_model": fingerprint(adapters.model, adapters),
         "target_modules": [s.module for s in adapter.sites],
-        "extra_modules": list(extras),
+        "extras": list(extras),
     }
     if adapter.members:  # a fusion: its members are separate adapters, loaded before it
         config["members"] = list(adapter.members)
@@ -312,7 +315,7 @@ def restore_adapter(adapters: AdapterSet, name: str, path: Path) -> None:
     adapter = adapters[name]
     data = read_config(path)
     recorded = (data.get("format"), data.get("method"), data.get("config"), data.get("target_modules"),
-                data.get("extra_modules"))
+                data.get("extras"))
     expected = (FORMAT, adapter.config.method, adapter.config.to_dict(),
                 [s.module for s in adapter.sites], list(adapter.extras))
     if recorded != expected:
@@ -368,7 +371,7 @@ def load_adapter(adapters: AdapterSet, path: Path, name: str | None, with_extras
         raise AdapterLoadError(f"{path} was trained with a {clip(repr(pooling))}-pooling head, this "
                                f"model reads {pooling_of(adapters.model)!r}; load the model with the "
                                "same pooling (peftlab.train.load_model(..., pooling=...))")
-    extras = _names(path, data, "extra_modules", "module names")
+    extras = _names(path, data, "extras", "module names")
     names = None
     if "id2label" in data and extras and with_extras and label_names(adapters.model) is not None:
         try:

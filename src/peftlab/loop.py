@@ -65,8 +65,8 @@ def step(loss_of: Callable[[], torch.Tensor], params: Sequence[nn.Parameter],
 
 
 def fit(model: nn.Module, name: str, batches: Iterable[Batch], steps: int, lr: float,
-        also: Sequence[str] = (), **forward: Any) -> list[float]:
-    """Train adapter (or fusion) ``name`` of ``model`` and the modules ``also`` (a task head) for
+        extras: Sequence[str] = (), **forward: Any) -> list[float]:
+    """Train adapter (or fusion) ``name`` of ``model`` and its ``extras`` (a task head) for
     ``steps`` updates, everything else frozen; ``batches`` (dicts of model inputs with
     ``labels``) is iterated again as often as needed, and each batch's tensors are moved to the
     model's device. Leaves ``name`` active and the model in eval mode; returns each step's loss."""
@@ -74,7 +74,7 @@ def fit(model: nn.Module, name: str, batches: Iterable[Batch], steps: int, lr: f
 
     adapters = attach(model)
     adapters.activate(name)
-    params = adapters.train(name, also=tuple(also))
+    params = adapters.train(name, extras=tuple(extras))
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     schedule = get_linear_schedule_with_warmup(optimizer, math.ceil(WARMUP * steps), steps)
     device = params[0].device if params else torch.device("cpu")

@@ -199,7 +199,7 @@ def prepare(model: nn.Module, method: str, heads: Sequence[str] = (), members: i
         name = method
         adapters.add(name, config if config is not None else method_config(method))
     adapters.activate(name)
-    return name, adapters.train(name, also=tuple(heads))
+    return name, adapters.train(name, extras=tuple(heads))
 
 
 # ---- the measurement --------------------------------------------------------------------------

@@ -11,7 +11,7 @@ them (:mod:`peftlab.methods.fusion`) on the target task::
     adapters.save(result.fusion, "out/fusion")  # the fusion and its head; records its members
 
 Heads: one classification head per adapter, named like it, in ``model.heads`` (a ModuleDict
-over one shared backbone). Each head is trained with its adapter (``also=("heads.<name>",)``)
+over one shared backbone). Each head is trained with its adapter (``extras=("heads.<name>",)``)
 and saved in the adapter's file, so loading an adapter brings its head back; the fusion gets
 its own head (a copy of the target task's stage-1 head to start from), so stage 2 never changes
 what the stage-1 adapters predict. One model serves all tasks: ``out.logits[name]`` holds every
@@ -20,7 +20,7 @@ head's scores, which is what per-example routing needs (``with adapters.route([.
 
 Both stages train with :func:`peftlab.loop.fit`, the loop of ``peftlab compare``'s fusion stage
 too (AdamW without weight decay, 6% warm-up then linear decay, clipping at 1.0; no evaluation);
-for more, train each stage with your own loop using ``adapters.train(name, also=...)`` and
+for more, train each stage with your own loop using ``adapters.train(name, extras=...)`` and
 ``adapters.fusion_penalty``.
 """
 
@@ -120,7 +120,7 @@ def train_adapter(model: MultiTaskModel, name: str, batches: Batches, epochs: in
     else stays frozen. Returns the losses. A fusion's loss includes its ``fusion_penalty``."""
     if not isinstance(batches, Sized):
         batches = list(batches)  # the schedule needs the number of steps; a generator runs once
-    return fit(model, name, batches, epochs * len(batches), lr, also=(f"heads.{name}",), head=name)
+    return fit(model, name, batches, epochs * len(batches), lr, extras=(f"heads.{name}",), head=name)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -177,10 +177,10 @@ def load_model(model_id: str, task: str, num_labels: int, pooling: str = "auto",
         tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
     if getattr(model.config, "pad_token_id", None) is None:
         model.config.pad_token_id = tokenizer.pad_token_id
-    return model, tokenizer, head_modules(model, task)
+    return model, tokenizer, task_head(model, task)
 
 
-def head_modules(model: nn.Module, task: str) -> tuple[str, ...]:
+def task_head(model: nn.Module, task: str) -> tuple[str, ...]:
     """The task head, trained and saved with the adapter: top-level children with parameters
     other than the base model (``classifier``, ``score``, ``classification_head`` ...), plus the
     base model's ``pooler`` where there is one (BERT family). The pooler (dense + tanh over the
@@ -721,7 +721,7 @@ def run_training(opts: TrainOptions, console: Console | None = None,
         adapters = attach(model)
         adapters.add(name, config)
         adapters.activate(name)
-        adapters.train(name, also=heads)
+        adapters.train(name, extras=heads)
         row = adapters.summary()[name]
         summary = (f"{opts.method}: {row.parameters:,} adapter parameters ({row.percent:.3f}% of "
                    f"{adapters.base_parameters():,}) at {row.sites} sites; head {list(heads)} trained too")
@@ -876,7 +876,7 @@ def run_training(opts: TrainOptions, console: Console | None = None,
         "train_loss_mean": sum(losses) / len(losses) if losses else None,
         "trainable_parameters": sum(p.numel() for p in trainable.values()),
         "adapter_parameters": None if adapters is None else adapters.summary()[name].parameters,
-        "head_modules": list(heads),
+        "extras": list(heads),
         "base_parameters": (sum(p.numel() for p in model.parameters()) if adapters is None
                             else adapters.base_parameters()),
         "timing": {"train_seconds": train_seconds, "processes": world_size},

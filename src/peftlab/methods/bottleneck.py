@@ -9,7 +9,7 @@ Parameters per adapted module: ``2·m·d + m + d``. Presets:
 
 - :meth:`BottleneckConfig.houlsby`: after the attention output and after the FFN (two per block),
   Swish, reduction 16. Houlsby also trained the LayerNorms; do that with
-  ``adapters.train(name, also=("LayerNorm",))`` (BERT-family names; ``also`` takes any module
+  ``adapters.train(name, extras=("LayerNorm",))`` (BERT-family names; ``extras`` takes any module
   name or dotted suffix, and the modules are saved with the adapter).
 - :meth:`BottleneckConfig.pfeiffer`: after the FFN only, ReLU, reduction 16 (the adapter that
   AdapterFusion fuses).
