@@ -156,6 +156,19 @@ def test_cat_is_the_exact_weighted_sum_and_linear_is_not(pair):
         assert (linear[m] - exact[m]).abs().max() > 1e-2  # peft's cross terms B_i·A_j
 
 
+def test_one_source_is_combined_as_asked(pair):
+    """peft turns any way into linear for one adapter; peftlab does what was asked: linear scales
+    ΔW by w, and TIES with density 0.5 keeps half of each factor's entries."""
+    _, _, adapters, _ = pair
+    src = ours(adapters, "t1")
+    scaled = ours(adapters, adapters.combine("one-lin", ["t1"], [0.3], "linear"))
+    for m in src:
+        assert torch.allclose(scaled[m], 0.3 * src[m], atol=1e-6)
+    adapters.combine("one-ties", ["t1"], [1.0], "ties", density=0.5)
+    for piece in adapters["one-ties"].pieces.values():
+        assert (piece.lora_A != 0).float().mean() == 0.5 and (piece.lora_B != 0).float().mean() == 0.5
+
+
 def test_combined_logits_match_peft(pair):
     pm, model, adapters, base = pair
     _, _, name = both(pair, ["t1", "t2", "t3"], [0.6, 0.3, 0.5], "svd", svd_rank=4)
@@ -404,6 +417,7 @@ def mixed(tmp_path):
     (["l4", "l4"], [1, 1], "linear", {}, peftlab.AdapterNameError, "twice"),
     (["l4", "nope"], [1, 1], "linear", {}, peftlab.AdapterNameError, "no adapter named"),
     ([], [], "linear", {}, peftlab.ConfigError, "non-empty"),
+    ("l4", [1], "linear", {}, peftlab.ConfigError, "list of adapter names"),
 ])
 def test_bad_requests_are_refused_before_the_model_changes(mixed, sources, weights, how, options, error,
                                                            message):

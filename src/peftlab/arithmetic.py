@@ -39,8 +39,10 @@ The new LoRA adapter has ``alpha = r`` (scale 1: the sources' scales are inside 
 dropout and targets of the first source. (IA)³ vectors combine with ``linear`` only, as in peft:
 ``l = Σ w_i·l_i``. DARE draws its masks from ``torch.Generator().manual_seed(seed)`` (``seed=None``:
 torch's global generator), one Bernoulli draw per source tensor in peft's order (modules in
-model order; per module the ``A``\\ s, then the ``B``\\ s), so a seed gives the same masks as peft
-does after ``torch.manual_seed(seed)`` at the first draw.
+model order; per module the ``A``\\ s, then the ``B``\\ s): the masks are those peft draws from a
+generator in that state. (peft draws from torch's global generator *after* initialising the new
+adapter's layers, which uses it too, so ``torch.manual_seed(seed)`` before its call does not give
+the same masks; the tests hand peft's ``random_pruning`` the seeded generator instead.)
 
 Where peftlab deliberately differs from peft, and why:
 
@@ -317,8 +319,10 @@ def combine(adapters: AdapterSet, new_name: str, sources: Sequence[str], weights
     """Add adapter ``new_name`` combining ``sources`` with ``weights`` (see the module docstring);
     everything is checked and computed before the model changes. Returns ``new_name``; the new
     adapter is inactive, like one from :meth:`AdapterSet.add`."""
-    recipe = check_recipe(how, weights, len(sources) if isinstance(sources, Sequence) else 0, density,
-                          majority_sign_method, seed, svd_rank, svd_clamp)
+    if isinstance(sources, str) or not isinstance(sources, Sequence):
+        raise ConfigError(f"sources must be a list of adapter names, got {clip(repr(sources))}")
+    recipe = check_recipe(how, weights, len(sources), density, majority_sign_method, seed, svd_rank,
+                          svd_clamp)
     found = check_sources(adapters, new_name, sources, recipe)
     generator = None if recipe.seed is None else torch.Generator().manual_seed(recipe.seed)
     first = found[0].config
