@@ -433,6 +433,9 @@ def test_new_name_is_checked(mixed):
         mixed.combine("l2", ["l4", "l4b"], [1, 1])
     with pytest.raises(peftlab.AdapterNameError, match="invalid"):
         mixed.combine("a/b", ["l4", "l4b"], [1, 1])
+    with pytest.raises(peftlab.AdapterNameError, match="contains '.'"):
+        mixed.combine("cat-0.5", ["l4", "l4b"], [1, 1], "cat")
+    assert "cat-0.5" not in mixed
 
 
 def test_lora_on_routed_experts_is_refused():

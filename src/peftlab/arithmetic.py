@@ -265,6 +265,11 @@ def check_sources(adapters: AdapterSet, new_name: str, sources: object, recipe: 
     from peftlab.adapter_set import check_name
 
     check_name(new_name)
+    if "." in new_name:
+        # check_name lets dots through, but the pieces live in a torch ModuleDict, which refuses
+        # them only once the model is being changed.
+        raise AdapterNameError(f"adapter name {new_name!r} contains '.', which torch refuses in module "
+                               "names; use '-' or '_'")
     if new_name in adapters:
         raise AdapterNameError(f"an adapter named {new_name!r} exists; remove it or pick another")
     if isinstance(sources, str) or not isinstance(sources, Sequence) or not sources:
