@@ -11,7 +11,7 @@ Each task keeps its own trained classification head (the heads are not combined:
 different labels), so "adapter X on task T" means X's LoRA under T's head. This is a quality
 measurement; the timings in the report are wall times on a shared machine.
 
-    python benchmarks/combine.py                      # ~5 min on 2 cores
+    python benchmarks/combine.py --max-train-samples 600 --epochs 2   # RESULTS.md run (44 min, shared)
     python benchmarks/combine.py --tasks sst2,qnli_devsplit --max-train-samples 500 --out /tmp/c
 
 Writes ``results.json`` and ``results.md`` to ``--out`` (default ``benchmarks/results/combine``).
