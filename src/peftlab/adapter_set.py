@@ -195,6 +195,20 @@ class AdapterSet:
             raise ConfigError(f"add_fusion needs a FusionConfig, got {type(config).__name__}")
         self.install(name, self.build(config, tuple(members)))
 
+    def combine(self, new_name: str, sources: Sequence[str], weights: Sequence[float],
+                how: str = "linear", *, density: float | None = None,
+                majority_sign_method: str | None = None, seed: int | None = None,
+                svd_rank: int | None = None, svd_clamp: float | None = None) -> str:
+        """Add ``new_name``, an ordinary LoRA (or (IA)³) adapter combining ``sources`` with
+        ``weights``: ``how`` is linear, cat, svd, ties, dare_linear, dare_ties (or ties_svd,
+        dare_linear_svd, dare_ties_svd), as HF peft's ``add_weighted_adapter`` defines them; see
+        :mod:`peftlab.arithmetic`. Checked fully before the model changes; returns the name."""
+        from peftlab.arithmetic import combine
+
+        return combine(self, new_name, sources, weights, how, density=density,
+                       majority_sign_method=majority_sign_method, seed=seed, svd_rank=svd_rank,
+                       svd_clamp=svd_clamp)
+
     def build(self, config: AdapterConfig, members: tuple[str, ...] = ()) -> Adapter:
         """Everything an adapter needs, built and checked without touching the model; then
         :meth:`install` puts it in. Loaders fill the built pieces' tensors in between, so that a

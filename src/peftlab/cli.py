@@ -1,4 +1,5 @@
-"""The ``peftlab`` command: train, eval, predict, merge, export, inspect, inspect-model and demo.
+"""The ``peftlab`` command: train, eval, predict, merge, export, combine, inspect, inspect-model,
+methods and demo.
 
 Exit codes: 0 success; 2 bad input (a one-line ``error:`` message naming the problem and the
 fix; nothing in ``--out`` was written); 3 training diverged (NaN/inf loss; checkpoints kept).
@@ -223,15 +224,15 @@ class _Trained:
                              "next to the adapter records it)")
         return str(model)
 
-    def attach_to(self, model: Any) -> str:
-        """Load the adapter into ``model`` after checking it was trained on this base model;
-        returns the adapter's name (activated)."""
+    def attach_to(self, model: Any, name: str | None = None) -> str:
+        """Load the adapter into ``model`` (as ``name``, default: its own) after checking it was
+        trained on this base model; returns the adapter's name (activated)."""
         from peftlab import attach
         from peftlab.io import fingerprint
 
         adapters = attach(model)
         assert self.adapter is not None
-        name = adapters.load(self.adapter)
+        name = adapters.load(self.adapter, name)
         adapters.activate(name)
         recorded = self.config.get("base_model", {})
         current = fingerprint(model, adapters)
@@ -537,6 +538,117 @@ def export(
 
         path = attach(net).export_peft(name, out)
         _console().print(f"exported {trained.config.get('method')} adapter {name!r} to {path} (peft format)")
+
+
+# ---- combine --------------------------------------------------------------------------------------
+@app.command()
+def combine(
+    adapter: Annotated[list[Path], typer.Option(
+        help="Run or adapter directory of a LoRA (or (IA)3) adapter; repeat it for each source.")],
+    weights: Annotated[str, typer.Option(help="Comma-separated weights, one per --adapter (e.g. 0.5,0.5).")],
+    out: Annotated[Path, typer.Option(help="New directory for the combined adapter.")],
+    how: Annotated[str, typer.Option(
+        help="linear, cat, svd, ties, dare_linear, dare_ties, ties_svd, dare_linear_svd or dare_ties_svd "
+             "(as HF peft's add_weighted_adapter; (IA)3: linear).")] = "linear",
+    model: Annotated[str | None, typer.Option(help="Base model (default: the one in run.json).")] = None,
+    density: Annotated[float | None, typer.Option(
+        help="Fraction of entries kept, in (0, 1]; needed by ties and dare_*.")] = None,
+    majority_sign_method: Annotated[str | None, typer.Option(
+        help="TIES sign election: total (default) or frequency.")] = None,
+    seed: Annotated[int | None, typer.Option(help="Seed of DARE's random drops.")] = None,
+    svd_rank: Annotated[int | None, typer.Option(
+        help="Rank of the *svd results (default: the largest source rank).")] = None,
+    svd_clamp: Annotated[float | None, typer.Option(
+        help="Clip the svd factors at this quantile of their entries (peft's svd_clamp).")] = None,
+    head_from: Annotated[int | None, typer.Option(
+        help="Save the task head of the N-th --adapter (1-based) with the result; 0: no head. "
+             "Needed when the sources' heads differ.")] = None,
+    name: Annotated[str, typer.Option(help="Name of the combined adapter.")] = "combined",
+) -> None:
+    """Combine trained adapters into one (task arithmetic, TIES, DARE, SVD); see peftlab.arithmetic."""
+    with _errors():
+        from peftlab.arithmetic import check_recipe
+
+        try:
+            numbers = [float(w) for w in _csv(weights)]
+        except ValueError:
+            raise UsageError(f"--weights {weights!r}: give comma-separated numbers, e.g. 0.5,0.5") from None
+        # Options first: a bad one fails before any model is loaded.
+        check_recipe(how, numbers, len(adapter), density, majority_sign_method, seed, svd_rank, svd_clamp)
+        if head_from is not None and not 0 <= head_from <= len(adapter):
+            raise UsageError(f"--head-from {head_from}: give 1..{len(adapter)} (an --adapter), or 0 "
+                             "for no head")
+        _check_new_dir(out)
+        sources = [_Trained(p) for p in adapter]
+        for path, trained in zip(adapter, sources):
+            if trained.adapter is None:
+                raise UsageError(f"{path} holds a fully fine-tuned model, not an adapter")
+        base = {t.base_model(model) for t in sources}
+        if len(base) > 1:
+            raise UsageError(f"the adapters were trained on different base models {sorted(base)}; pass "
+                             "--model if they are the same model in different places")
+        pooling = {t.pooling() for t in sources}
+        heads = {t.task_and_labels("classification") for t in sources}
+        if len(pooling) > 1 or len(heads) > 1:
+            raise UsageError("the adapters were trained for different heads (pooling "
+                             f"{sorted(pooling)}, task and labels {sorted(heads, key=str)}); combine "
+                             "adapters of one kind of head")
+        task, num_labels = heads.pop()
+        from peftlab import attach
+        from peftlab.io import adapter_files, write_dir_atomic
+        from peftlab.train import load_model
+
+        net, _, _ = load_model(base.pop(), task, num_labels or 2, pooling.pop())
+        adapters = attach(net)
+        names, saved_heads = [], []
+        for i, trained in enumerate(sources, 1):
+            names.append(trained.attach_to(net, f"source{i}"))
+            # Loading writes the adapter's head into the model; keep each one to choose from.
+            saved_heads.append({m: {k: v.clone() for k, v in net.get_submodule(m).state_dict().items()}
+                                for m in adapters[names[-1]].extras})
+        head = _chosen_head(saved_heads, head_from)
+        adapters.combine(name, names, numbers, how, density=density,
+                         majority_sign_method=majority_sign_method, seed=seed, svd_rank=svd_rank,
+                         svd_clamp=svd_clamp)
+        for module, state in head.items():
+            net.get_submodule(module).load_state_dict(state)
+        files = adapter_files(adapters, name, tuple(head))
+        files["README.md"] = _combine_readme(adapter, numbers, how, density, majority_sign_method, seed,
+                                             svd_rank, svd_clamp, head_from, head).encode()
+        write_dir_atomic(out, files)
+        method = adapters[name].config.method
+        _console().print(f"combined {len(names)} {method} adapters ({how}, weights {numbers}) into {out}"
+                         + (f" with the head of --adapter {head_from or 1}" if head else " (no task head)"))
+
+
+def _chosen_head(heads: list[dict[str, Any]], head_from: int | None) -> dict[str, Any]:
+    """The task head saved with the combined adapter: the one asked for, else the sources' common
+    one; sources with different heads need ``--head-from`` (heads of different tasks cannot be
+    averaged into anything meaningful)."""
+    import torch
+
+    if head_from is not None:
+        return heads[head_from - 1] if head_from else {}
+    first = heads[0]
+    same = all(h.keys() == first.keys() and all(
+        h[m].keys() == first[m].keys() and all(torch.equal(h[m][k], first[m][k]) for k in first[m])
+        for m in first) for h in heads)
+    if not same:
+        raise UsageError("the adapters carry different task heads; pass --head-from N to save the N-th "
+                         "--adapter's head with the combined adapter, or --head-from 0 for none")
+    return first
+
+
+def _combine_readme(paths: list[Path], weights: list[float], how: str, density: float | None,
+                    sign: str | None, seed: int | None, svd_rank: int | None, svd_clamp: float | None,
+                    head_from: int | None, head: dict[str, Any]) -> str:
+    options = {k: v for k, v in (("density", density), ("majority_sign_method", sign), ("seed", seed),
+                                 ("svd_rank", svd_rank), ("svd_clamp", svd_clamp)) if v is not None}
+    lines = ["# Combined adapter", "", f"Made by `peftlab combine --how {how}` from:", ""]
+    lines += [f"- `{p}` with weight {w:g}" for p, w in zip(paths, weights)]
+    lines += ["", f"Options: {json.dumps(options)}." if options else "No further options.",
+              f"Task head: {'that of source ' + str(head_from or 1) if head else 'none'}.", ""]
+    return "\n".join(lines)
 
 
 # ---- inspect --------------------------------------------------------------------------------------

@@ -137,7 +137,7 @@ class CompareOptions:
                 check_name(n)
             except AdapterNameError:
                 raise UsageError(f"--data: task folder name {n!r} cannot name an adapter; rename the "
-                                 "folder (letters, digits, '_', '.', '-')") from None
+                                 "folder (letters, digits, '_', '+', '-')") from None
         known = all_methods()
         unknown = [m for m in self.methods if m not in known]
         if unknown or not self.methods:
