@@ -87,13 +87,14 @@ class DoRAConfig(LoRAConfig):
 
 
 def row_norms(weight: torch.Tensor, A: torch.Tensor, B: torch.Tensor, s: float) -> torch.Tensor:
-    """``‖W + s·B·A‖`` of each row of ``weight [out, in]``, as float32, without forming
-    ``W + s·B·A`` (see the module docstring) and without gradient."""
+    """``‖W + s·B·A‖`` of each row of ``weight [out, in]`` without forming ``W + s·B·A`` (see the
+    module docstring) and without gradient; summed in float32 at least (bf16 weights lose too
+    much in the three-term sum otherwise)."""
     with torch.no_grad():
-        f32 = torch.float32
-        w2 = torch.linalg.vector_norm(weight, dim=1, dtype=f32).square()
-        cross = ((weight @ A.t()).to(f32) * B.to(f32)).sum(1)
-        a, b = A.to(f32), B.to(f32)
+        acc = torch.promote_types(weight.dtype, torch.float32)
+        w2 = torch.linalg.vector_norm(weight, dim=1, dtype=acc).square()
+        a, b = A.to(acc), B.to(acc)
+        cross = ((weight @ A.t()).to(acc) * b).sum(1)
         own = ((b @ (a @ a.t())) * b).sum(1)
         return (w2 + (2 * s) * cross + (s * s) * own).clamp_min(0).sqrt()
 
