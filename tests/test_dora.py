@@ -149,6 +149,17 @@ def test_gradients_of_the_fused_node_equal_plain_autograd_with_the_norm_detached
         assert torch.allclose(ours, ref, atol=1e-5, rtol=1e-4)
 
 
+def test_a_model_that_scales_the_output_in_place_still_gets_exact_gradients():
+    """Longformer divides its query by √d in place; the node then recomputes what it needs."""
+    model, layer, piece = _one_layer()
+    x = torch.randn(4, 24)
+    tensors = [piece.lora_A, piece.lora_B, piece.magnitude]
+    ours = _grads(model, tensors, x, lambda x: model(x).div_(3.0))
+    reference = _grads(model, tensors, x, lambda x: _reference(layer, piece, x) / 3.0)
+    for o, r in zip(ours, reference, strict=True):
+        assert torch.allclose(o, r, atol=1e-5, rtol=1e-4)
+
+
 def test_a_trainable_base_weight_gets_its_gradient_through_the_rescaling():
     model, layer, piece = _one_layer(trainable_base=True)
     x = torch.randn(3, 24)

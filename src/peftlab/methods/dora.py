@@ -29,8 +29,9 @@ or ``model.to`` would make stale). It loses precision only where the row nearly 
 Linear/Conv1D, ``fused_linear`` computes ``c ⊙ (x·W0ᵀ + s·(x·Aᵀ)·Bᵀ) + b`` in one node
 (:class:`_DoRALinear`): one GEMM over ``x`` for ``W0`` (the layer's own, not a second one for
 ``W0·x`` as in peft), the rank-r update added in place, then the scale and the bias in place.
-Backward saves ``x`` and ``x·Aᵀ`` as LoRA does, plus the output ``h``, which the attention that
-consumes it saves anyway; ``∂m`` uses ``W0·x + s·B·A·x = (h − b)/c``, exact while no ``c`` is 0.
+Backward saves ``x`` and ``x·Aᵀ`` as LoRA does, and keeps the output ``h``, which the attention
+that consumes it saves anyway; ``∂m`` uses ``W0·x + s·B·A·x = (h − b)/c``, exact while no ``c``
+is 0 (a model that scales ``h`` in place, as Longformer does its query, gets it recomputed).
 Everything else uses plain autograd (:meth:`DoRA.add_delta`), which needs ``W0·x`` of its own:
 another GEMM. That is the case with adapter dropout while training, where peft also rescales
 ``W0·dropout(x)`` (not the layer's ``W0·x``) and we do the same, with other adapters on the
@@ -173,8 +174,10 @@ class DoRA(LoRA):
 
 class _DoRALinear(torch.autograd.Function):
     """``h = c ⊙ (x·Wᵀ + s·(x·Aᵀ)·Bᵀ) + b`` with ``W`` frozen and ``c`` (from ``m``, the norm
-    detached) a leaf of this node. Saves LoRA's ``x`` and ``x·Aᵀ`` plus the output ``h``:
-    ``∂c = Σ g ⊙ (h − b) / c``; the other gradients are LoRA's with ``g`` replaced by ``g ⊙ c``."""
+    detached) an input of this node. Saves LoRA's ``x`` and ``x·Aᵀ`` and keeps the output ``h``
+    (whose storage the consumer saves anyway): ``∂c = Σ g ⊙ (h − b) / c``, or ``Σ g ⊙ (x·Wᵀ +
+    s·(x·Aᵀ)·Bᵀ)`` recomputed when the model changed ``h`` in place; the other gradients are
+    LoRA's with ``g`` replaced by ``g ⊙ c``."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, A, B, s, c):  # type: ignore[override]
@@ -184,13 +187,19 @@ class _DoRALinear(torch.autograd.Function):
         h2.addmm_(xa, B.t(), alpha=s).mul_(c)
         if bias is not None:
             h2.add_(bias)
-        ctx.save_for_backward(x, xa, weight, bias, A, B, c, h if ctx.needs_input_grad[6] else None)
+        ctx.save_for_backward(x, xa, weight, bias, A, B, c)
         ctx.s = s
+        # The output, for ∂c, kept as an alias rather than saved: a model that scales it in place
+        # (Longformer's query) would make a saved output fail backward; backward then sees the
+        # alias's version moved and recomputes instead. (Detached: no reference cycle to this node.)
+        ctx.out = h.detach() if ctx.needs_input_grad[6] else None
+        ctx.out_version = h._version
         return h
 
     @staticmethod
     def backward(ctx, g):  # type: ignore[override]
-        x, xa, weight, bias, A, B, c, h = ctx.saved_tensors
+        x, xa, weight, bias, A, B, c = ctx.saved_tensors
+        out, ctx.out = ctx.out, None  # freed now, not when the graph goes (a retained graph recomputes)
         need_x, _, need_bias, need_A, need_B, _, need_c = ctx.needs_input_grad
         g2 = g.reshape(-1, g.shape[-1])
         gc = g2 * c
@@ -202,11 +211,14 @@ class _DoRALinear(torch.autograd.Function):
             grad_A = gb.t() @ x.reshape(-1, x.shape[-1])
         if need_B:
             grad_B = (xa.t() @ gc).t().mul_(ctx.s)
-        if need_c:
-            z = h.reshape(-1, h.shape[-1])
+        if need_c and out is not None and out._version == ctx.out_version:
+            z = out.reshape(-1, out.shape[-1])  # c ⊙ (x·Wᵀ + s·(x·Aᵀ)·Bᵀ) + b
             z = (z - bias) if bias is not None else z.clone()
             tiny = torch.finfo(c.dtype).tiny
             grad_c = z.mul_(g2).sum(0) / torch.where(c.abs() < tiny, torch.full_like(c, tiny), c)
+        elif need_c:  # the output was changed in place: x·Wᵀ + s·(x·Aᵀ)·Bᵀ once more
+            z = F.linear(x.reshape(-1, x.shape[-1]), weight).addmm_(xa, B.t(), alpha=ctx.s)
+            grad_c = z.mul_(g2).sum(0)
         if need_bias:
             grad_bias = g2.sum(0)
         return grad_x, None, grad_bias, grad_A, grad_B, None, grad_c
