@@ -36,7 +36,9 @@ def moved(adapters: peftlab.AdapterSet, name: str, scale: float = 0.2, seed: int
 
 
 def dora_model(base: torch.nn.Module, config: peftlab.DoRAConfig | None = None, name: str = "d"):
-    model = copy.deepcopy(base)
+    """A copy of ``base`` with DoRA ``name`` active and moved. The base is frozen, as in training
+    (``train`` freezes it), so that DoRA runs as its fused node where it is alone on a layer."""
+    model = copy.deepcopy(base).requires_grad_(False)
     adapters = peftlab.attach(model)
     adapters.add(name, config or peftlab.DoRAConfig())
     adapters.activate(name)
@@ -71,11 +73,13 @@ def with_literal_weights(base: torch.nn.Module, model: torch.nn.Module) -> torch
 
 
 # ---- the math -----------------------------------------------------------------------------------
+# 12 tokens scale the output by c, 40 tokens (at least the 32 input features) scale W's rows
+@pytest.mark.parametrize("length", [6, 20])
 @pytest.mark.parametrize("family", ["bert", "llama", "gpt2"])
-def test_output_is_the_model_with_the_literal_decomposed_weight(family):
+def test_output_is_the_model_with_the_literal_decomposed_weight(family, length):
     base = tiny_model(family)
     model, _ = dora_model(base)
-    inputs = tiny_inputs(family)
+    inputs = tiny_inputs(family, length=length)
     with torch.no_grad():
         ours, plain = model(**inputs)[0], base(**inputs)[0]
         literal = with_literal_weights(base, model)(**inputs)[0]
@@ -132,10 +136,11 @@ def _grads(model, tensors, x, run) -> list[torch.Tensor]:
     return [t.grad.clone() for t in tensors]
 
 
+@pytest.mark.parametrize("tokens", [5, 16])  # fewer than the 24 inputs: c scales h; more: W's rows
 @pytest.mark.parametrize("bias", [True, False])
-def test_gradients_of_the_fused_node_equal_plain_autograd_with_the_norm_detached(bias):
+def test_gradients_of_the_fused_node_equal_plain_autograd_with_the_norm_detached(bias, tokens):
     model, layer, piece = _one_layer(bias=bias)
-    x = torch.randn(2, 5, 24, dtype=torch.float32).requires_grad_()
+    x = torch.randn(2, tokens, 24, dtype=torch.float32).requires_grad_()
     tensors = [x, piece.lora_A, piece.lora_B, piece.magnitude]
     fused = _grads(model, tensors, x, model)
     assert layer._fast_path()  # the custom autograd node ran
@@ -152,7 +157,7 @@ def test_gradients_of_the_fused_node_equal_plain_autograd_with_the_norm_detached
 def test_a_model_that_scales_the_output_in_place_still_gets_exact_gradients():
     """Longformer divides its query by √d in place; the node then recomputes what it needs."""
     model, layer, piece = _one_layer()
-    x = torch.randn(4, 24)
+    x = torch.randn(30, 24)
     tensors = [piece.lora_A, piece.lora_B, piece.magnitude]
     ours = _grads(model, tensors, x, lambda x: model(x).div_(3.0))
     reference = _grads(model, tensors, x, lambda x: _reference(layer, piece, x) / 3.0)

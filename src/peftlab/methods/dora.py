@@ -177,16 +177,27 @@ class _DoRALinear(torch.autograd.Function):
     detached) an input of this node. Saves LoRA's ``x`` and ``x·Aᵀ`` and keeps the output ``h``
     (whose storage the consumer saves anyway): ``∂c = Σ g ⊙ (h − b) / c``, or ``Σ g ⊙ (x·Wᵀ +
     s·(x·Aᵀ)·Bᵀ)`` recomputed when the model changed ``h`` in place; the other gradients are
-    LoRA's with ``g`` replaced by ``g ⊙ c``."""
+    LoRA's with ``g`` replaced by ``g ⊙ c``.
+
+    ``c`` goes where it is cheapest: into the rows of ``W`` and ``B`` (``c ⊙ W`` is [out, in])
+    when the batch has at least ``in`` tokens, so that the GEMMs apply it and add the bias, and
+    no pass over the [tokens, out] activations or their gradient is added to LoRA's; onto the
+    output (and ``g``) otherwise, for small batches and wide inputs."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, A, B, s, c):  # type: ignore[override]
-        xa = F.linear(x.reshape(-1, x.shape[-1]), A)
-        h = F.linear(x, weight)
-        h2 = h.view(-1, h.shape[-1])  # a view, so the in-place steps below write ``h``
-        h2.addmm_(xa, B.t(), alpha=s).mul_(c)
-        if bias is not None:
-            h2.add_(bias)
+        x2 = x.reshape(-1, x.shape[-1])
+        xa = F.linear(x2, A)
+        ctx.fold = x2.shape[0] >= x2.shape[1]
+        if ctx.fold:
+            h = F.linear(x, weight * c[:, None], bias)
+            h.view(-1, h.shape[-1]).addmm_(xa, (B * c[:, None]).t(), alpha=s)
+        else:
+            h = F.linear(x, weight)
+            h2 = h.view(-1, h.shape[-1])  # a view, so the in-place steps below write ``h``
+            h2.addmm_(xa, B.t(), alpha=s).mul_(c)
+            if bias is not None:
+                h2.add_(bias)
         ctx.save_for_backward(x, xa, weight, bias, A, B, c)
         ctx.s = s
         # The output, for ∂c, kept as an alias rather than saved: a model that scales it in place
@@ -202,15 +213,18 @@ class _DoRALinear(torch.autograd.Function):
         out, ctx.out = ctx.out, None  # freed now, not when the graph goes (a retained graph recomputes)
         need_x, _, need_bias, need_A, need_B, _, need_c = ctx.needs_input_grad
         g2 = g.reshape(-1, g.shape[-1])
-        gc = g2 * c
-        gb = (gc @ B).mul_(ctx.s)  # ∂(x·Aᵀ), scaled
+        if ctx.fold:  # g·(c ⊙ W) and g·(c ⊙ B): c scales the small matrices, not g
+            gw, w, b = g2, weight * c[:, None], B * c[:, None]
+        else:
+            gw, w, b = g2 * c, weight, B
+        gb = (gw @ b).mul_(ctx.s)  # ∂(x·Aᵀ), scaled
         grad_x = grad_bias = grad_A = grad_B = grad_c = None
         if need_x:
-            grad_x = (gc @ weight).addmm_(gb, A).view(x.shape)
+            grad_x = (gw @ w).addmm_(gb, A).view(x.shape)
         if need_A:
             grad_A = gb.t() @ x.reshape(-1, x.shape[-1])
         if need_B:
-            grad_B = (xa.t() @ gc).t().mul_(ctx.s)
+            grad_B = (xa.t() @ gw).t().mul_(c[:, None] * ctx.s if ctx.fold else ctx.s)
         if need_c and out is not None and out._version == ctx.out_version:
             z = out.reshape(-1, out.shape[-1])  # c ⊙ (x·Wᵀ + s·(x·Aᵀ)·Bᵀ) + b
             z = (z - bias) if bias is not None else z.clone()
