@@ -357,7 +357,7 @@ def test_routed_experts_are_refused():
 def test_save_and_load_round_trip(bert, tmp_path):
     model, adapters = dora_model(bert, peftlab.DoRAConfig(r=4, targets=("query", "value", "ffn_down")))
     adapters.save("d", tmp_path / "d")
-    fresh = copy.deepcopy(bert)
+    fresh = copy.deepcopy(bert).requires_grad_(False)  # frozen like ``model``: the same code path
     loaded = peftlab.attach(fresh)
     loaded.activate(loaded.load(tmp_path / "d"))
     inputs = tiny_inputs("bert")
