@@ -27,8 +27,11 @@ or ``model.to`` would make stale). It loses precision only where the row nearly 
 
 **One autograd node (the fast path).** When DoRA is the only piece running on a frozen
 Linear/Conv1D, ``fused_linear`` computes ``c ⊙ (x·W0ᵀ + s·(x·Aᵀ)·Bᵀ) + b`` in one node
-(:class:`_DoRALinear`): one GEMM over ``x`` for ``W0`` (the layer's own, not a second one for
-``W0·x`` as in peft), the rank-r update added in place, then the scale and the bias in place.
+(:class:`_DoRALinear`): one GEMM over ``x`` for ``W0`` (the layer's own; peft reuses it too when
+dropout is off, at the price of several elementwise passes that autograd records), the rank-r
+update added in place, and ``c`` applied where it costs least: folded into the rows of ``W0`` and
+``B`` ([out, in], so the GEMMs apply it and add the bias) when the batch has at least ``in``
+tokens, as in training; onto the [tokens, out] output otherwise.
 Backward saves ``x`` and ``x·Aᵀ`` as LoRA does, and keeps the output ``h``, which the attention
 that consumes it saves anyway; ``∂m`` uses ``W0·x + s·B·A·x = (h − b)/c``, exact while no ``c``
 is 0 (a model that scales ``h`` in place, as Longformer does its query, gets it recomputed).
@@ -36,8 +39,8 @@ Everything else uses plain autograd (:meth:`DoRA.add_delta`), which needs ``W0·
 another GEMM. That is the case with adapter dropout while training, where peft also rescales
 ``W0·dropout(x)`` (not the layer's ``W0·x``) and we do the same, with other adapters on the
 layer (DoRA then rescales ``W0·x`` of the weight alone, not what the others add), with a
-trainable base weight (which then gets its gradient through the rescaling too), and under
-autocast.
+trainable base weight (which then gets its gradient through the rescaling too; before
+``train()`` freezes the base this includes inference), and under autocast.
 
 **Merge** is ``W ← c ⊙ (W + s·B·A)`` with ``c`` from the weight before the merge, kept to
 unmerge: ``W ← W / c − s·B·A`` (as peft does), exact up to float rounding. A magnitude of 0 (or a
