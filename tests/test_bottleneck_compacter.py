@@ -213,7 +213,7 @@ def test_merge_is_refused_with_the_mergeable_methods_named(bert, config):
     adapters.add("a", config)
     adapters.activate("a")
     with pytest.raises(peftlab.AdapterStateError,
-                       match=r"they add a nonlinear module\); mergeable methods: lora, ia3$"):
+                       match=r"they add a nonlinear module\); mergeable methods: lora, dora, ia3$"):
         adapters.merge("a")
 
 
