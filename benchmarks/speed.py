@@ -14,6 +14,7 @@ frozen weights at the training peak. It is exact and repeatable, unlike process 
 
     python benchmarks/speed.py                      # all methods, 10 rounds
     python benchmarks/speed.py --methods lora,ia3 --rounds 20 --json out.json
+    python benchmarks/speed.py --methods lora,dora      # DoRA vs peft's use_dora and our LoRA
 
 With ``--adapterhub``, AdapterHub's own presets of the same methods join the run (ratios
 peftlab/AH); they need its venv (transformers 4.57): ``bash benchmarks/adapterhub_venv.sh``, then
@@ -48,6 +49,8 @@ def peftlab_configs() -> dict[str, peftlab.AdapterConfig]:
         "lora": peftlab.LoRAConfig(r=8, alpha=16, targets=("query", "value")),
         "ia3": peftlab.IA3Config(),
     }
+    if hasattr(peftlab, "DoRAConfig"):  # LoRA's rank, scale and targets: the step ratio is DoRA's own cost
+        configs["dora"] = peftlab.DoRAConfig(r=8, alpha=16, targets=("query", "value"))
     if hasattr(peftlab, "LoHaConfig"):  # peft's defaults (r=8, alpha=8) on peft's BERT targets
         configs["loha"] = peftlab.LoHaConfig(r=8, alpha=8, targets=("query", "value"))
         configs["lokr"] = peftlab.LoKrConfig(r=8, alpha=8, targets=("query", "value"))
@@ -69,8 +72,9 @@ def peft_model(base: torch.nn.Module, method: str) -> torch.nn.Module | None:
     except ImportError:
         return None
     ffn_down = r".*layer\.\d+\.output\.dense$"
-    if method == "lora":
-        config = peft.LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=["query", "value"])
+    if method in ("lora", "dora"):
+        config = peft.LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=["query", "value"],
+                                 use_dora=method == "dora")
     elif method == "ia3":
         # Explicit regexes: peft's BERT default also hits attention.output.dense.
         config = peft.IA3Config(target_modules=rf".*\.(key|value)$|{ffn_down}", feedforward_modules=ffn_down)
@@ -86,6 +90,9 @@ def peft_model(base: torch.nn.Module, method: str) -> torch.nn.Module | None:
 
 
 FUSION_MEMBERS = ("a", "b", "c")
+#: Methods also compared with another peftlab method in the same run (issue 14: DoRA's step
+#: at most 1.15x our LoRA's, and at most 0.8x peft's DoRA, the "/peft" column).
+RELATIVE = {"dora": "lora"}
 
 
 def peftlab_fusion(base: torch.nn.Module) -> torch.nn.Module | None:
@@ -271,6 +278,11 @@ def main() -> None:
         print(f"{v.name:<24}{med[v.name] * 1e3:9.1f}{med[v.name] / bound:9.3f}{vs(med, v.name, 'peft')}"
               f"{vs(med, v.name, 'adapterhub')}{params[v.name]:>10,}{memory[v.name] / 2**20:11.1f}"
               f"{vs(memory, v.name, 'peft')}{vs(memory, v.name, 'adapterhub')}")
+    for method, peer in RELATIVE.items():
+        ours, theirs = f"peftlab:{method}", f"peftlab:{peer}"
+        if ours in med and theirs in med:
+            print(f"{ours} / {theirs}: train step {med[ours] / med[theirs]:.3f}, "
+                  f"memory {memory[ours] / memory[theirs]:.3f}")
     print(f"\n{'inference':<24}{'ms':>9}{'/base':>9}{'/peft':>8}{'/AH':>8}")
     for k in infer:
         print(f"{k:<24}{imed[k] * 1e3:9.1f}{imed[k] / base_fwd:9.3f}{vs(imed, k, 'peft')}"

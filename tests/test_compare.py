@@ -255,7 +255,7 @@ def test_compare_bad_input_is_a_one_line_error(work):
     busy.mkdir()
     (busy / "keep.txt").write_text("mine")
     cases = [
-        (["--methods", "lora,dora"], "unknown ['dora']"),
+        (["--methods", "lora,nosuch"], "unknown ['nosuch']"),
         (["--out", str(busy)], "not empty"),
         (["--seeds", "0,x"], "--seeds"),
         (["--metric", "nosuch=accuracy"], "not in --data"),

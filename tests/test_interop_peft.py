@@ -346,7 +346,9 @@ def assert_untouched(model, adapters, before):
 
 @pytest.mark.parametrize("changes, message", [
     ({"peft_type": "BOFT"}, "peft_type 'BOFT' is not supported"),
-    ({"use_dora": True}, "use_dora=True"),
+    # a DoRA file (read by DoRA's codec) must hold the magnitudes
+    ({"use_dora": True}, "missing ['base_model.model.bert.encoder.layer.0.attention.self.query."
+                         "lora_magnitude_vector'"),
     ({"bias": "all"}, "bias='all'"),
     ({"init_lora_weights": "pissa"}, "rewrites the base weights"),
     ({"rank_pattern": {r"layer\.0\.attention\.self\.query": 2}}, "one rank"),

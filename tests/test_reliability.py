@@ -651,8 +651,9 @@ REFUSALS = [
      "peft_type 'BOFT' is not supported; import_peft reads ['IA3', "),
     ("peft_ia3", dict(config=lambda c: c.update(format="peftlab-adapter", peft_type=None)),
      "(this is a peftlab adapter: use load)"),
-    ("peft_lora", dict(config=lambda c: c.update(use_dora=True)),
-     "uses peft features peftlab cannot import: use_dora=True"),
+    ("peft_lora", dict(config=lambda c: c.update(use_dora=True)),  # read as DoRA, which needs m
+     "does not match the adapter's config: missing ['base_model.model.bert.encoder.layer.0.attention."
+     "self.query.lora_magnitude_vector'"),
     ("peft_lora", dict(config=lambda c: c.update(bias="all")),
      "trains biases (bias='all'); import_peft supports bias='none'"),
     ("peft_lora", dict(config=lambda c: c.update(init_lora_weights="pissa")),

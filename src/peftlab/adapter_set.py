@@ -411,11 +411,27 @@ class AdapterSet:
             problem = piece.merge_problem()
             if problem:
                 raise AdapterStateError(f"cannot merge {name!r} at {module_name}: {problem}")
+        self._refuse_under_weight_readers(name, adapter, "merge")
         self._untie_for_merge(adapter)
         for module_name in adapter.pieces:
             self._layer(module_name).merge(name)
         adapter.merged = True
         self._refresh()
+
+    def _refuse_under_weight_readers(self, name: str, adapter: Adapter, doing: str) -> None:
+        """Refuse to change a weight that an active, unmerged piece computes from (DoRA's norm
+        of the weight it adapts): its output would change with the merge, so the merged model
+        would not compute what the unmerged one did."""
+        for module_name in adapter.pieces:
+            layer = self._layer(module_name)
+            readers = [n for n, p in layer.adapters.items() if n != name and n in self._active
+                       and n not in layer.merged and p.reads_weight]
+            if readers:
+                raise AdapterStateError(
+                    f"cannot {doing} {name!r}: at {module_name}, active adapter(s) {readers} compute "
+                    f"from the weight {name!r} would change (DoRA's norm); "
+                    + ("merge them first, or deactivate them" if doing == "merge" else
+                       "deactivate them first"))
 
     def _untie_for_merge(self, adapter: Adapter) -> None:
         """Give each layer about to take the merge its own weight where it is tied to the input
@@ -439,6 +455,7 @@ class AdapterSet:
             if merged[-1] != name:
                 raise AdapterStateError(f"unmerge {merged[merged.index(name) + 1:]} before {name!r}"
                                         " (reverse order of merging)")
+        self._refuse_under_weight_readers(name, adapter, "unmerge")
         for module_name in adapter.pieces:
             layer = self._layer(module_name)
             layer.unmerge(name)

@@ -64,9 +64,15 @@ class BaseLayer:
 
     @property
     def weight(self) -> torch.Tensor:
+        return self.live_weight.detach()
+
+    @property
+    def live_weight(self) -> torch.Tensor:
+        """:attr:`weight` not detached, for a piece whose output contains ``W·x`` itself (DoRA
+        rescales it), so that a trainable base weight gets its whole gradient. Read-only too."""
         if self.param is None:
-            return weight_out_in(self.module).detach()
-        w = getattr(self.module, self.param).detach()
+            return weight_out_in(self.module)
+        w = getattr(self.module, self.param)
         return w.transpose(1, 2) if self.transposed else w
 
     @property
@@ -90,6 +96,10 @@ class Piece(nn.Module):
     ``forward(h, z)`` (fusion, with ``members`` naming the adapters it fuses)."""
 
     kind: ClassVar[PieceKind] = "post"
+    #: Whether what the piece computes depends on the base weight it adapts (DoRA's norms), so
+    #: that merging another adapter into that weight, or out of it, under the piece would change
+    #: its output; :meth:`AdapterSet.merge` refuses that while the piece runs unmerged.
+    reads_weight: ClassVar[bool] = False
 
     def scales(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """(l_in over the input features, l_out over the output features); ``None`` = ones."""

@@ -1,5 +1,5 @@
-"""HF ``peft``'s adapter format: export peftlab LoRA, (IA)³, VeRA, LoHa and LoKr adapters to it,
-import them from it.
+"""HF ``peft``'s adapter format: export peftlab LoRA, DoRA, (IA)³, VeRA, LoHa and LoKr adapters to
+it, import them from it.
 
 peft saves ``adapter_config.json`` (its config dataclass as JSON) and ``adapter_model.safetensors``
 whose keys are ``base_model.model.<module>.<tensor>``:
@@ -7,6 +7,8 @@ whose keys are ``base_model.model.<module>.<tensor>``:
     LoRA    <module>.lora_A.weight [r, in] and <module>.lora_B.weight [out, r]; the update is
             scaled by lora_alpha/r (use_rslora: lora_alpha/√r); rank_pattern and alpha_pattern
             override r and lora_alpha for modules whose name ends in a match of their key
+    DoRA    LoRA's tensors (``use_dora: true``) plus <module>.lora_magnitude_vector [out], the
+            magnitude m of W' = m ⊙ (W + s·B·A)/‖W + s·B·A‖ (see :mod:`peftlab.methods.dora`)
     (IA)³   <module>.ia3_l, [out, 1] rescaling the output, or [1, in] rescaling the input for
             modules in feedforward_modules
     VeRA    <module>.vera_lambda_b [out] and <module>.vera_lambda_d [r]; once per adapter the shared

@@ -66,10 +66,11 @@ class Method:
 
 
 def _registry() -> dict[str, Method]:
-    from peftlab.methods import bottleneck, compacter, fusion, ia3, loha, lokr, lora, vera
+    from peftlab.methods import bottleneck, compacter, dora, fusion, ia3, loha, lokr, lora, vera
 
     return {m.name: m for m in (
         lora.METHOD,
+        dora.METHOD,
         ia3.METHOD,
         bottleneck.METHOD,
         compacter.METHOD,

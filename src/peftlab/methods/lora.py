@@ -28,7 +28,7 @@ import math
 import re
 from collections import Counter
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -249,6 +249,8 @@ class LoRAPeft(PeftCodec):
     })
     suffixes = (".lora_A.weight", ".lora_B.weight")
     target_parameters = True
+    #: The config an import builds (DoRA's codec reuses this one with its own).
+    config_type: ClassVar[type[LoRAConfig]] = LoRAConfig
 
     def accepts(self, data: Mapping[str, Any]) -> bool:
         return super().accepts(data) and not data.get("use_dora")
@@ -293,7 +295,7 @@ class LoRAPeft(PeftCodec):
                 "alpha_pattern; a peftlab LoRA adapter has one rank and one alpha, so it cannot be "
                 "imported as one adapter")
         rank, alpha = distinct[0]
-        config = LoRAConfig(r=rank, alpha=alpha, dropout=get(data, "lora_dropout", float, 0.0),
+        config = self.config_type(r=rank, alpha=alpha, dropout=get(data, "lora_dropout", float, 0.0),
                             targets=anchored(modules), rslora=get(data, "use_rslora", bool, False))
         expected = {}
         for m in modules:
