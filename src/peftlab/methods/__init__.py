@@ -74,7 +74,7 @@ class Method:
 
 
 def _registry() -> dict[str, Method]:
-    from peftlab.methods import bottleneck, compacter, fusion, ia3, lora, prompt
+    from peftlab.methods import bottleneck, compacter, fusion, ia3, lora, prefix, prompt
 
     return {m.name: m for m in (
         lora.METHOD,
@@ -83,6 +83,7 @@ def _registry() -> dict[str, Method]:
         compacter.METHOD,
         fusion.METHOD,
         prompt.METHOD,
+        prefix.METHOD,
     )}
 
 
