@@ -241,7 +241,8 @@ def test_merging_is_refused_and_the_config_is_checked():
 @pytest.mark.parametrize("method,sets,saved", [
     ("prompt-tuning", ["num_virtual_tokens=4"],
      {"num_virtual_tokens": 4, "init": "random", "init_text": None, "tokenizer": None}),
-    ("prefix-tuning", ["num_virtual_tokens=4", "projection=8"], {"num_virtual_tokens": 4, "projection": False}),
+    ("prefix-tuning", ["num_virtual_tokens=4", "projection=8"],
+     {"num_virtual_tokens": 4, "projection": False}),
 ])
 def test_both_methods_train_from_the_command_line(tmp_path, method, sets, saved):
     import json
@@ -252,8 +253,8 @@ def test_both_methods_train_from_the_command_line(tmp_path, method, sets, saved)
     from peftlab.cli import app
 
     bert, data = _save_bert(tmp_path / "bert"), _sentiment(tmp_path / "data")
-    args = ["train", "--model", str(bert), "--data", str(data), "--method", method, "--out", str(tmp_path / "run"), "--epochs", "1", "--batch-size", "8",
-            "--max-length", "16", "--quiet"]
+    args = ["train", "--model", str(bert), "--data", str(data), "--method", method, "--out",
+            str(tmp_path / "run"), "--epochs", "1", "--batch-size", "8", "--max-length", "16", "--quiet"]
     for s in sets:
         args += ["--set", s]
     result = CliRunner().invoke(app, args)
