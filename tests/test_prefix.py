@@ -263,3 +263,48 @@ def test_both_methods_train_from_the_command_line(tmp_path, method, sets, saved)
     assert config["config"] == saved  # prefix tuning's MLP folded away in the saved adapter
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert metrics["method"] == method and "accuracy" in metrics["eval"]
+
+
+def test_routing_prompt_and_prefix_adapters_side_by_side_equals_separate_runs():
+    from peftlab.methods.prompt import PromptTuningConfig
+
+    model = _llama()
+    adapters = _prefixed(model, "prefix", n=2)
+    adapters.add("prompt", PromptTuningConfig(num_virtual_tokens=3))
+    randomize(adapters.parameters("prompt"), seed=3)
+    ids = torch.randint(3, 100, (3, 4), generator=torch.Generator().manual_seed(4))
+    kwargs = {"max_new_tokens": 3, "do_sample": False, "output_scores": True, "return_dict_in_generate": True}
+    routes = ["prompt", "prefix", None]
+    with adapters.route(routes):
+        routed = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **kwargs)
+    for i, name in enumerate(routes):
+        adapters.activate(*(() if name is None else (name,)))
+        alone = model.generate(input_ids=ids[i:i + 1], attention_mask=torch.ones_like(ids[i:i + 1]), **kwargs)
+        torch.testing.assert_close(torch.stack(routed.scores)[:, i], torch.stack(alone.scores)[:, 0],
+                                   rtol=0, atol=1e-5)
+
+
+def test_mean_pooling_head_reads_the_backbone_with_either_method():
+    from peftlab.heads import MeanPoolClassifier
+    from peftlab.methods.prompt import PromptTuningConfig
+
+    torch.manual_seed(0)
+    model = MeanPoolClassifier(T.BertModel(CONFIGS["bert"](), add_pooling_layer=False), 2).eval()
+    adapters = peftlab.attach(model)
+    adapters.add("prompt", PromptTuningConfig(num_virtual_tokens=N))
+    adapters.add("prefix", PrefixTuningConfig(num_virtual_tokens=N))
+    randomize(adapters.parameters("prefix"), scale=1.0)
+    with adapters.route(["prompt", "prefix"]):
+        routed = model(input_ids=IDS, attention_mask=MASK).logits
+    adapters.activate("prompt")
+    p = _piece(adapters, "prompt").prompt_embeddings
+    words = model.backbone.embeddings.word_embeddings(IDS)
+    hidden = model.backbone(inputs_embeds=torch.cat([p.expand(2, -1, -1), words], 1),
+                            attention_mask=torch.cat([torch.ones(2, N, dtype=torch.long), MASK], 1))[0]
+    keep = torch.cat([torch.ones(2, N), MASK.float()], 1)[..., None]
+    by_hand = model.classifier((hidden * keep).sum(1) / keep.sum(1))  # the mean covers the prompt
+    torch.testing.assert_close(model(input_ids=IDS, attention_mask=MASK).logits, by_hand, rtol=0, atol=1e-5)
+    torch.testing.assert_close(routed[:1], by_hand[:1], rtol=0, atol=1e-5)
+    adapters.activate("prefix")  # the prefix goes to the backbone: the head's mask stays the text's
+    alone = model(input_ids=IDS, attention_mask=MASK).logits
+    torch.testing.assert_close(routed[1:], alone[1:], rtol=0, atol=1e-5)

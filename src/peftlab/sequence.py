@@ -70,12 +70,22 @@ def model_type(model: nn.Module) -> str | None:
     return getattr(getattr(model, "config", None), "model_type", None)
 
 
+def embedding_table(model: nn.Module) -> nn.Module | None:
+    """The model's input embeddings: ``get_input_embeddings()`` of the model, or of the first
+    module inside that has one (a head around a backbone: peftlab's mean-pooling classifier)."""
+    for module in model.modules():
+        getter = getattr(module, "get_input_embeddings", None)
+        found = getter() if callable(getter) else None
+        if found is not None:
+            return found
+    return None
+
+
 def input_embeddings(model: nn.Module) -> tuple[str, nn.Module]:
     """(name, module) of the model's input embeddings, where the sequence pieces live."""
     from peftlab.layer import AdaptedLayer
 
-    getter = getattr(model, "get_input_embeddings", None)
-    found = getter() if callable(getter) else None
+    found = embedding_table(model)
     base = found.base if isinstance(found, AdaptedLayer) else found
     if not isinstance(base, nn.Embedding):
         raise TargetError(f"prompt and prefix tuning need a token embedding table (an nn.Embedding from "
@@ -309,7 +319,7 @@ class SequenceHooks:
         embeds = kwargs.get("inputs_embeds")
         if embeds is None:
             ids = kwargs.get("input_ids")
-            embeds = self.adapters.model.get_input_embeddings()(ids)
+            embeds = embedding_table(self.adapters.model)(ids)
         kwargs["input_ids"] = None
         kwargs["inputs_embeds"] = batch.place(
             "prompt", embeds, _prompts, 0.0, left=left)
@@ -334,7 +344,8 @@ class SequenceHooks:
         them and positions continue after them."""
         mask = kwargs.get("attention_mask")
         if mask is None and batch.mixed("prompt"):  # the padding slots must stay masked
-            real = past - batch.slots("prompt") + _seq_len(kwargs)
+            # the cache holds every virtual slot: the prompts' and, routed beside them, prefixes'
+            real = past - batch.slots("prompt") - batch.slots("prefix") + _seq_len(kwargs)
             mask = torch.ones(batch.batch, real, dtype=torch.long, device=batch.device)
         if mask is not None:
             kwargs["attention_mask"] = batch.place("prompt", mask, _ones, 0, left=True)
@@ -357,7 +368,7 @@ class SequenceHooks:
         length = _seq_len(kwargs, decoder=self.encoder_decoder)
         if past == 0:  # the first call (or generation's prefill): a new cache holding the prefixes
             self_cache = _new_cache(DynamicCache, model)
-            dtype = model.get_input_embeddings().weight.dtype
+            dtype = embedding_table(model).weight.dtype
             keys = _prefix_rows(batch).to(dtype)
             # [B, N, layers, 2, heads, hd] -> per layer [B, heads, N, hd]
             for layer in range(keys.shape[2]):

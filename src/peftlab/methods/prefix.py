@@ -43,7 +43,7 @@ from peftlab.config import AdapterConfig
 from peftlab.errors import ConfigError, TargetError
 from peftlab.interop.codec import Expected, Fields, PeftCodec, Shapes, Tensors, get
 from peftlab.methods import Method, Preset
-from peftlab.sequence import SequencePiece, cache_owner, model_type
+from peftlab.sequence import SequencePiece, cache_owner, embedding_table, model_type
 
 if TYPE_CHECKING:
     from peftlab.adapter_set import Adapter
@@ -139,7 +139,7 @@ def sequence(config: PrefixTuningConfig, model: nn.Module) -> Prefix:
             f"prefix tuning needs a model whose forward takes a key/value cache (the prefix goes "
             f"in through it); {type(model).__name__} (model_type {model_type(model)!r}) takes none. "
             "Use prompt tuning or LoRA for this architecture")
-    weight = model.get_input_embeddings().weight
+    weight = embedding_table(model).weight
     encoder_decoder = bool(getattr(model.config, "is_encoder_decoder", False))
     return Prefix(config.num_virtual_tokens, attention_shape(model), config.projection,
                   encoder_decoder).to(weight.device)

@@ -46,7 +46,7 @@ from peftlab.config import AdapterConfig
 from peftlab.errors import ConfigError
 from peftlab.interop.codec import Expected, Fields, PeftCodec, Shapes, Tensors, get
 from peftlab.methods import Method, Preset
-from peftlab.sequence import SequencePiece, model_type
+from peftlab.sequence import SequencePiece, embedding_table, model_type
 
 if TYPE_CHECKING:
     from peftlab.adapter_set import Adapter
@@ -107,7 +107,7 @@ def _text_ids(config: PromptTuningConfig, model: nn.Module) -> list[int]:
 
 
 def sequence(config: PromptTuningConfig, model: nn.Module) -> Prompt:
-    embeddings = model.get_input_embeddings()
+    embeddings = embedding_table(model)
     weight = embeddings.weight.detach()
     n = config.num_virtual_tokens
     if config.init == "random":
@@ -156,7 +156,7 @@ class PromptTuningPeft(PeftCodec):
         submodules = get(data, "num_transformer_submodules", int, 1)
         if submodules not in (1, 2):
             raise ConfigError(f"num_transformer_submodules must be 1 or 2, got {submodules}")
-        d = model.get_input_embeddings().weight.shape[1]
+        d = embedding_table(model).weight.shape[1]
         token_dim = get(data, "token_dim", int, d)
         if token_dim != d:
             raise ConfigError(f"token_dim {token_dim} differs from this {model_type(model)!r} model's "
