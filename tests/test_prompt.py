@@ -276,3 +276,18 @@ def test_remove_and_detach_leave_the_plain_model():
     peftlab.detach(model)
     assert list(model.state_dict()) == keys
     torch.testing.assert_close(model(input_ids=IDS).logits, plain(input_ids=IDS).logits, rtol=0, atol=0)
+
+
+def test_inputs_too_long_for_the_prompt_are_refused_and_recommend_leaves_the_method_out(tmp_path):
+    from test_cli import _save_bert
+
+    from peftlab.errors import UsageError
+    from peftlab.recommend import _fits
+
+    model = _bert()  # 512 positions
+    _prompted(model, n=20)
+    with pytest.raises(UsageError, match="need 520 positions; this 'bert' model has 512"):
+        model(input_ids=torch.randint(3, 100, (1, 500)))
+    folder = T.BertForSequenceClassification.from_pretrained(_save_bert(tmp_path / "bert"))  # 64 positions
+    assert _fits(folder, "prompt-tuning", 44) and not _fits(folder, "prompt-tuning", 45)
+    assert _fits(folder, "lora", 64)

@@ -44,7 +44,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from peftlab.errors import AdapterStateError, TargetError
+from peftlab.errors import AdapterStateError, TargetError, UsageError
 from peftlab.layer import Piece
 
 if TYPE_CHECKING:
@@ -320,6 +320,7 @@ class SequenceHooks:
         if embeds is None:
             ids = kwargs.get("input_ids")
             embeds = embedding_table(self.adapters.model)(ids)
+        _check_positions(model, embeds.shape[1] + batch.slots("prompt"), "prompt")
         kwargs["input_ids"] = None
         kwargs["inputs_embeds"] = batch.place(
             "prompt", embeds, _prompts, 0.0, left=left)
@@ -367,6 +368,7 @@ class SequenceHooks:
         past = 0 if cache is None else _cache_length(cache)
         length = _seq_len(kwargs, decoder=self.encoder_decoder)
         if past == 0:  # the first call (or generation's prefill): a new cache holding the prefixes
+            _check_positions(model, length + n, "prefix")
             self_cache = _new_cache(DynamicCache, model)
             dtype = embedding_table(model).weight.dtype
             keys = _prefix_rows(batch).to(dtype)
@@ -411,6 +413,16 @@ def _cache_length(cache: Any) -> int:
     if isinstance(cache, (tuple, list)):
         return int(cache[0][0].shape[-2]) if cache else 0
     return int(cache.get_seq_length())
+
+
+def _check_positions(model: nn.Module, total: int, kind: str) -> None:
+    """The text and the virtual tokens must fit the model's positions (BERT's position table
+    would otherwise fail with a shape error, rotary models run past what they were trained on)."""
+    limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    if isinstance(limit, int) and total > limit:
+        raise UsageError(f"the input and the {kind}'s virtual tokens need {total} positions; this "
+                         f"{model_type(model)!r} model has {limit}. Shorten the input (--max-length) "
+                         f"by {total - limit} tokens, or use fewer virtual tokens")
 
 
 def _check_prefix(model: nn.Module, cache: Any, layers: int, expected: int) -> None:
