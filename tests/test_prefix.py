@@ -308,3 +308,15 @@ def test_mean_pooling_head_reads_the_backbone_with_either_method():
     adapters.activate("prefix")  # the prefix goes to the backbone: the head's mask stays the text's
     alone = model(input_ids=IDS, attention_mask=MASK).logits
     torch.testing.assert_close(routed[1:], alone[1:], rtol=0, atol=1e-5)
+
+
+def test_training_with_gradient_checkpointing_is_refused():
+    from peftlab.errors import UsageError
+
+    model = _llama()
+    adapters = _prefixed(model)
+    model.gradient_checkpointing_enable()
+    adapters.train("p")
+    model.train()
+    with pytest.raises(UsageError, match="gradient checkpointing"):
+        model(input_ids=IDS, labels=IDS)

@@ -291,3 +291,21 @@ def test_inputs_too_long_for_the_prompt_are_refused_and_recommend_leaves_the_met
     folder = T.BertForSequenceClassification.from_pretrained(_save_bert(tmp_path / "bert"))  # 64 positions
     assert _fits(folder, "prompt-tuning", 44) and not _fits(folder, "prompt-tuning", 45)
     assert _fits(folder, "lora", 64)
+
+
+def test_last_token_classifier_reads_the_last_real_token_or_refuses_right_padding():
+    model = _model("llama", T.LlamaForSequenceClassification)
+    model.config.pad_token_id = 0
+    adapters = _prompted(model)
+    left = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])
+    ids = IDS.masked_fill(left == 0, 0)
+    out = model(input_ids=ids, attention_mask=left).logits
+    adapters.activate()
+    p = _prompt_of(adapters, "p")
+    full = torch.cat([p.expand(2, -1, -1), model.get_input_embeddings()(ids)], 1)
+    mask = torch.cat([torch.ones(2, N, dtype=torch.long), left], 1)
+    hidden = model.model(inputs_embeds=full, attention_mask=mask)
+    torch.testing.assert_close(out, model.score(hidden[0][:, -1]), rtol=0, atol=1e-5)
+    adapters.activate("p")
+    with pytest.raises(peftlab.errors.UsageError, match="pad on the left"):
+        model(input_ids=IDS, attention_mask=MASK)

@@ -106,6 +106,15 @@ def is_causal(model: nn.Module) -> bool:
     return bool(getattr(config, "is_decoder", False) or (callable(can) and can()))
 
 
+def reads_last_token(model: nn.Module) -> bool:
+    """A sequence-classification head that reads the last token (transformers' decoder heads,
+    named ``score``): without ``input_ids`` to find the last real token, it reads the last
+    position, so the virtual tokens' padding must go on the left and the text must not be
+    right-padded."""
+    return type(model).__name__.endswith("ForSequenceClassification") and isinstance(
+        getattr(model, "score", None), nn.Module)
+
+
 def cache_owner(model: nn.Module) -> nn.Module | None:
     """The outermost transformers model in ``model`` whose forward takes a key/value cache."""
     from transformers import PreTrainedModel
@@ -202,7 +211,8 @@ class SequenceHooks:
         self.adapters = adapters
         model = adapters.model
         self.signature = inspect.signature(model.forward)
-        self.causal = is_causal(model)
+        self.causal = is_causal(model) or reads_last_token(model)
+        self.last_token = reads_last_token(model)
         self.encoder_decoder = bool(getattr(getattr(model, "config", None), "is_encoder_decoder", False))
         self.handles = [model.register_forward_pre_hook(self._pre_hook, with_kwargs=True)]
         # Prefixes go in where the cache goes in: the outermost transformers model that takes
@@ -309,6 +319,12 @@ class SequenceHooks:
         if cache is not None and _cache_length(cache) > 0:
             self._prompt_decode_step(batch, kwargs, _cache_length(cache))
             return
+        mask = kwargs.get("attention_mask")
+        if self.last_token and mask is not None and mask.dim() == 2 and bool((mask[:, -1] == 0).any()):
+            raise UsageError(
+                f"{type(model).__name__} reads the last position, which in a right-padded batch is "
+                "padding once the prompt replaces input_ids by inputs_embeds (the head can no longer "
+                "find the last real token); pad on the left (tokenizer.padding_side = 'left')")
         labels = kwargs.get("labels")
         length = _seq_len(kwargs)
         if labels is not None and labels.dim() == 2 and labels.shape[1] == length:
@@ -369,6 +385,10 @@ class SequenceHooks:
         length = _seq_len(kwargs, decoder=self.encoder_decoder)
         if past == 0:  # the first call (or generation's prefill): a new cache holding the prefixes
             _check_positions(model, length + n, "prefix")
+            if model.training and any(getattr(m, "gradient_checkpointing", False) for m in model.modules()):
+                # recomputing a layer in backward would append its keys to the cache a second time
+                raise UsageError("prefix tuning cannot train with gradient checkpointing (each layer's "
+                                 "recomputation would write into the prefix cache again); turn it off")
             self_cache = _new_cache(DynamicCache, model)
             dtype = embedding_table(model).weight.dtype
             keys = _prefix_rows(batch).to(dtype)

@@ -11,12 +11,12 @@ encoder of encoder-decoder models, with no change to the model's code: see
 :mod:`peftlab.sequence` for how it attaches.
 
 Outputs follow HF peft's layout exactly (so that the logits equal peft's): per-token outputs
-have ``n`` more positions, the virtual ones first. transformers' classification heads read what
-they read without a prompt: the pooled output (BERT's pooler reads position 0, which is now the
-first virtual token, as in peft), the last real token (decoders' ``ForSequenceClassification``,
-by ``input_ids``... which is why peftlab passes ``inputs_embeds``: with no ids, those heads read
-the last position, the last real token of an unpadded or left-padded batch) or, for peftlab's
-mean-pooling head, the mean over every unmasked position (the prompt included).
+have ``n`` more positions, the virtual ones first. Classification heads read what they expect:
+BERT-style heads the pooled output of position 0 (after prepending, the first virtual token, whose
+state the pooler and classifier are trained on, as in peft); peftlab's mean-pooling head the mean
+over every unmasked position (the prompt included); decoders' last-token heads (``score``) the
+last position, which is the last real token because the prompt's padding goes on the left and a
+right-padded batch is refused (without ``input_ids`` those heads cannot find the last real token).
 
 Initialisation (``init``): ``"random"``: normal with the input embeddings' own standard
 deviation, so that the prompt starts on the scale of real tokens (peft's ``RANDOM`` draws N(0,1),
