@@ -309,3 +309,21 @@ def test_last_token_classifier_reads_the_last_real_token_or_refuses_right_paddin
     adapters.activate("p")
     with pytest.raises(peftlab.errors.UsageError, match="pad on the left"):
         model(input_ids=IDS, attention_mask=MASK)
+
+
+def test_routing_t5_generation_equals_separate_runs():
+    model = _t5()
+    adapters = _prompted(model, "a", n=2, seed=2)
+    adapters.add("b", PromptTuningConfig(num_virtual_tokens=4))
+    randomize(adapters.parameters("b"), seed=3)
+    ids = torch.randint(3, 100, (3, 5), generator=torch.Generator().manual_seed(4))
+    kwargs = {"max_new_tokens": 3, "do_sample": False, "output_scores": True, "return_dict_in_generate": True}
+    routes = ["b", None, "a"]
+    for mask in (torch.ones_like(ids), None):  # generate's encoder call and decoder steps, mask or not
+        with adapters.route(routes):
+            routed = model.generate(input_ids=ids, attention_mask=mask, **kwargs)
+        for i, name in enumerate(routes):
+            adapters.activate(*(() if name is None else (name,)))
+            alone = model.generate(input_ids=ids[i:i + 1], **kwargs)
+            torch.testing.assert_close(torch.stack(routed.scores)[:, i], torch.stack(alone.scores)[:, 0],
+                                       rtol=0, atol=1e-5)

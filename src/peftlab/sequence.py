@@ -309,6 +309,8 @@ class SequenceHooks:
                 # must cover them.
                 mask = kwargs.get("attention_mask")
                 encoded = kwargs["encoder_outputs"][0].shape[1]
+                if mask is None and batch.mixed("prompt"):  # padding slots must stay masked
+                    mask = torch.ones(batch.batch, encoded - n, dtype=torch.long, device=batch.device)
                 if mask is not None and mask.shape[1] + n == encoded:
                     kwargs["attention_mask"] = batch.place("prompt", mask, _ones, 0, left=False)
                 return
