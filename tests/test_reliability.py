@@ -648,7 +648,8 @@ REFUSALS = [
     ("lora", dict(config=lambda c: c.update(target_modules=["x"])),
      "targets modules ['x'], but on this model its config resolves to ['bert."),
     ("peft_lora", dict(config=lambda c: c.update(peft_type="LOHA")),
-     "peft_type 'LOHA' is not supported; import_peft reads ['IA3', 'LORA'] adapters"),
+     "peft_type 'LOHA' is not supported; import_peft reads ['IA3', 'LORA', 'PREFIX_TUNING', "
+     "'PROMPT_TUNING'] adapters"),
     ("peft_ia3", dict(config=lambda c: c.update(format="peftlab-adapter", peft_type=None)),
      "(this is a peftlab adapter: use load)"),
     ("peft_lora", dict(config=lambda c: c.update(use_dora=True)),
