@@ -15,6 +15,13 @@ frozen weights at the training peak. It is exact and repeatable, unlike process 
     python benchmarks/speed.py                      # all methods, 10 rounds
     python benchmarks/speed.py --methods lora,ia3 --rounds 20 --json out.json
     python benchmarks/speed.py --methods lora,dora      # DoRA vs peft's use_dora and our LoRA
+    python benchmarks/speed.py --methods prompt,prefix   # sequence-level methods (issue 15)
+
+Prompt and prefix tuning (20 virtual tokens) lengthen the sequence the layers see, so their
+train step is held to ``bound × (1 + virtual/real tokens) + 5%`` (20/128 here: ≤ 1.214× the
+bound); the table's last lines print that target beside the measured ratio. peft's prefix
+tuning cannot run a BERT classifier on transformers 5 (it looks for ``past_key_values``, which
+became ``cache``): its row is then reported as unavailable with peft's own error.
 
 With ``--adapterhub``, AdapterHub's own presets of the same methods join the run (ratios
 peftlab/AH); they need its venv (transformers 4.57): ``bash benchmarks/adapterhub_venv.sh``, then
@@ -62,7 +69,15 @@ def peftlab_configs() -> dict[str, peftlab.AdapterConfig]:
         configs["compacter++"] = peftlab.CompacterConfig.plus_plus()
     if hasattr(peftlab, "VeRAConfig"):
         configs["vera"] = peftlab.VeRAConfig(r=256, targets=("query", "value"))  # peft's default rank
+    if hasattr(peftlab, "PromptTuningConfig"):
+        configs["prompt"] = peftlab.PromptTuningConfig(num_virtual_tokens=VIRTUAL)
+        configs["prefix"] = peftlab.PrefixTuningConfig(num_virtual_tokens=VIRTUAL)
     return configs
+
+
+#: Virtual tokens of the prompt and prefix rows; the batch has 128 real tokens per example.
+VIRTUAL = 20
+REAL = 128
 
 
 def peft_model(base: torch.nn.Module, method: str) -> torch.nn.Module | None:
@@ -84,6 +99,22 @@ def peft_model(base: torch.nn.Module, method: str) -> torch.nn.Module | None:
         config = peft.LoKrConfig(r=8, alpha=8, target_modules=["query", "value"])
     elif method == "vera":
         config = peft.VeraConfig(r=256, vera_dropout=0.0, target_modules=["query", "value"])
+    elif method in ("prompt", "prefix"):
+        # peft's prompt learning needs its sequence-classification class, which also trains the
+        # classifier: frozen again below, so that both sides train the virtual tokens only.
+        kind = peft.PromptTuningConfig if method == "prompt" else peft.PrefixTuningConfig
+        model = peft.get_peft_model(copy.deepcopy(base),
+                                    kind(task_type="SEQ_CLS", num_virtual_tokens=VIRTUAL))
+        for name, p in model.named_parameters():
+            if "prompt_encoder" not in name:
+                p.requires_grad_(False)
+        try:  # peft's prefix tuning refuses BERT on transformers 5; report that instead of a figure
+            with torch.no_grad():
+                model.eval()(**make_batch())
+        except Exception as e:  # peft raises ValueError; any failure means no peft row
+            print(f"peft:{method} unavailable: {type(e).__name__}: {e}")
+            return None
+        return model
     else:
         return None
     return peft.get_peft_model(copy.deepcopy(base), config)
@@ -235,9 +266,10 @@ def main() -> None:
         if pm is not None:
             train.append(Variant(f"peft:{m}", pm))
             infer[f"peft:{m}"] = pm
-            merged = peft_model(base, m)
-            merged.merge_adapter()
-            infer[f"peft:{m}:merged"] = merged.eval()
+            if configs[m].mergeable:
+                merged = peft_model(base, m)
+                merged.merge_adapter()
+                infer[f"peft:{m}:merged"] = merged.eval()
     added = {"peftlab:fusion": peftlab_fusion(base)} if args.fusion else {}
     if args.adapterhub:
         for m in methods + (["fusion"] if args.fusion else []):
@@ -283,6 +315,12 @@ def main() -> None:
         if ours in med and theirs in med:
             print(f"{ours} / {theirs}: train step {med[ours] / med[theirs]:.3f}, "
                   f"memory {memory[ours] / memory[theirs]:.3f}")
+    for v in train:  # the sequence methods' target: the bound for a sequence of real + virtual
+        if v.name.startswith("peftlab:") and v.name[8:] in ("prompt", "prefix"):
+            target = (1 + VIRTUAL / REAL) * 1.05
+            verdict = "ok" if med[v.name] / bound <= target else "OVER"
+            print(f"{v.name}: step {med[v.name] / bound:.3f}x the bound; target <= {target:.3f}x "
+                  f"(1 + {VIRTUAL}/{REAL} virtual/real tokens, +5%): {verdict}")
     print(f"\n{'inference':<24}{'ms':>9}{'/base':>9}{'/peft':>8}{'/AH':>8}")
     for k in infer:
         print(f"{k:<24}{imed[k] * 1e3:9.1f}{imed[k] / base_fwd:9.3f}{vs(imed, k, 'peft')}"

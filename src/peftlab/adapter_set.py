@@ -31,6 +31,7 @@ from peftlab.layer import AdaptedLayer, BaseLayer, Piece, routing
 from peftlab.methods import REGISTRY, method_for
 from peftlab.names import check_name
 from peftlab.roles import RoleMap, role_map_for
+from peftlab.sequence import SequenceHooks, input_embeddings, sequence_routing
 from peftlab.sites import Site, find_sites, partial_roles
 
 _ATTR = "_peftlab_adapters"
@@ -110,6 +111,7 @@ class AdapterSet:
         self._adapters: dict[str, Adapter] = {}
         self._active: tuple[str, ...] = ()
         self._untied: dict[str, ties.Untied] = {}  # module -> its tie, undone for a merge
+        self._sequence: SequenceHooks | None = None  # hooks of sequence-level adapters, while any
 
     # ---- inspection -------------------------------------------------------------------------
     @property
@@ -214,6 +216,8 @@ class AdapterSet:
         :meth:`install` puts it in. Loaders fill the built pieces' tensors in between, so that a
         file that does not fit is refused with the model unchanged."""
         method = method_for(config)
+        if method.sequence is not None:
+            return self._build_sequence(config, method.sequence)
         if (config.method == "fusion") != bool(members):
             raise ConfigError("a fusion needs member adapters: use add_fusion(name, members)"
                               if members == () else f"a {config.method} adapter has no members")
@@ -240,6 +244,14 @@ class AdapterSet:
             if members:
                 piece.members = members
         return Adapter(config, sites, pieces, shared, members=members, notes=notes)
+
+    def _build_sequence(self, config: AdapterConfig, make: Any) -> Adapter:
+        """A sequence-level adapter (:mod:`peftlab.sequence`): no sites; its one piece is kept in
+        the input embeddings' wrapper, which leaves the embeddings' output as it is."""
+        module_name, module = input_embeddings(self.model)
+        piece = make(config, self.model)
+        weight = (module.base if isinstance(module, AdaptedLayer) else module).weight
+        return Adapter(config, [], {module_name: piece.to(device=weight.device)})
 
     def _fusion_sites(self, members: tuple[str, ...]) -> list[Site]:
         """Every site of any member, in module order; at least one must be common to all."""
@@ -270,6 +282,8 @@ class AdapterSet:
             # joins, or an adapter added to a model in eval mode would run its dropout at inference.
             piece.train(layer.training)
         self._adapters[name] = adapter
+        if self._sequence is None and self._has_sequence():
+            self._sequence = SequenceHooks(self)
         self._refresh()
 
     def remove(self, name: str) -> None:
@@ -285,7 +299,13 @@ class AdapterSet:
                 self._unwrap(module_name, layer)
         del self._adapters[name]
         self._active = tuple(n for n in self._active if n != name)
+        if self._sequence is not None and not self._has_sequence():
+            self._sequence.remove()
+            self._sequence = None
         self._refresh()
+
+    def _has_sequence(self) -> bool:
+        return any(p.kind == "sequence" for a in self._adapters.values() for p in a.pieces.values())
 
     # ---- running and training ---------------------------------------------------------------
     def activate(self, *names: str) -> None:
@@ -383,7 +403,7 @@ class AdapterSet:
             raise AdapterStateError(f"adapters {merged} are merged into the weights, so every "
                                     "example would use them; unmerge them before routing")
         with routing({id(layer): layer.plan_route(routes, layer.weight.device)
-                      for _, layer in self.layers()}):
+                      for _, layer in self.layers()}), sequence_routing(self, routes):
             yield
 
     # ---- merging ----------------------------------------------------------------------------
@@ -392,8 +412,8 @@ class AdapterSet:
         adapter = self[name]
         if not adapter.config.mergeable:
             raise AdapterStateError(
-                f"{adapter.config.method} adapters cannot be merged into the weights (they add a "
-                "nonlinear module); mergeable methods: "
+                f"{adapter.config.method} adapters cannot be merged into the weights "
+                f"({adapter.config.unmergeable_because}); mergeable methods: "
                 f"{', '.join(n for n, m in REGISTRY.items() if m.config.mergeable)}")
         if adapter.merged:
             raise AdapterStateError(f"adapter {name!r} is already merged")
@@ -626,6 +646,9 @@ def detach(model: nn.Module, keep_merged: bool = False) -> nn.Module:
         raise AdapterStateError(f"adapters {merged} are merged into the weights; unmerge them, or "
                                 "pass keep_merged=True to keep them there")
     adapters._unwrap_all()
+    if adapters._sequence is not None:
+        adapters._sequence.remove()
+        adapters._sequence = None
     del model.__dict__[_ATTR]
     model.__dict__.pop("save_pretrained", None)
     return model

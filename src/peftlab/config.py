@@ -106,6 +106,8 @@ class AdapterConfig:
 
     method: ClassVar[str] = ""
     mergeable: ClassVar[bool] = False
+    #: Why adapters of a method that is not mergeable cannot be folded into the weights.
+    unmergeable_because: ClassVar[str] = "they add a nonlinear module"
 
     def __post_init__(self) -> None:
         hints = typing.get_type_hints(type(self))

@@ -243,10 +243,10 @@ def _extra_tensors(model: torch.nn.Module, modules: tuple[str, ...] | list[str])
             for key, t in model.get_submodule(module).state_dict().items()}
 
 
-def _piece_tensors(adapter: Adapter) -> dict[str, torch.Tensor]:
+def _piece_tensors(adapter: Adapter, pieces: dict[str, Any] | None = None) -> dict[str, torch.Tensor]:
     # state_dict() tensors share storage with the parameters, so loading can copy into them.
     out: dict[str, torch.Tensor] = {}
-    for module, piece in adapter.pieces.items():
+    for module, piece in (adapter.pieces if pieces is None else pieces).items():
         for key, t in piece.state_dict().items():
             out[key if key.startswith("shared.") else f"{module}.{key}"] = t
     return out
@@ -266,21 +266,26 @@ def _verify_shared(adapter: Adapter, tensors: dict[str, torch.Tensor], path: Pat
         raise AdapterLoadError(f"{path}: {e}") from None
 
 
-def adapter_files(adapters: AdapterSet, name: str,
-                  extras: tuple[str, ...] | None) -> dict[str, bytes | dict[str, torch.Tensor]]:
-    """The two files of adapter ``name``: its config as JSON bytes and its tensors."""
+def adapter_files(adapters: AdapterSet, name: str, extras: tuple[str, ...] | None,
+                  fold: bool = False) -> dict[str, bytes | dict[str, torch.Tensor]]:
+    """The two files of adapter ``name``: its config as JSON bytes and its tensors. ``fold``: as
+    the method saves it for use (:attr:`peftlab.methods.Method.fold`: prefix tuning drops its
+    training-only MLP); otherwise as it trains (checkpoints to resume from)."""
     from peftlab import __version__
+    from peftlab.methods import method_for
 
     adapter = adapters[name]
     extras = adapter.extras if extras is None else adapters.resolve_modules(tuple(extras))
-    tensors = adapter_tensors(adapters, name) | _extra_tensors(adapters.model, extras)
+    folder = method_for(adapter.config).fold
+    saved_config, pieces = folder(adapter) if fold and folder else (adapter.config, adapter.pieces)
+    tensors = _piece_tensors(adapter, pieces) | _extra_tensors(adapters.model, extras)
     config = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "peftlab_version": __version__,
         "name": name,
         "method": adapter.config.method,
-        "config": adapter.config.to_dict(),
+        "config": saved_config.to_dict(),
         "base_model": fingerprint(adapters.model, adapters),
         "target_modules": [s.module for s in adapter.sites],
         "extras": list(extras),
@@ -298,7 +303,7 @@ def adapter_files(adapters: AdapterSet, name: str,
 
 
 def save_adapter(adapters: AdapterSet, name: str, path: Path, extras: tuple[str, ...] | None) -> Path:
-    return write_dir_atomic(path, adapter_files(adapters, name, extras))
+    return write_dir_atomic(path, adapter_files(adapters, name, extras, fold=True))
 
 
 def write_files_into(folder: Path, files: dict[str, bytes | dict[str, torch.Tensor]]) -> None:

@@ -32,7 +32,9 @@ from transformers.pytorch_utils import Conv1D
 
 from peftlab.errors import AdapterStateError
 
-PieceKind = Literal["scale", "delta", "post", "fusion"]
+# "sequence": a sequence-level adapter (prompt, prefix tuning; :mod:`peftlab.sequence`) kept in
+# the input embeddings' wrapper, which never runs it: the model's pre-hook does.
+PieceKind = Literal["scale", "delta", "post", "fusion", "sequence"]
 
 
 def is_linear_like(module: nn.Module) -> bool:

@@ -259,7 +259,8 @@ def profile(model: str, methods: tuple[str, ...] | None = None, data: str | None
     if isinstance(limit, int) and max_length > limit:
         raise UsageError(f"--max-length {max_length} is longer than the model's {limit} positions")
     # Methods whose sizes do not fit this model (e.g. tiny widths) are left out of the ranking.
-    methods = tuple(m for m in methods if _fits(model_, FUSION_MEMBER_METHOD if m == FUSION else m))
+    methods = tuple(m for m in methods
+                    if _fits(model_, FUSION_MEMBER_METHOD if m == FUSION else m, max_length))
     if task is not None:
         batch = data_batch(task["train"].rows, tokenizer, batch_size, max_length)
     else:
@@ -268,9 +269,10 @@ def profile(model: str, methods: tuple[str, ...] | None = None, data: str | None
                            forwards=forwards, on_done=on_done)
 
 
-def _fits(model: Any, method: str) -> bool:
+def _fits(model: Any, method: str, max_length: int | None = None) -> bool:
     """Whether ``method``'s preset can be attached to ``model`` (e.g. Compacter needs widths
-    divisible by its PHM dimension); tried on the model and removed again."""
+    divisible by its PHM dimension); tried on the model and removed again. Virtual tokens (prompt,
+    prefix tuning) must fit the model's positions beside ``max_length`` real ones."""
     from peftlab.adapter_set import attach, detach
     from peftlab.errors import PeftlabError
     from peftlab.train import method_config
@@ -278,6 +280,10 @@ def _fits(model: Any, method: str) -> bool:
     config = method_config(method)
     if config is None:
         return True
+    limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    virtual = getattr(config, "num_virtual_tokens", 0)
+    if isinstance(limit, int) and max_length is not None and max_length + virtual > limit:
+        return False
     fresh = "_peftlab_adapters" not in model.__dict__
     adapters = attach(model)
     try:

@@ -77,7 +77,8 @@ def linear_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
         for name, child in module.named_children():
             full = f"{prefix}.{name}" if prefix else name
             if isinstance(child, AdaptedLayer):
-                yield full, child.base
+                if is_linear_like(child.base):  # (the input embeddings' wrapper is not)
+                    yield full, child.base
             elif is_linear_like(child):
                 yield full, child
             elif isinstance(child, AdaptedExperts):
@@ -112,6 +113,8 @@ def candidates(model: nn.Module) -> dict[str, Candidate]:
                 in_f, out_f = (w.shape[1], w.shape[0]) if isinstance(base, nn.Linear) else w.shape
                 found[full] = Candidate(in_f, out_f)
                 continue
+            if isinstance(child, AdaptedLayer):
+                continue  # adapter internals (a prefix MLP's Linear layers) are never sites
             layout = experts_layout(child)
             for param, p in layout.items():
                 found[f"{full}.{param}"] = Candidate(p.in_features, p.out_features, p.num_experts)

@@ -62,6 +62,22 @@ class PeftCodec:
     #: lists those the file must hold in its expected shapes, and :meth:`load` gets them under
     #: these keys. The import refuses any other key outside ``base_model.model.``.
     shared_keys: ClassVar[tuple[str, ...]] = ()
+    #: A prompt-learning type (prompt, prefix tuning): tensors are keyed by the file's own names
+    #: (``prompt_embeddings``), not by module; the codec implements :meth:`sequence_config` and
+    #: :meth:`load_sequence` instead of :meth:`config` and :meth:`load`.
+    sequence: ClassVar[bool] = False
+
+    def sequence_config(self, data: Mapping[str, Any], model: Any,
+                        tensor_shapes: Shapes) -> tuple[AdapterConfig, Expected]:
+        """For a :attr:`sequence` codec: the config reproducing the file on ``model``, and the
+        expected shape of each of the file's own tensors."""
+        raise NotImplementedError
+
+    def load_sequence(self, piece: Piece, tensors: Mapping[str, torch.Tensor],
+                      data: Mapping[str, Any]) -> None:
+        """For a :attr:`sequence` codec: copy the file's tensors (checked against
+        :meth:`sequence_config`'s shapes) into the new piece; ``data``: the file's config."""
+        raise NotImplementedError
 
     def accepts(self, data: Mapping[str, Any]) -> bool:
         """Whether this codec reads the peft config ``data`` (DoRA and LoRA share ``LORA``)."""

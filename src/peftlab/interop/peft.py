@@ -109,6 +109,8 @@ def export_peft(adapters: AdapterSet, name: str, path: Path) -> Path:
             f"({experts[0]}, ...), which peft's {codec.peft_type} cannot express (it has no "
             "target_parameters); it cannot be exported to peft. Keep it in peftlab's format (save), "
             "or merge it into the weights")
+    if codec.sequence:
+        return _export_sequence(adapters, adapter, codec, path)
     fields, found = codec.export(adapter, _expert_keys(model, experts))
     tensors = {_full_key(codec, key): t for key, t in found.items()}
     linear = dict(linear_modules(model))
@@ -153,6 +155,70 @@ def export_peft(adapters: AdapterSet, name: str, path: Path) -> Path:
     weights = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in tensors.items()}
     blob = json.dumps(config, indent=2, sort_keys=True).encode()
     return write_dir_atomic(path, {CONFIG_FILE: blob, WEIGHTS_FILE: weights})
+
+
+# peft keys the extra modules of prompt-learning adapters one level up: its PeftModel's
+# base_model is the transformers model itself there.
+SEQUENCE_PREFIX = "base_model."
+
+
+def _export_sequence(adapters: AdapterSet, adapter: Any, codec: PeftCodec, path: Path) -> Path:
+    """A prompt-learning adapter (prompt, prefix tuning): the codec's own tensors, the extras."""
+    model = adapters.model
+    fields, found = codec.export(adapter, {})
+    tensors = dict(found)
+    extras = list(adapter.extras)
+    task = _task_type(model)
+    module_names = _module_names(model)
+    if _suffix_hits(module_names, extras) != set(extras):
+        raise ConfigError(f"peft would also treat {sorted(_suffix_hits(module_names, extras) - set(extras))}"
+                          f" as extra modules (it matches modules_to_save {extras} as name suffixes)")
+    if task in _TASK_HEADS and _suffix_hits(module_names, extras + _TASK_HEADS[task]) != set(extras):
+        task = None  # peft's task class would demand head tensors this adapter does not carry
+    for module in extras:
+        for key, t in model.get_submodule(module).state_dict().items():
+            tensors[f"{SEQUENCE_PREFIX}{module}.{key}"] = t
+    config = {
+        "peft_type": fields.pop("peft_type"),
+        "task_type": task,
+        "base_model_name_or_path": getattr(getattr(model, "config", None), "_name_or_path", None) or None,
+        "inference_mode": True,
+        **fields,
+        "modules_to_save": extras or None,
+    }
+    weights = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in tensors.items()}
+    blob = json.dumps(config, indent=2, sort_keys=True).encode()
+    return write_dir_atomic(path, {CONFIG_FILE: blob, WEIGHTS_FILE: weights})
+
+
+def _import_sequence(adapters: AdapterSet, path: Path, name: str, codec: PeftCodec,
+                     data: dict[str, Any]) -> str:
+    """Load a peft prompt-learning adapter: the codec's own tensors and the extras, all checked
+    before the model changes."""
+    shapes = _tensor_shapes(path)
+    own = {k: s for k, s in shapes.items() if not k.startswith(SEQUENCE_PREFIX)}
+    others = [k[len(SEQUENCE_PREFIX):] for k in shapes if k.startswith(SEQUENCE_PREFIX)]
+    try:
+        config, wanted = codec.sequence_config(data, adapters.model, own)
+    except ConfigError as e:
+        raise AdapterLoadError(f"{path}: {e}") from None
+    expected = dict(wanted)
+    extras = _extra_modules(adapters.model, data, others, path)
+    for module, m in extras.items():
+        expected.update({f"{SEQUENCE_PREFIX}{module}.{k}": tuple(t.shape) for k, t in m.state_dict().items()})
+    try:
+        built = adapters.build(config)
+    except PeftlabError as e:
+        raise AdapterLoadError(f"{path} does not fit this model: {e}") from None
+    tensors = read_tensors(path, expected)
+    own = {k: t for k, t in tensors.items() if k in wanted}
+    codec.load_sequence(next(iter(built.pieces.values())), own, data)
+    for module, m in extras.items():
+        prefix = f"{SEQUENCE_PREFIX}{module}."
+        m.load_state_dict({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
+    built.extras = tuple(extras)
+    adapters.install(name, built)
+    return name
 
 
 def _refuse_peft_rewrite(model: nn.Module, fields: dict[str, Any]) -> None:
@@ -265,6 +331,8 @@ def import_peft(adapters: AdapterSet, path: Path, name: str) -> str:
     data = read_config(path)
     codec = _codec_for(data, path)
     _refuse_unsupported(data, codec, path)
+    if codec.sequence:
+        return _import_sequence(adapters, path, name, codec, data)
     shapes = _tensor_shapes(path)
     keys, others = _split_keys(shapes, codec, path)
     if not keys:

@@ -13,7 +13,12 @@ Each method lives in its own module, with the paper's math in the docstring, and
 * ``presets``: the names the command line, ``compare`` and ``recommend`` know it by, each with its
   ready-made config, default learning rate, quality prior and a few words on what it is;
 * ``peft``: how its adapters map to HF peft's files (:class:`peftlab.interop.codec.PeftCodec`),
-  or ``None`` when peft has no such format.
+  or ``None`` when peft has no such format;
+* ``sequence(config, model)``: instead of ``build``, for methods that act on the token sequence
+  rather than on Linear sites (prompt and prefix tuning): the adapter's one piece for the whole
+  model (a :class:`peftlab.sequence.SequencePiece`; see that module for how it attaches);
+* ``fold(adapter)``: optionally, the adapter as it is saved (prefix tuning's reparameterisation
+  MLP folded away): a config and the pieces holding the tensors to write.
 
 Adding a method is one new file plus one line in :data:`REGISTRY`. A method defined elsewhere (a
 plugin, a test) joins with :func:`register`.
@@ -23,6 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
+from typing import Any
 
 from torch import nn
 
@@ -54,11 +60,13 @@ class Method:
     """One method; see the module docstring."""
 
     config: type[AdapterConfig]
-    build: Callable[[AdapterConfig, Site, BaseLayer, nn.Module | None], Piece]
+    build: Callable[[AdapterConfig, Site, BaseLayer, nn.Module | None], Piece] | None
     presets: tuple[Preset, ...] = ()
     shared: Callable[[AdapterConfig, list[Site]], nn.Module | None] | None = None
     experts: bool = False
     peft: PeftCodec | None = None
+    sequence: Callable[[AdapterConfig, nn.Module], Piece] | None = None
+    fold: Callable[[Any], tuple[AdapterConfig, dict[str, Piece]]] | None = None
 
     @property
     def name(self) -> str:
@@ -66,7 +74,19 @@ class Method:
 
 
 def _registry() -> dict[str, Method]:
-    from peftlab.methods import bottleneck, compacter, dora, fusion, ia3, loha, lokr, lora, vera
+    from peftlab.methods import (
+        bottleneck,
+        compacter,
+        dora,
+        fusion,
+        ia3,
+        loha,
+        lokr,
+        lora,
+        prefix,
+        prompt,
+        vera,
+    )
 
     return {m.name: m for m in (
         lora.METHOD,
@@ -78,6 +98,8 @@ def _registry() -> dict[str, Method]:
         loha.METHOD,
         lokr.METHOD,
         fusion.METHOD,
+        prompt.METHOD,
+        prefix.METHOD,
     )}
 
 
