@@ -123,7 +123,7 @@ def test_export_to_peft_gives_equal_logits(tmp_path, family):
     model, base = make(), make()
     adapters = _prompted(model)
     if family == "bert":
-        adapters.train("p", also=("classifier",))
+        adapters.train("p", extras=("classifier",))
         randomize(model.classifier.parameters(), seed=5)
         model.eval()
     adapters.export_peft("p", tmp_path / "peft")
