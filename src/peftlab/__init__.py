@@ -32,12 +32,6 @@ if TYPE_CHECKING:
     from peftlab.config import AdapterConfig
     from peftlab.describe import RoleTable, describe_roles
     from peftlab.infer import infer_role_map
-    from peftlab.methods.bottleneck import BottleneckConfig as BottleneckConfig
-    from peftlab.methods.compacter import CompacterConfig as CompacterConfig
-    from peftlab.methods.dora import DoRAConfig as DoRAConfig
-    from peftlab.methods.fusion import FusionConfig as FusionConfig
-    from peftlab.methods.ia3 import IA3Config as IA3Config
-    from peftlab.methods.lora import LoRAConfig as LoRAConfig
     from peftlab.roles import ROLE_MAPS, ROLES, Role, RoleMap
 
 # Imported on first use, so that `peftlab --help` does not wait for torch and transformers.
