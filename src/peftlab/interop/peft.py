@@ -59,7 +59,7 @@ from transformers.pytorch_utils import Conv1D
 from peftlab.config import clip
 from peftlab.errors import AdapterLoadError, ConfigError, PeftlabError
 from peftlab.experts import AdaptedExperts, expert_parameters, experts_layout
-from peftlab.interop.codec import PeftCodec
+from peftlab.interop.codec import PeftCodec, Tensors
 from peftlab.io import CONFIG_FILE, FORMAT, WEIGHTS_FILE, read_config, read_tensors, write_dir_atomic
 from peftlab.layer import AdaptedLayer, weight_out_in
 from peftlab.methods import REGISTRY, method_for
@@ -126,7 +126,13 @@ def export_peft(adapters: AdapterSet, name: str, path: Path) -> Path:
     if codec.fan_in_fan_out:
         # peft warns and flips this flag unless it matches the layer type (transformers Conv1D).
         fields["fan_in_fan_out"] = bool(sites) and all(isinstance(linear[s], Conv1D) for s in sites)
-    extras = list(adapter.extras)
+    return _write(model, fields, tensors, list(adapter.extras), PREFIX, path)
+
+
+def _write(model: nn.Module, fields: dict[str, Any], tensors: Tensors, extras: list[str],
+           prefix: str, path: Path) -> Path:
+    """The peft directory: ``fields`` (``peft_type`` first) and ``tensors`` plus the extras, which
+    peft calls ``modules_to_save`` and keys under ``prefix``; checked to mean the same to peft."""
     # peft wraps every module whose name ends with a modules_to_save entry (task classes add
     # their heads) and refuses to load unless the file holds the tensors of each one.
     module_names = _module_names(model)
@@ -136,13 +142,14 @@ def export_peft(adapters: AdapterSet, name: str, path: Path) -> Path:
     task = _task_type(model)
     if task in _TASK_HEADS and _suffix_hits(module_names, extras + _TASK_HEADS[task]) != set(extras):
         task = None  # peft's task class would demand head tensors this adapter does not carry
+    tensors = dict(tensors)
     for module in extras:
         extra = model.get_submodule(module)
         if any(isinstance(m, (AdaptedLayer, AdaptedExperts)) for m in extra.modules()):
             raise ConfigError(f"extra module {module!r} holds adapted layers; peft cannot save a module "
                               "both in modules_to_save and as an adapter target")
         for key, t in extra.state_dict().items():
-            tensors[f"{PREFIX}{module}.{key}"] = t
+            tensors[f"{prefix}{module}.{key}"] = t
     config = {
         "peft_type": fields.pop("peft_type"),
         "task_type": task,
@@ -164,31 +171,8 @@ SEQUENCE_PREFIX = "base_model."
 
 def _export_sequence(adapters: AdapterSet, adapter: Any, codec: PeftCodec, path: Path) -> Path:
     """A prompt-learning adapter (prompt, prefix tuning): the codec's own tensors, the extras."""
-    model = adapters.model
     fields, found = codec.export(adapter, {})
-    tensors = dict(found)
-    extras = list(adapter.extras)
-    task = _task_type(model)
-    module_names = _module_names(model)
-    if _suffix_hits(module_names, extras) != set(extras):
-        raise ConfigError(f"peft would also treat {sorted(_suffix_hits(module_names, extras) - set(extras))}"
-                          f" as extra modules (it matches modules_to_save {extras} as name suffixes)")
-    if task in _TASK_HEADS and _suffix_hits(module_names, extras + _TASK_HEADS[task]) != set(extras):
-        task = None  # peft's task class would demand head tensors this adapter does not carry
-    for module in extras:
-        for key, t in model.get_submodule(module).state_dict().items():
-            tensors[f"{SEQUENCE_PREFIX}{module}.{key}"] = t
-    config = {
-        "peft_type": fields.pop("peft_type"),
-        "task_type": task,
-        "base_model_name_or_path": getattr(getattr(model, "config", None), "_name_or_path", None) or None,
-        "inference_mode": True,
-        **fields,
-        "modules_to_save": extras or None,
-    }
-    weights = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in tensors.items()}
-    blob = json.dumps(config, indent=2, sort_keys=True).encode()
-    return write_dir_atomic(path, {CONFIG_FILE: blob, WEIGHTS_FILE: weights})
+    return _write(adapters.model, fields, dict(found), list(adapter.extras), SEQUENCE_PREFIX, path)
 
 
 def _import_sequence(adapters: AdapterSet, path: Path, name: str, codec: PeftCodec,
