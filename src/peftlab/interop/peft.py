@@ -188,8 +188,7 @@ def _import_sequence(adapters: AdapterSet, path: Path, name: str, codec: PeftCod
         raise AdapterLoadError(f"{path}: {e}") from None
     expected = dict(wanted)
     extras = _extra_modules(adapters.model, data, others, path)
-    for module, m in extras.items():
-        expected.update({f"{SEQUENCE_PREFIX}{module}.{k}": tuple(t.shape) for k, t in m.state_dict().items()})
+    expected.update(_extra_shapes(extras, SEQUENCE_PREFIX))
     try:
         built = adapters.build(config)
     except PeftlabError as e:
@@ -344,8 +343,7 @@ def import_peft(adapters: AdapterSet, path: Path, name: str) -> str:
         raise AdapterLoadError(f"{path}: {e}") from None
     expected = {_full_key(codec, k): shape for k, shape in wanted.items()}
     extras = _extra_modules(adapters.model, data, others, path)
-    for module, m in extras.items():
-        expected.update({f"{PREFIX}{module}.{k}": tuple(t.shape) for k, t in m.state_dict().items()})
+    expected.update(_extra_shapes(extras, PREFIX))
     try:
         built = adapters.build(config)
     except PeftlabError as e:
@@ -474,6 +472,12 @@ def _parameter_names(model: nn.Module) -> list[str]:
         return out
 
     return walk(model, "")
+
+
+def _extra_shapes(extras: dict[str, nn.Module], prefix: str) -> dict[str, tuple[int, ...]]:
+    """The shape of every tensor of the extras, keyed as peft keys them under ``prefix``."""
+    return {f"{prefix}{module}.{k}": tuple(t.shape) for module, m in extras.items()
+            for k, t in m.state_dict().items()}
 
 
 def _extra_modules(model: nn.Module, data: dict[str, Any], others: list[str], path: Path):
