@@ -283,7 +283,7 @@ class _Trained:
         that a head is never silently re-initialised), else left to the data."""
         if self.run.get("task"):
             task = self.run["task"]
-            return task, self.run.get("num_labels") if task != "causal-lm" else None
+            return task, self.run.get("num_labels") or None  # 0: a task without classes
         if self.full_model is not None:
             config = json.loads((self.full_model / "config.json").read_text())
             if config.get("problem_type") == "regression":

@@ -42,7 +42,8 @@ from rich.console import Console
 from peftlab.data import TaskData, load_task
 from peftlab.errors import NonFiniteLossError, UsageError
 from peftlab.measure import FULL, FUSION, FUSION_MEMBER_METHOD, Measurement, data_batch, peak_rss_bytes
-from peftlab.metrics import PRIMARY, bootstrap_ci, constant_score, ranks_with_ties
+from peftlab.metrics import bootstrap_ci, constant_score, ranks_with_ties
+from peftlab.tasks import task_for
 from peftlab.train import default_lr, method_names
 
 
@@ -231,7 +232,7 @@ def _load_tasks(opts: CompareOptions) -> dict[str, dict[str, Any]]:
                                               "validation": opts.max_eval_samples})
         if data.task not in METRICS:
             raise UsageError(f"--data {folder}: compare needs classification or regression labels")
-        metric = opts.metrics.get(name, PRIMARY[data.task])
+        metric = opts.metrics.get(name, task_for(data.task).primary)
         if metric not in METRICS[data.task]:
             raise UsageError(f"--metric {name}={metric}: a {data.task} task is judged by one of "
                              f"{', '.join(METRICS[data.task])}")

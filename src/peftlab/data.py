@@ -57,8 +57,6 @@ if TYPE_CHECKING:
     import datasets
     import pyarrow as pa
 
-TASKS = ("classification", "regression", "causal-lm")
-FIELDS = ("text", "text_pair", "label")
 #: Split file types in a data folder, in the order they are looked for.
 EXTENSIONS = (".jsonl", ".json", ".csv", ".parquet", ".txt")
 _BUILDERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet", ".txt": "text"}
@@ -199,7 +197,7 @@ class Rows(Sequence[dict[str, Any]]):
                     None if self.labels is None else self.labels[np.asarray(indices, dtype=np.int64)])
 
 
-def _batches(rows: Sequence[dict[str, Any]], size: int = 4096
+def text_batches(rows: Sequence[dict[str, Any]], size: int = 4096
              ) -> Iterator[tuple[list[str], list[str] | None, list[Any] | None]]:
     """Texts, pairs (``None`` for single texts) and labels, ``size`` rows at a time."""
     for start in range(0, len(rows), size):
@@ -713,8 +711,13 @@ def load_task(source: str | Path | DataSource, splits: tuple[str, ...] = ("train
     ``max_samples`` keeps a fixed random subset per split (seed 0, original order), so that runs with
     different training seeds see the same data.
     """
-    if task not in ("auto", *TASKS):
-        raise DataError(f"unknown task {task!r}; use one of auto, {', '.join(TASKS)}")
+    from peftlab.tasks import REGISTRY
+
+    if task not in ("auto", *REGISTRY):
+        raise DataError(f"unknown task {task!r}; use one of auto, {', '.join(REGISTRY)}")
+    if task != "auto" and REGISTRY[task].load is not None:
+        return REGISTRY[task].load(source, splits=splits, max_samples=max_samples, num_labels=num_labels,
+                                   labels=labels, labelled=labelled)
     if not labelled and task == "auto":
         raise DataError("unlabelled data needs the task of the trained model")
     if labels is not None:
@@ -724,7 +727,7 @@ def load_task(source: str | Path | DataSource, splits: tuple[str, ...] = ("train
     src = DataSource.of(source)
     opened = _Opened(src, splits)
     max_samples = max_samples or {}
-    causal = task == "causal-lm"
+    causal = task != "auto" and REGISTRY[task].labelled == "text"  # the text is all it learns
     columns: Columns | None = None
     texts: dict[str, tuple[Any, Any, _Where, list[str], Any]] = {}
     raw: dict[str, _Labels] = {}
@@ -781,10 +784,11 @@ def load_task(source: str | Path | DataSource, splits: tuple[str, ...] = ("train
     first = raw.get(splits[0])
     if task == "auto":
         task = "regression" if first is not None and first.kind == "float" else "classification"
+    kind = REGISTRY[task].labelled
     names: tuple[str, ...] | None = None
     note = ""
     ids: dict[str, np.ndarray | None] = {s: None for s in splits}
-    if task == "classification" and labelled:
+    if kind == "class" and labelled:
         assert first is not None
         if labels is not None:
             names, note = labels, "class names given"
@@ -797,10 +801,10 @@ def load_task(source: str | Path | DataSource, splits: tuple[str, ...] = ("train
         for s in splits:
             ids[s] = _class_ids(raw[s], names, texts[s][2])
         num_labels = len(names)
-    elif task == "classification":
+    elif kind == "class":
         num_labels = len(labels) if labels is not None else (num_labels or 2)
         names = labels
-    elif task == "regression":
+    elif kind == "value":
         if num_labels not in (None, 1):
             raise DataError(f"the data has float labels (regression), but the head has {num_labels} classes; "
                             "use integer class labels or a regression adapter")
@@ -858,14 +862,20 @@ class Encoded(torch.utils.data.Dataset):
 
 
 def tokenize(split: Split, tokenizer: Any, task: str, max_length: int) -> tuple[Encoded, int]:
-    """Tokenise a split, truncating to ``max_length`` tokens. Returns the dataset and the number
-    of examples that were truncated (the caller warns about them). Unlabelled rows get no
-    ``labels``."""
-    if task == "causal-lm":
-        return _tokenize_causal(split, tokenizer, max_length)
+    """Tokenise a split for ``task`` (:mod:`peftlab.tasks`), truncating to ``max_length`` tokens.
+    Returns the dataset and the number of examples that were truncated (the caller warns about
+    them)."""
+    from peftlab.tasks import task_for
+
+    return task_for(task).tokenize(split, tokenizer, max_length)
+
+
+def tokenize_texts(split: Split, tokenizer: Any, max_length: int) -> tuple[Encoded, int]:
+    """Texts (and pairs) with their labels, for sequence classification and regression. Unlabelled
+    rows get no ``labels``."""
     features: list[dict[str, Any]] = []
     truncated = 0
-    for texts, pairs, labels in _batches(split.rows):
+    for texts, pairs, labels in text_batches(split.rows):
         pair_args = (pairs,) if pairs is not None else ()
         enc = tokenizer(texts, *pair_args, truncation=False, verbose=False)
         keys = [k for k in ("input_ids", "attention_mask", "token_type_ids") if k in enc]
@@ -882,19 +892,4 @@ def tokenize(split: Split, tokenizer: Any, task: str, max_length: int) -> tuple[
             if labels is not None and labels[i] is not None:
                 feature["labels"] = labels[i]
             features.append(feature)
-    return Encoded(features), truncated
-
-
-def _tokenize_causal(split: Split, tokenizer: Any, max_length: int) -> tuple[Encoded, int]:
-    """Each text ends with the tokenizer's eos token (added where the tokenizer does not add it
-    itself), so that the model learns where a text stops. A text cut at ``max_length`` loses it:
-    it did not end there."""
-    eos = tokenizer.eos_token_id
-    features, truncated = [], 0
-    for texts, _, _ in _batches(split.rows):
-        for ids in tokenizer(texts, verbose=False)["input_ids"]:
-            if eos is not None and (not ids or ids[-1] != eos):
-                ids = [*ids, eos]
-            truncated += len(ids) > max_length
-            features.append({"input_ids": ids[:max_length]})
     return Encoded(features), truncated

@@ -37,7 +37,7 @@ from typing import Any
 
 from peftlab.data import Split, TaskData
 from peftlab.errors import DataError, NonFiniteLossError
-from peftlab.metrics import PRIMARY
+from peftlab.tasks import task_for
 
 FACTORS = (0.5, 1.0, 2.0, 4.0)
 HELD_OUT_FRACTION = 0.1
@@ -96,7 +96,7 @@ def search_lr(opts: Any, data: TaskData, prior: float, metric: str | None = None
               budget: float = 1.0) -> LRSearch:
     """Successive halving over :func:`candidates` of ``prior`` for the run ``opts`` (a
     :class:`peftlab.train.TrainOptions`) on ``data``; see the module docstring."""
-    metric = metric or PRIMARY[data.task]
+    metric = metric or task_for(data.task).primary
     steps_per_epoch = math.ceil(len(data["train"]) / opts.batch_size)
     total = opts.max_steps or max(1, math.ceil(steps_per_epoch * opts.epochs))
     rung1 = math.floor(budget * total / (2 * len(FACTORS)))

@@ -12,9 +12,6 @@ import warnings
 
 import numpy as np
 
-#: The metric each task is judged by (used for plots, progress lines and comparison tables).
-PRIMARY = {"classification": "accuracy", "regression": "pearson", "causal-lm": "perplexity"}
-
 
 def classification_metrics(labels: np.ndarray, predictions: np.ndarray,
                            num_classes: int | None = None) -> dict[str, float]:
@@ -51,23 +48,6 @@ def regression_metrics(labels: np.ndarray, predictions: np.ndarray) -> dict[str,
             "spearman": float(spearmanr(labels, predictions)[0]),
             "mse": mse,
         }
-
-
-def compute(task: str, logits: np.ndarray, labels: np.ndarray) -> dict[str, float]:
-    """Metrics for ``task`` from raw model outputs: class logits ``[n, k]`` for classification,
-    scores ``[n, 1]`` for regression."""
-    logits = np.asarray(logits)
-    if task == "classification":
-        return classification_metrics(labels, predicted(task, logits), logits.shape[-1])
-    if task == "regression":
-        return regression_metrics(labels, predicted(task, logits))
-    raise ValueError(f"no prediction metrics for task {task!r}")
-
-
-def predicted(task: str, logits: np.ndarray) -> np.ndarray:
-    """What a model predicts from its raw outputs: class ids, or regression scores."""
-    logits = np.asarray(logits)
-    return logits.argmax(-1) if task == "classification" else logits.reshape(-1)
 
 
 def perplexity(loss: float) -> float:

@@ -46,13 +46,14 @@ from peftlab.adapter_set import attach
 from peftlab.config import AdapterConfig, check_value
 from peftlab.data import DataSource, TaskData, load_task, parse_split_names, tokenize
 from peftlab.errors import ConfigError, DataError, NonFiniteLossError, UsageError
-from peftlab.heads import HEAD_CONFIG, HEAD_FILE, MeanPoolClassifier, pooling_of, resolve_pooling
+from peftlab.heads import MeanPoolClassifier, pooling_of, resolve_pooling
 from peftlab.io import WEIGHTS_FILE, replacing_dir, write_atomic
 from peftlab.loop import MAX_GRAD_NORM, WARMUP
 from peftlab.measure import FULL
 from peftlab.methods import preset, presets
-from peftlab.metrics import PRIMARY, compute, perplexity, predicted
+from peftlab.metrics import perplexity
 from peftlab.names import check_name
+from peftlab.tasks import ModelSpec, Task, task_for
 
 # ---- methods ----------------------------------------------------------------------------------
 #: Full fine-tuning's default rate: BERT's GLUE grid {2,3,4,5}e-5 (arXiv 1810.04805).
@@ -110,18 +111,14 @@ def _quiet_transformers() -> None:
 def load_model(model_id: str, task: str, num_labels: int, pooling: str = "auto",
                labels: tuple[str, ...] | list[str] | None = None) -> tuple[nn.Module, Any, tuple[str, ...]]:
     """Model, tokenizer and the names of its task-head modules (trained and saved with the
-    adapter). ``model_id`` is a local folder saved with ``save_pretrained`` or a Hub id.
-    ``pooling`` (auto, cls, mean) chooses a classification head's reading of the backbone
-    (:mod:`peftlab.heads`; auto: what the model folder declares, else [CLS]). ``labels`` names a
-    classifier's classes in id order: set as the config's ``id2label``/``label2id``, so that the
-    adapter and a saved or merged model carry them."""
-    from transformers import (
-        AutoConfig,
-        AutoModelForCausalLM,
-        AutoModelForSequenceClassification,
-        AutoTokenizer,
-    )
+    adapter). ``model_id`` is a local folder saved with ``save_pretrained`` or a Hub id; the head
+    is ``task``'s (:mod:`peftlab.tasks`). ``pooling`` (auto, cls, mean) chooses a classification
+    head's reading of the backbone (:mod:`peftlab.heads`; auto: what the model folder declares,
+    else [CLS]). ``labels`` names a classifier's classes in id order: set as the config's
+    ``id2label``/``label2id``, so that the adapter and a saved or merged model carry them."""
+    from transformers import AutoConfig, AutoTokenizer
 
+    spec_task = task_for(task)
     _quiet_transformers()
     path = Path(model_id).expanduser()
     if path.exists():
@@ -136,37 +133,17 @@ def load_model(model_id: str, task: str, num_labels: int, pooling: str = "auto",
     except (OSError, ValueError) as e:
         raise UsageError(f"model {model_id!r} is neither a local model folder nor available from "
                          f"the Hub ({_first_line(e)}); pass a local model folder") from None
-    kwargs: dict[str, Any] = {}
-    if task == "causal-lm":
-        auto: Any = AutoModelForCausalLM
-    else:
-        auto = AutoModelForSequenceClassification
-        config.num_labels = num_labels
-        config.problem_type = "regression" if task == "regression" else "single_label_classification"
-        if labels is not None and task == "classification":
-            if len(labels) != num_labels:
-                raise UsageError(f"{len(labels)} class names for a head of {num_labels} classes")
-            config.id2label = dict(enumerate(labels))
-            config.label2id = {name: i for i, name in enumerate(labels)}
-        kwargs["ignore_mismatched_sizes"] = True  # a head with other classes is replaced
     try:
         tokenizer = AutoTokenizer.from_pretrained(source)
     except (OSError, ValueError, TypeError) as e:
         raise UsageError(f"no usable tokenizer in {model_id} ({_first_line(e)}); save one next to "
                          "the model with tokenizer.save_pretrained") from None
-    mean = task != "causal-lm" and resolve_pooling(pooling, path if path.exists() else None) == "mean"
-    if not mean and (path / HEAD_CONFIG).is_file():
-        raise UsageError(f"{model_id} holds a mean-pooling classifier (peftlab_head.json); it cannot "
-                         "be read with --pooling cls")
+    folder = path if path.exists() else None
+    spec = ModelSpec(source=source, folder=folder, config=config, num_labels=num_labels,
+                     labels=None if labels is None else tuple(labels),
+                     pooling=resolve_pooling(pooling, folder))
     try:
-        if mean:
-            from transformers import AutoModel
-
-            model = MeanPoolClassifier(AutoModel.from_pretrained(source, config=config), num_labels)
-            if (path / HEAD_FILE).is_file():
-                model.load_head(path)
-        else:
-            model = auto.from_pretrained(source, config=config, **kwargs)
+        model = spec_task.model(spec)
     except ValueError as e:
         raise UsageError(f"{model_id} ({config.model_type}) cannot be loaded for {task} "
                          f"({_first_line(e)})") from None
@@ -177,29 +154,12 @@ def load_model(model_id: str, task: str, num_labels: int, pooling: str = "auto",
         tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
     if getattr(model.config, "pad_token_id", None) is None:
         model.config.pad_token_id = tokenizer.pad_token_id
-    return model, tokenizer, task_head(model, task)
+    return model, tokenizer, spec_task.heads(model)
 
 
 def task_head(model: nn.Module, task: str) -> tuple[str, ...]:
-    """The task head, trained and saved with the adapter: top-level children with parameters
-    other than the base model (``classifier``, ``score``, ``classification_head`` ...), plus the
-    base model's ``pooler`` where there is one (BERT family). The pooler (dense + tanh over the
-    first token) feeds only the classifier; training it makes the head the two-layer head that
-    AdapterHub uses. Pretrained poolers are often not tuned for classification (sentence-embedding
-    models such as all-MiniLM never trained theirs): on the demo set LoRA reaches 85% with it
-    trained and 78% without."""
-    if task == "causal-lm":
-        return ()
-    if isinstance(model, MeanPoolClassifier):
-        return ("classifier",)
-    prefix = getattr(model, "base_model_prefix", "")
-    heads = [name for name, child in model.named_children()
-             if name != prefix and any(True for _ in child.parameters())]
-    base = getattr(model, prefix, None) if prefix else None
-    pooler = getattr(base, "pooler", None)
-    if isinstance(pooler, nn.Module) and any(True for _ in pooler.parameters()):
-        heads.insert(0, f"{prefix}.pooler")
-    return tuple(heads)
+    """The modules of ``model`` trained and saved with an adapter for ``task``."""
+    return task_for(task).heads(model)
 
 
 def _first_line(e: BaseException) -> str:
@@ -606,33 +566,8 @@ def save_model_atomic(model: nn.Module, tokenizer: Any, path: Path) -> None:
 
 # ---- training ---------------------------------------------------------------------------------
 def collator(tokenizer: Any, task: str) -> Callable[..., Any]:
-    from transformers import DataCollatorWithPadding
-
-    if task == "causal-lm":
-        return CausalLMCollator(tokenizer.pad_token_id, tokenizer.padding_side)
-    return DataCollatorWithPadding(tokenizer)
-
-
-@dataclasses.dataclass(frozen=True)
-class CausalLMCollator:
-    """Pads causal-LM examples; ``labels`` are the input ids with the *padded positions* set to
-    -100. Padding is found by position, not by token id: many tokenizers pad with their eos
-    token, and masking by id would hide every eos from the loss, so the model never learns to
-    stop (transformers' ``DataCollatorForLanguageModeling`` does that)."""
-
-    pad_id: int
-    padding_side: str = "right"
-
-    def __call__(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        longest = max(len(f["input_ids"]) for f in features)
-        ids = torch.full((len(features), longest), self.pad_id, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for i, f in enumerate(features):
-            n = len(f["input_ids"])
-            where = slice(longest - n, longest) if self.padding_side == "left" else slice(0, n)
-            ids[i, where] = torch.tensor(f["input_ids"])
-            mask[i, where] = 1
-        return {"input_ids": ids, "attention_mask": mask, "labels": ids.masked_fill(mask == 0, -100)}
+    """Pads a batch of ``task``'s tokenised examples."""
+    return task_for(task).collator(tokenizer, None)
 
 
 def resolve_max_length(asked: int | None, model: nn.Module) -> int:
@@ -670,77 +605,118 @@ def _say(console: Console, quiet: bool, message: str) -> None:
         console.print(message)
 
 
-def run_training(opts: TrainOptions, console: Console | None = None,
-                 data: TaskData | None = None) -> dict[str, Any]:
-    """Train as ``peftlab train`` does and return the contents of ``metrics.json``.
+@dataclasses.dataclass
+class _Model:
+    """The model being trained, with what was attached to it."""
 
-    Everything that can be checked is checked before ``opts.out`` is created: on bad input
-    nothing is written. ``data`` may be given pre-loaded (the demo does)."""
-    console = console or Console(stderr=True)
-    opts.check()
-    rank, world_size = world()
+    model: nn.Module
+    tokenizer: Any
+    heads: tuple[str, ...]
+    adapters: Any  # the AdapterSet, or None for full fine-tuning
+    name: str
+    summary: str
+
+    def trainable(self) -> list[nn.Parameter]:
+        return [p for p in self.model.parameters() if p.requires_grad]
+
+
+@dataclasses.dataclass
+class _Sets:
+    """The tokenised splits: training, final evaluation, and checkpoint selection (a slice held
+    out from the training data under early stopping, else the evaluation set)."""
+
+    train: Any
+    eval: Any
+    select: Any
+    truncated: dict[str, int]
+    held_out: bool
+
+
+class _EvalOutputs:
+    """Trainer's ``compute_metrics`` for a task; keeps the latest evaluation's predictions and
+    labels, which are written for intervals (:mod:`peftlab.metrics`)."""
+
+    def __init__(self, task: Task, num_labels: int) -> None:
+        self.task, self.num_labels = task, num_labels
+        self.latest: dict[str, Any] = {}
+
+    def __call__(self, pred: Any) -> dict[str, float]:
+        logits = pred.predictions[0] if isinstance(pred.predictions, tuple) else pred.predictions
+        assert self.task.metrics is not None and self.task.predicted is not None
+        self.latest = {"predictions": self.task.predicted(logits), "labels": pred.label_ids}
+        return self.task.metrics(logits, pred.label_ids, self.num_labels)
+
+
+def _check_world(opts: TrainOptions) -> int:
+    """The number of processes, which must divide the global batch."""
+    world_size = world()[1]
     if opts.batch_size % world_size:
         raise UsageError(f"--batch-size {opts.batch_size} (the global batch) must be divisible by the "
                          f"{world_size} processes")
-    config = method_config(opts.method, opts.sets)
-    name = check_name(opts.name or opts.method)
-    lr = opts.lr if opts.lr is not None else default_lr(opts.method)
-    out = Path(opts.out)
-    record = opts.record()
-    if rank == 0:
-        check_out_dir(out, opts.resume, record)
-    if data is None:
-        data = load_task(opts.source(), task=opts.task, labels=opts.labels, max_samples={
-            "train": opts.max_train_samples, "validation": opts.max_eval_samples})
+    return world_size
+
+
+def _choose_lr(opts: TrainOptions, data: TaskData, prior: float, console: Console) -> tuple[float, Any]:
+    """The rate to train at, and the search that chose it (``None`` unless ``--lr auto``)."""
+    if not opts.lr_search:
+        return prior, None
+    from peftlab.lr_search import search_lr
+
+    if world()[1] > 1:
+        raise UsageError("--lr auto runs its trials in one process; choose the rate with a "
+                         "single-process run first, then pass it as --lr")
+    _say(console, opts.quiet, f"choosing the learning rate around {prior:g} on held-out training data")
+    search = search_lr(opts, data, prior)
+    _say(console, opts.quiet, f"learning rate: {search.lr:g} (" + (search.skipped or ", ".join(
+        f"{t.lr:g}: {t.score:.4f}" for t in search.trials if t.rung == 2)) + ")")
+    return search.lr, search
+
+
+def _prepare_model(opts: TrainOptions, data: TaskData, config: AdapterConfig | None, name: str) -> _Model:
+    """The pretrained model with the task's head, and the adapter (or every weight) trainable."""
     from transformers import set_seed
 
-    search = None
-    if opts.lr_search:
-        from peftlab.lr_search import search_lr
-
-        if world_size > 1:
-            raise UsageError("--lr auto runs its trials in one process; choose the rate with a "
-                             "single-process run first, then pass it as --lr")
-        _say(console, opts.quiet, f"choosing the learning rate around {lr:g} on held-out training data")
-        search = search_lr(opts, data, lr)
-        lr = search.lr
-        _say(console, opts.quiet, f"learning rate: {lr:g} (" + (search.skipped or ", ".join(
-            f"{t.lr:g}: {t.score:.4f}" for t in search.trials if t.rung == 2)) + ")")
-    # Seeded before loading: a new head is initialised while the model loads.
-    set_seed(opts.seed)
+    set_seed(opts.seed)  # before loading: a new head is initialised while the model loads
     model, tokenizer, heads = load_model(opts.model, data.task, data.num_labels, opts.pooling, data.labels)
-    max_length = resolve_max_length(opts.max_length, model)
-
     if config is None:
         for p in model.parameters():
             p.requires_grad_(True)
-        adapters = None
         summary = f"full fine-tuning: {sum(p.numel() for p in model.parameters()):,} parameters"
-    else:
-        set_seed(opts.seed)
-        adapters = attach(model)
-        adapters.add(name, config)
-        adapters.activate(name)
-        adapters.train(name, extras=heads)
-        row = adapters.summary()[name]
-        summary = (f"{opts.method}: {row.parameters:,} adapter parameters ({row.percent:.3f}% of "
-                   f"{adapters.base_parameters():,}) at {row.sites} sites; head {list(heads)} trained too")
-    trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+        return _Model(model, tokenizer, heads, None, name, summary)
+    set_seed(opts.seed)
+    adapters = attach(model)
+    adapters.add(name, config)
+    adapters.activate(name)
+    adapters.train(name, extras=heads)
+    row = adapters.summary()[name]
+    summary = (f"{opts.method}: {row.parameters:,} adapter parameters ({row.percent:.3f}% of "
+               f"{adapters.base_parameters():,}) at {row.sites} sites; head {list(heads)} trained too")
+    return _Model(model, tokenizer, heads, adapters, name, summary)
 
+
+def _tokenized(opts: TrainOptions, data: TaskData, tokenizer: Any, max_length: int) -> _Sets:
+    """Tokenise the splits. Under early stopping, checkpoints are selected on data held out from
+    the training split: validation is read once, at the end."""
     fit = data
-    if opts.patience:  # model selection on held-out training data; validation is read once, at the end
+    if opts.patience:
         from peftlab.lr_search import held_out_split
 
         fit = held_out_split(data)
     train_set, cut_train = tokenize(fit["train"], tokenizer, data.task, max_length)
     eval_set, cut_eval = tokenize(data["validation"], tokenizer, data.task, max_length)
     eval_set = eval_set.by_length()  # less padding; the metrics do not depend on the order
-    select_set = (tokenize(fit["validation"], tokenizer, data.task, max_length)[0].by_length()
-                  if opts.patience else eval_set)
+    select = (tokenize(fit["validation"], tokenizer, data.task, max_length)[0].by_length()
+              if opts.patience else eval_set)
+    return _Sets(train_set, eval_set, select, {"train": cut_train, "validation": cut_eval},
+                 bool(opts.patience))
+
+
+def _report_data(console: Console, opts: TrainOptions, data: TaskData, sets: _Sets, max_length: int) -> None:
+    """Say which labels, columns and truncations training uses."""
     reads = data.columns.used() if data.columns else []
     if data.labels is not None:
         _say(console, opts.quiet, f"labels ({data.label_note}): {data.label_mapping()}")
-    for split, cut in (("train", cut_train), ("validation", cut_eval)):
+    for split, cut in sets.truncated.items():
         if data[split].ignored:
             _say(console, opts.quiet, f"note: {data[split].path} has column(s) "
                  f"{list(data[split].ignored)} that peftlab does not use (it reads {reads})")
@@ -748,28 +724,28 @@ def run_training(opts: TrainOptions, console: Console | None = None,
             _say(console, opts.quiet, f"[yellow]warning:[/] {cut} of {len(data[split])} {split} examples "
                  f"are longer than --max-length {max_length} tokens and were truncated")
 
-    # ---- from here on, files are written
-    if rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
-        if not opts.resume:
-            write_atomic(out / RUN_FILE, json_bytes({
-                "peftlab_run": 1, "args": record, "task": data.task, "num_labels": data.num_labels,
-                "pair": data.pair, "max_length": max_length, "heads": list(heads),
-                "labels": None if data.labels is None else list(data.labels),
-                "columns": None if data.columns is None else dataclasses.asdict(data.columns),
-                "pooling": pooling_of(model),
-                "adapter_name": name if config else None,
-                "train_examples": len(train_set), "eval_examples": len(eval_set)}))
-    _say(console, opts.quiet, summary)
 
-    steps_per_epoch = math.ceil(len(train_set) / opts.batch_size)
-    total_steps = opts.max_steps or math.ceil(steps_per_epoch * opts.epochs)
+def _write_run(out: Path, record: dict[str, Any], data: TaskData, m: _Model, sets: _Sets,
+               max_length: int, adapter_run: bool) -> None:
+    """``run.json``: what ``eval``, ``merge``, ``export`` and ``predict`` need to rebuild the run."""
+    write_atomic(out / RUN_FILE, json_bytes({
+        "peftlab_run": 1, "args": record, "task": data.task, "num_labels": data.num_labels,
+        "pair": data.pair, "max_length": max_length, "heads": list(m.heads),
+        "labels": None if data.labels is None else list(data.labels),
+        "columns": None if data.columns is None else dataclasses.asdict(data.columns),
+        "pooling": pooling_of(m.model),
+        "adapter_name": m.name if adapter_run else None,
+        "train_examples": len(sets.train), "eval_examples": len(sets.eval)}))
+
+
+def _training_arguments(opts: TrainOptions, task: Task, out: Path, lr: float, total_steps: int,
+                        full: bool) -> Any:
+    from transformers import TrainingArguments
+
+    world_size = world()[1]
     eval_every = opts.eval_every or (max(1, total_steps // EVALUATIONS) if opts.patience else None)
     save_every = eval_every if opts.patience else (opts.save_every or eval_every or 100)
-    from transformers import TrainingArguments
-    from transformers.trainer_callback import PrinterCallback, ProgressCallback
-
-    args = TrainingArguments(
+    return TrainingArguments(
         output_dir=str(out / CHECKPOINTS),
         per_device_train_batch_size=opts.batch_size // world_size,
         per_device_eval_batch_size=max(opts.batch_size // world_size, 32),
@@ -789,8 +765,8 @@ def run_training(opts: TrainOptions, console: Console | None = None,
         save_steps=save_every,
         save_total_limit=2,
         load_best_model_at_end=bool(opts.patience),
-        metric_for_best_model="loss" if data.task == "causal-lm" else PRIMARY[data.task],
-        greater_is_better=data.task != "causal-lm",
+        metric_for_best_model=task.select_metric,
+        greater_is_better=task.select_greater,
         seed=opts.seed,
         report_to="none",
         # Without an accelerator, accelerate only sets up multi-process CPU training (gloo) when
@@ -804,97 +780,160 @@ def run_training(opts: TrainOptions, console: Console | None = None,
         # Token-weighted averaging over processes suits language-model losses only: sequence
         # classifiers accept the kwargs but return a batch mean, which Trainer would then scale
         # by the number of processes (doubling the loss and gradients on 2 processes).
-        average_tokens_across_devices=data.task == "causal-lm",
+        average_tokens_across_devices=task.loss_only,
         # Every adapter and head tensor takes part in each forward; a full model may not.
-        ddp_find_unused_parameters=config is None,
+        ddp_find_unused_parameters=full,
     )
-    primary = PRIMARY[data.task]
 
-    last_eval_outputs: dict[str, Any] = {}  # the latest evaluation's predictions, kept for intervals
 
-    def metrics_fn(pred: Any) -> dict[str, float]:
-        logits = pred.predictions[0] if isinstance(pred.predictions, tuple) else pred.predictions
-        last_eval_outputs.update(predictions=predicted(data.task, logits), labels=pred.label_ids)
-        return compute(data.task, logits, pred.label_ids)
+def _make_trainer(opts: TrainOptions, m: _Model, data: TaskData, sets: _Sets, args: Any,
+                  outputs: _EvalOutputs | None, console: Console) -> Any:
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
-    trainer = _make_trainer_class(config is not None)(
-        model=model, args=args, train_dataset=train_set,
-        eval_dataset=select_set if opts.patience else eval_set,
-        data_collator=collator(tokenizer, data.task),
-        compute_metrics=None if data.task == "causal-lm" else metrics_fn,
-        callbacks=_callbacks(list(trainable.values()), console, opts.quiet, primary)
-        + _budget_callbacks(opts),
+    task = task_for(data.task)
+    trainer = _make_trainer_class(m.adapters is not None)(
+        model=m.model, args=args, train_dataset=sets.train, eval_dataset=sets.select,
+        data_collator=task.collator(m.tokenizer, m.model), compute_metrics=outputs,
+        callbacks=_callbacks(m.trainable(), console, opts.quiet, task.primary) + _budget_callbacks(opts),
     )
     for replaced in (ProgressCallback, PrinterCallback):  # our progress bar replaces both
         trainer.remove_callback(replaced)
+    return trainer
 
+
+def _train(trainer: Any, opts: TrainOptions, out: Path, adapter_run: bool, console: Console) -> float:
+    """Run (or resume) training; the seconds it took. A non-finite loss keeps the log and names
+    the last good checkpoint."""
     resume_from = None
     if opts.resume:
-        resume_from = last_checkpoint(out / CHECKPOINTS, config is not None)
+        resume_from = last_checkpoint(out / CHECKPOINTS, adapter_run)
         _say(console, opts.quiet, f"resuming from {resume_from}" if resume_from else
              "no complete checkpoint yet: starting from step 0")
     started = time.perf_counter()
     try:
         trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     except NonFiniteLossError as e:
-        e.last_checkpoint = last_checkpoint(out / CHECKPOINTS, config is not None)
-        if rank == 0:
+        e.last_checkpoint = last_checkpoint(out / CHECKPOINTS, adapter_run)
+        if world()[0] == 0:
             write_log_csv(out / "log.csv", trainer.state.log_history)
         raise
-    train_seconds = time.perf_counter() - started
-    history = trainer.state.log_history
-    last_eval = next((e for e in reversed(history) if "eval_loss" in e), None)
-    if not opts.patience and last_eval is not None and last_eval["step"] == trainer.state.global_step:
-        final = dict(last_eval)
+    return time.perf_counter() - started
+
+
+def _final_eval(trainer: Any, opts: TrainOptions, task: Task, eval_set: Any) -> dict[str, float]:
+    """Validation metrics of the trained model: the last evaluation when it ran at the last step
+    on the validation split, else a new one."""
+    last = next((e for e in reversed(trainer.state.log_history) if "eval_loss" in e), None)
+    if not opts.patience and last is not None and last["step"] == trainer.state.global_step:
+        final = dict(last)
     else:
         final = trainer.evaluate(eval_set)
-    if data.task == "causal-lm":
+    if task.loss_only:
         final["eval_perplexity"] = perplexity(final["eval_loss"])
+    return {k[5:]: v for k, v in final.items()
+            if k.startswith("eval_") and not k.endswith(("_runtime", "_per_second"))}
+
+
+def _result(opts: TrainOptions, record: dict[str, Any], data: TaskData, m: _Model, sets: _Sets,
+            trainer: Any, evaluation: dict[str, float], lr: float, search: Any, total_steps: int,
+            max_length: int, train_seconds: float) -> dict[str, Any]:
+    """The contents of ``metrics.json``."""
+    task = task_for(data.task)
+    history = trainer.state.log_history
     losses = [e["loss"] for e in history if "loss" in e and "train_runtime" not in e]
-    result = {
+    adapters = m.adapters
+    return {
         "method": opts.method,
         "task": data.task,
         "model": record["model"],
         "data": record["data"],
-        "eval": {k[5:]: v for k, v in final.items()
-                 if k.startswith("eval_") and not k.endswith(("_runtime", "_per_second"))},
-        "primary_metric": primary,
+        "eval": evaluation,
+        "primary_metric": task.primary,
         "labels": None if data.labels is None else list(data.labels),
-        "pooling": None if data.task == "causal-lm" else pooling_of(model),
+        "pooling": None if task.loss_only else pooling_of(m.model),
         "steps": trainer.state.global_step,
         "planned_steps": total_steps,
         "best_step": _best_step(trainer.state) if opts.patience else None,
-        "held_out_examples": len(select_set) if opts.patience else 0,
+        "held_out_examples": len(sets.select) if sets.held_out else 0,
         "epochs": opts.epochs,
         "lr": lr,
         "lr_search": None if search is None else search.to_dict(),
         "batch_size": opts.batch_size,
         "max_length": max_length,
-        "train_examples": len(train_set),
-        "eval_examples": len(eval_set),
-        "truncated": {"train": cut_train, "validation": cut_eval},
+        "train_examples": len(sets.train),
+        "eval_examples": len(sets.eval),
+        "truncated": sets.truncated,
         "train_loss_mean": sum(losses) / len(losses) if losses else None,
-        "trainable_parameters": sum(p.numel() for p in trainable.values()),
-        "adapter_parameters": None if adapters is None else adapters.summary()[name].parameters,
-        "extras": list(heads),
-        "base_parameters": (sum(p.numel() for p in model.parameters()) if adapters is None
+        "trainable_parameters": sum(p.numel() for p in m.trainable()),
+        "adapter_parameters": None if adapters is None else adapters.summary()[m.name].parameters,
+        "extras": list(m.heads),
+        "base_parameters": (sum(p.numel() for p in m.model.parameters()) if adapters is None
                             else adapters.base_parameters()),
-        "timing": {"train_seconds": train_seconds, "processes": world_size},
+        "timing": {"train_seconds": train_seconds, "processes": world()[1]},
     }
+
+
+def _write_outputs(out: Path, opts: TrainOptions, m: _Model, result: dict[str, Any],
+                   history: list[dict[str, Any]], outputs: _EvalOutputs | None) -> None:
+    """The adapter (or model), metrics, predictions, log and plot."""
+    if m.adapters is not None:
+        m.adapters.save(m.name, out / ADAPTER_DIR)
+        result["adapter_bytes"] = sum(f.stat().st_size for f in (out / ADAPTER_DIR).iterdir())
+    else:
+        save_model_atomic(m.model, m.tokenizer, out / MODEL_DIR)
+    write_atomic(out / "metrics.json", json_bytes(result))
+    if outputs is not None and outputs.latest:  # the final evaluation's, the last one that ran
+        write_predictions(out, outputs.latest["predictions"], outputs.latest["labels"])
+    write_log_csv(out / "log.csv", history)
+    write_loss_plot(out / "loss.png", history, result["primary_metric"],
+                    f"{opts.method} on {opts.data_name()}")
+
+
+def run_training(opts: TrainOptions, console: Console | None = None,
+                 data: TaskData | None = None) -> dict[str, Any]:
+    """Train as ``peftlab train`` does and return the contents of ``metrics.json``.
+
+    Everything that can be checked is checked before ``opts.out`` is created: on bad input
+    nothing is written. ``data`` may be given pre-loaded (the demo does)."""
+    console = console or Console(stderr=True)
+    opts.check()
+    _check_world(opts)
+    rank = world()[0]
+    config = method_config(opts.method, opts.sets)
+    name = check_name(opts.name or opts.method)
+    out = Path(opts.out)
+    record = opts.record()
     if rank == 0:
-        if adapters is not None:
-            adapters.save(name, out / ADAPTER_DIR)
-            result["adapter_bytes"] = sum(f.stat().st_size for f in (out / ADAPTER_DIR).iterdir())
-        else:
-            save_model_atomic(model, tokenizer, out / MODEL_DIR)
-        write_atomic(out / "metrics.json", json_bytes(result))
-        if last_eval_outputs:  # the final evaluation's, the last one that ran
-            write_predictions(out, last_eval_outputs["predictions"], last_eval_outputs["labels"])
-        write_log_csv(out / "log.csv", history)
-        write_loss_plot(out / "loss.png", history, primary, f"{opts.method} on {opts.data_name()}")
-    if not opts.quiet and rank == 0:
-        shown = ", ".join(f"{k} {v:.4f}" for k, v in result["eval"].items() if isinstance(v, float))
-        console.print(f"[bold green]done[/] in {train_seconds:.1f}s: {shown}")
+        check_out_dir(out, opts.resume, record)
+    if data is None:
+        data = load_task(opts.source(), task=opts.task, labels=opts.labels, max_samples={
+            "train": opts.max_train_samples, "validation": opts.max_eval_samples})
+    task = task_for(data.task)
+    lr, search = _choose_lr(opts, data, opts.lr if opts.lr is not None else default_lr(opts.method), console)
+    m = _prepare_model(opts, data, config, name)
+    max_length = resolve_max_length(opts.max_length, m.model)
+    sets = _tokenized(opts, data, m.tokenizer, max_length)
+    _report_data(console, opts, data, sets, max_length)
+
+    # ---- from here on, files are written
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        if not opts.resume:
+            _write_run(out, record, data, m, sets, max_length, config is not None)
+    _say(console, opts.quiet, m.summary)
+    total_steps = opts.max_steps or math.ceil(math.ceil(len(sets.train) / opts.batch_size) * opts.epochs)
+    args = _training_arguments(opts, task, out, lr, total_steps, full=config is None)
+    outputs = None if task.loss_only else _EvalOutputs(task, data.num_labels)
+    trainer = _make_trainer(opts, m, data, sets, args, outputs, console)
+    train_seconds = _train(trainer, opts, out, config is not None, console)
+    evaluation = _final_eval(trainer, opts, task, sets.eval)
+    result = _result(opts, record, data, m, sets, trainer, evaluation, lr, search, total_steps, max_length,
+                     train_seconds)
+    if rank == 0:
+        _write_outputs(out, opts, m, result, trainer.state.log_history, outputs)
+        if not opts.quiet:
+            shown = ", ".join(f"{k} {v:.4f}" for k, v in result["eval"].items() if isinstance(v, float))
+            console.print(f"[bold green]done[/] in {train_seconds:.1f}s: {shown}")
     return result
 
 
@@ -932,16 +971,18 @@ def evaluate_with_predictions(model: nn.Module, dataset: Any, collate: Callable[
         out = model(**batch)
         loss_sum += float(out.loss) * len(batch["input_ids"])
         n += len(batch["input_ids"])
-        if task != "causal-lm":
+        if not task_for(task).loss_only:
             logits.append(out.logits.float().cpu())
             labels.append(batch["labels"].cpu())
     result = {"loss": loss_sum / max(n, 1)}
-    if task == "causal-lm":
+    spec = task_for(task)
+    if spec.loss_only:
         result["perplexity"] = perplexity(result["loss"])
         return result, None, None
+    assert spec.metrics is not None and spec.predicted is not None
     all_logits, all_labels = torch.cat(logits).numpy(), torch.cat(labels).numpy()
-    result.update(compute(task, all_logits, all_labels))
-    return result, predicted(task, all_logits), all_labels
+    result.update(spec.metrics(all_logits, all_labels, all_logits.shape[-1]))
+    return result, spec.predicted(all_logits), all_labels
 
 
 __all__ = ["FULL_LR", "DataError", "NonFiniteLossError", "TrainOptions", "UsageError", "default_lr",

@@ -1,0 +1,139 @@
+"""The registry of tasks: what a model learns from the examples, and how it is judged.
+
+Each task lives in a module of this package and is described completely by one :class:`Task`:
+
+* ``model(spec)``: the pretrained model with this task's head (:class:`ModelSpec` says from where,
+  with how many classes, which class names and pooling);
+* ``heads(model)``: the names of the modules trained and saved with an adapter (a new
+  classification head; none for a language model, whose head is pretrained);
+* ``tokenize(split, tokenizer, max_length)``: a split's rows as model inputs, and how many were
+  truncated; ``collator(tokenizer, model)``: pads a batch of them;
+* ``metrics(outputs, labels, num_labels)``: the validation metrics from the model's outputs
+  (``None``: the loss is the metric, reported with its perplexity: language models);
+  ``predicted(outputs)``: what was predicted, kept for intervals; ``primary`` and
+  ``greater_is_better``: the metric that judges a run and selects checkpoints;
+* ``predict(model, tokenizer, split, labels, options, advance)``: one output row per input row
+  (``peftlab predict``);
+* ``load``: optionally, how the task reads its splits (:func:`peftlab.data.load_task` reads
+  text, text pair and label columns when it is ``None``).
+
+Adding a task is one new module plus one line in :data:`BUILT_IN`; a task defined elsewhere joins
+with :func:`register`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from torch import nn
+
+from peftlab.errors import UsageError
+
+if TYPE_CHECKING:
+    from peftlab.data import Encoded, Split, TaskData
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSpec:
+    """What a task's :attr:`Task.model` builds: from ``source`` (a folder, or a Hub id) with the
+    loaded transformers ``config``, a head of ``num_labels`` outputs named ``labels`` in id order,
+    read from the backbone by ``pooling`` (resolved: ``cls`` or ``mean``)."""
+
+    source: str
+    folder: Path | None  # the local model folder, when there is one
+    config: Any
+    num_labels: int
+    labels: tuple[str, ...] | None = None
+    pooling: str = "cls"
+
+
+@dataclasses.dataclass(frozen=True)
+class PredictOptions:
+    """How ``peftlab predict`` runs: examples a batch, input tokens kept, tokens generated."""
+
+    batch_size: int = 32
+    max_length: int = 128
+    max_new_tokens: int = 32
+
+
+@dataclasses.dataclass(frozen=True)
+class Task:
+    """Everything peftlab needs to know about a task; see the module docstring."""
+
+    name: str
+    about: str
+    primary: str
+    greater_is_better: bool
+    model: Callable[[ModelSpec], nn.Module]
+    heads: Callable[[nn.Module], tuple[str, ...]]
+    tokenize: Callable[[Split, Any, int], tuple[Encoded, int]]
+    collator: Callable[[Any, nn.Module | None], Callable[..., Any]]
+    predict: Callable[[nn.Module, Any, Split, Sequence[str] | None, PredictOptions,
+                       Callable[[int], None] | None], list[dict[str, Any]]]
+    metrics: Callable[[np.ndarray, np.ndarray, int], dict[str, float]] | None = None
+    predicted: Callable[[np.ndarray], np.ndarray] | None = None
+    load: Callable[..., TaskData] | None = None
+    labelled: str = "class"  # what its labels are: class, value, text (none beyond the text), ...
+
+    @property
+    def loss_only(self) -> bool:
+        """Judged by the loss alone (a token-mean cross-entropy: language modelling)."""
+        return self.metrics is None
+
+    @property
+    def select_metric(self) -> str:
+        """The metric that picks the best checkpoint (``loss`` for a loss-only task)."""
+        return "loss" if self.loss_only else self.primary
+
+    @property
+    def select_greater(self) -> bool:
+        return False if self.loss_only else self.greater_is_better
+
+
+#: The modules that define the built-in tasks, each ending with ``TASKS = (Task(...), ...)``.
+BUILT_IN = (
+    "text",  # classification, regression
+    "causal_lm",
+)
+
+
+def _registry() -> dict[str, Task]:
+    # Imported here, after Task exists: each task module imports it from us.
+    modules = [importlib.import_module(f"{__name__}.{name}") for name in BUILT_IN]
+    return {task.name: task for m in modules for task in m.TASKS}
+
+
+#: Every known task by name.
+REGISTRY: dict[str, Task] = _registry()
+
+
+def register(task: Task) -> Task:
+    """Make ``task`` known to the command line, training, evaluation and prediction."""
+    if task.name in REGISTRY and REGISTRY[task.name] is not task:
+        raise UsageError(f"a task named {task.name!r} is already registered")
+    REGISTRY[task.name] = task
+    return task
+
+
+def unregister(name: str) -> None:
+    REGISTRY.pop(name, None)
+
+
+def names() -> tuple[str, ...]:
+    """The known tasks, built-in ones first."""
+    return tuple(REGISTRY)
+
+
+def task_for(name: str) -> Task:
+    if name not in REGISTRY:
+        raise UsageError(f"unknown task {name!r}; use one of {', '.join(REGISTRY)}")
+    return REGISTRY[name]
+
+
+__all__ = ["BUILT_IN", "ModelSpec", "PredictOptions", "Task", "names", "register", "task_for",
+           "unregister"]
