@@ -415,13 +415,19 @@ def _predict_task(trained: _Trained, asked: str) -> tuple[str, int | None]:
     if task != "auto":
         return task, num_labels
     if trained.full_model is not None:
+        from peftlab.tasks import REGISTRY
+
         config = json.loads((trained.full_model / "config.json").read_text())
         names = [str(a) for a in config.get("architectures") or []]
-        if any(a.endswith("ForSequenceClassification") for a in names):
+        found = [t for t in REGISTRY.values() if any(a.endswith(t.architectures) for a in names)]
+        if found and found[0].labelled in ("class", "value"):
             regression = config.get("problem_type") == "regression"
-            return ("regression", 1) if regression else ("classification",
+            return ("regression", 1) if regression else (found[0].name,
                                                          len(config.get("id2label") or {}) or 2)
-        return "causal-lm", None
+        if found:
+            return found[0].name, None
+        raise UsageError(f"{trained.full_model} is a {names or 'model'} whose task peftlab does not know; "
+                         "pass --task")
     raise UsageError(f"{trained.adapter} has no run.json saying its task; pass --task")
 
 

@@ -14,6 +14,8 @@ Each task lives in a module of this package and is described completely by one :
   ``greater_is_better``: the metric that judges a run and selects checkpoints;
 * ``predict(model, tokenizer, split, labels, options, advance)``: one output row per input row
   (``peftlab predict``);
+* ``architectures``: the endings of its transformers model classes, to recognise the task of a
+  saved full model;
 * ``load``: optionally, how the task reads its splits (:func:`peftlab.data.load_task` reads
   text, text pair and label columns when it is ``None``).
 
@@ -79,6 +81,9 @@ class Task:
     predicted: Callable[[np.ndarray], np.ndarray] | None = None
     load: Callable[..., TaskData] | None = None
     labelled: str = "class"  # what its labels are: class, value, text (none beyond the text), ...
+    #: Endings of the transformers class names of a saved full model of this task
+    #: (``BertForSequenceClassification``), to recognise the task of a model folder.
+    architectures: tuple[str, ...] = ()
 
     @property
     def loss_only(self) -> bool:

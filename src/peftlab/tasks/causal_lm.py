@@ -100,5 +100,6 @@ def generate(model: nn.Module, tokenizer: Any, split: Split, labels: Sequence[st
 TASKS = (
     Task(name="causal-lm", about="texts -> a language model that continues them",
          primary="perplexity", greater_is_better=False, model=_model, heads=lambda model: (),
-         tokenize=tokenize, collator=collator, predict=generate, labelled="text"),
+         tokenize=tokenize, collator=collator, predict=generate, labelled="text",
+         architectures=("ForCausalLM", "LMHeadModel")),
 )
