@@ -119,10 +119,13 @@ def pooling_of(model: nn.Module) -> str:
 
 def label_names(model: nn.Module) -> list[str] | None:
     """A classifier's class names in id order (its config's ``id2label``); ``None`` for models
-    that are not single-label classifiers (regression heads, language models)."""
+    that are not classifiers (regression heads, language models). A classifier is a model of a
+    task with classes (:mod:`peftlab.tasks`: sequence classification, token classification ...)."""
+    from peftlab.tasks import REGISTRY
+
     config = getattr(model, "config", None)
-    is_classifier = isinstance(model, MeanPoolClassifier) or type(model).__name__.endswith(
-        "ForSequenceClassification")
+    endings = tuple(e for task in REGISTRY.values() if task.labelled == "class" for e in task.architectures)
+    is_classifier = isinstance(model, MeanPoolClassifier) or type(model).__name__.endswith(endings)
     n = getattr(config, "num_labels", 0)
     if not is_classifier or n < 2 or getattr(config, "problem_type", None) == "regression":
         return None

@@ -1,16 +1,22 @@
-"""Task metrics computed locally with scikit-learn and scipy.
+"""Task metrics computed locally with scikit-learn, scipy and seqeval.
 
 The ``evaluate`` package is deliberately not used: it downloads metric code from the Hub at run
 time and fails offline. Metric names follow GLUE: accuracy, F1 (of class 1 for binary tasks,
-macro-averaged otherwise), Matthews correlation, Pearson and Spearman correlation.
+macro-averaged otherwise), Matthews correlation, Pearson and Spearman correlation. Tags (token
+classification) are judged by entity-level precision, recall and F1 through ``seqeval``, as
+CoNLL's conlleval does, plus the accuracy per word (:func:`tag_metrics`).
 """
 
 from __future__ import annotations
 
 import math
+import re
 import warnings
+from collections.abc import Sequence
 
 import numpy as np
+
+from peftlab.errors import UsageError
 
 
 def classification_metrics(labels: np.ndarray, predictions: np.ndarray,
@@ -48,6 +54,59 @@ def regression_metrics(labels: np.ndarray, predictions: np.ndarray) -> dict[str,
             "spearman": float(spearmanr(labels, predictions)[0]),
             "mse": mse,
         }
+
+
+#: A tag of an entity scheme (IOB1, IOB2, IOBES): a prefix, a dash and the entity type ("B-PER").
+_ENTITY_TAG = re.compile(r"[BIES]-\S.*")
+
+
+def entity_tags(names: Sequence[str]) -> bool:
+    """Whether tags ``names`` mark entity spans: each is ``O`` or a ``B-``, ``I-``, ``E-`` or
+    ``S-`` prefix with a type, and at least one is not ``O``. Other tag sets (part-of-speech tags,
+    ``B_PER``, lower-case prefixes) hold no entities that seqeval could read; they are judged word
+    by word."""
+    return any(n != "O" for n in names) and all(n == "O" or _ENTITY_TAG.fullmatch(n) for n in names)
+
+
+def require_seqeval() -> None:
+    """Entity metrics need the ``seqeval`` package; say how to install it (before any file is written)."""
+    try:
+        import seqeval.metrics  # noqa: F401
+    except ImportError:
+        raise UsageError("entity metrics of token classification need the seqeval package: "
+                         "pip install 'peftlab[token-classification]' (or pip install seqeval)") from None
+
+
+def tag_metrics(true: Sequence[Sequence[str]], predicted: Sequence[Sequence[str]],
+                entities: bool) -> dict[str, float]:
+    """Metrics of predicted tags against true ones, one list of tags per sentence.
+
+    ``accuracy``: the share of words tagged right. With ``entities`` (see :func:`entity_tags`),
+    ``precision``, ``recall`` and ``f1`` are seqeval's entity-level scores, micro-averaged over the
+    entity types, in its default mode, which reads spans as CoNLL's conlleval does (an ``I-X``
+    after ``O`` or another type starts an entity, so IOB1 and IOB2 both work). Without entities
+    each word is its own unit, so micro precision, recall and F1 all equal the accuracy: ``f1`` is
+    the accuracy then (and precision and recall are not repeated). No words: every metric is NaN."""
+    words = sum(len(t) for t in true)
+    if any(len(t) != len(p) for t, p in zip(true, predicted)) or len(true) != len(predicted):
+        raise ValueError("every sentence needs as many predicted tags as true ones")
+    if words == 0:
+        keys = ("accuracy", "precision", "recall", "f1") if entities else ("accuracy", "f1")
+        return dict.fromkeys(keys, math.nan)
+    accuracy = sum(a == b for t, p in zip(true, predicted) for a, b in zip(t, p)) / words
+    if not entities:
+        return {"accuracy": accuracy, "f1": accuracy}
+    require_seqeval()
+    from seqeval.metrics import f1_score, precision_score, recall_score
+
+    true, predicted = [list(t) for t in true], [list(p) for p in predicted]
+    return {
+        "accuracy": accuracy,
+        # zero_division=0: no predicted (or no true) entities scores 0 instead of warning.
+        "precision": float(precision_score(true, predicted, zero_division=0)),
+        "recall": float(recall_score(true, predicted, zero_division=0)),
+        "f1": float(f1_score(true, predicted, zero_division=0)),
+    }
 
 
 def perplexity(loss: float) -> float:

@@ -46,7 +46,7 @@ from peftlab.adapter_set import attach
 from peftlab.config import AdapterConfig, check_value
 from peftlab.data import DataSource, TaskData, load_task, parse_split_names, tokenize
 from peftlab.errors import ConfigError, DataError, NonFiniteLossError, UsageError
-from peftlab.heads import MeanPoolClassifier, pooling_of, resolve_pooling
+from peftlab.heads import MeanPoolClassifier, label_names, pooling_of, resolve_pooling
 from peftlab.io import WEIGHTS_FILE, replacing_dir, write_atomic
 from peftlab.loop import MAX_GRAD_NORM, WARMUP
 from peftlab.measure import FULL
@@ -636,15 +636,15 @@ class _EvalOutputs:
     """Trainer's ``compute_metrics`` for a task; keeps the latest evaluation's predictions and
     labels, which are written for intervals (:mod:`peftlab.metrics`)."""
 
-    def __init__(self, task: Task, num_labels: int) -> None:
-        self.task, self.num_labels = task, num_labels
+    def __init__(self, task: Task, num_labels: int, names: tuple[str, ...] | None = None) -> None:
+        self.task, self.num_labels, self.names = task, num_labels, names
         self.latest: dict[str, Any] = {}
 
     def __call__(self, pred: Any) -> dict[str, float]:
         logits = pred.predictions[0] if isinstance(pred.predictions, tuple) else pred.predictions
-        assert self.task.metrics is not None and self.task.predicted is not None
+        assert self.task.predicted is not None
         self.latest = {"predictions": self.task.predicted(logits), "labels": pred.label_ids}
-        return self.task.metrics(logits, pred.label_ids, self.num_labels)
+        return self.task.score(logits, pred.label_ids, self.num_labels, self.names)
 
 
 def _check_world(opts: TrainOptions) -> int:
@@ -923,7 +923,7 @@ def run_training(opts: TrainOptions, console: Console | None = None,
     _say(console, opts.quiet, m.summary)
     total_steps = opts.max_steps or math.ceil(math.ceil(len(sets.train) / opts.batch_size) * opts.epochs)
     args = _training_arguments(opts, task, out, lr, total_steps, full=config is None)
-    outputs = None if task.loss_only else _EvalOutputs(task, data.num_labels)
+    outputs = None if task.loss_only else _EvalOutputs(task, data.num_labels, data.labels)
     trainer = _make_trainer(opts, m, data, sets, args, outputs, console)
     train_seconds = _train(trainer, opts, out, config is not None, console)
     evaluation = _final_eval(trainer, opts, task, sets.eval)
@@ -953,14 +953,27 @@ def read_predictions(folder: Path) -> tuple[np.ndarray, np.ndarray]:
 
 
 def evaluate(model: nn.Module, dataset: Any, collate: Callable[..., Any], task: str,
-             batch_size: int = 32) -> dict[str, float]:
-    """Metrics of ``model`` on a tokenised dataset (one process, no Trainer)."""
-    return evaluate_with_predictions(model, dataset, collate, task, batch_size)[0]
+             batch_size: int = 32, names: typing.Sequence[str] | None = None) -> dict[str, float]:
+    """Metrics of ``model`` on a tokenised dataset (one process, no Trainer). ``names``: the class
+    names in id order (default: the model's ``id2label``), for tasks whose metrics read them."""
+    return evaluate_with_predictions(model, dataset, collate, task, batch_size, names)[0]
+
+
+def _joined(parts: list[torch.Tensor]) -> torch.Tensor:
+    """Batches of outputs (or labels) as one tensor. Per-token ones differ in length from batch to
+    batch: they are padded to the longest with -100, as Trainer does (labels -100 are ignored)."""
+    longest = [max(p.shape[d] for p in parts) for d in range(1, parts[0].dim())]
+    padded = []
+    for p in parts:
+        widths = [w for d in reversed(range(1, p.dim())) for w in (0, longest[d - 1] - p.shape[d])]
+        padded.append(torch.nn.functional.pad(p, widths, value=-100) if any(widths) else p)
+    return torch.cat(padded)
 
 
 @torch.no_grad()
 def evaluate_with_predictions(model: nn.Module, dataset: Any, collate: Callable[..., Any], task: str,
-                              batch_size: int = 32) -> tuple[dict[str, float], Any, Any]:
+                              batch_size: int = 32, names: typing.Sequence[str] | None = None
+                              ) -> tuple[dict[str, float], Any, Any]:
     """:func:`evaluate`'s metrics plus the predictions and labels (``None`` for causal-lm)."""
     model.eval()
     device = next(model.parameters()).device
@@ -979,9 +992,11 @@ def evaluate_with_predictions(model: nn.Module, dataset: Any, collate: Callable[
     if spec.loss_only:
         result["perplexity"] = perplexity(result["loss"])
         return result, None, None
-    assert spec.metrics is not None and spec.predicted is not None
-    all_logits, all_labels = torch.cat(logits).numpy(), torch.cat(labels).numpy()
-    result.update(spec.metrics(all_logits, all_labels, all_logits.shape[-1]))
+    assert spec.predicted is not None
+    all_logits, all_labels = _joined(logits).numpy(), _joined(labels).numpy()
+    if names is None:
+        names = label_names(model)
+    result.update(spec.score(all_logits, all_labels, all_logits.shape[-1], names))
     return result, spec.predicted(all_logits), all_labels
 
 

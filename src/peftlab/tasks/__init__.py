@@ -12,6 +12,10 @@ Each task lives in a module of this package and is described completely by one :
   (``None``: the loss is the metric, reported with its perplexity: language models);
   ``predicted(outputs)``: what was predicted, kept for intervals; ``primary`` and
   ``greater_is_better``: the metric that judges a run and selects checkpoints;
+  ``named_metrics(outputs, labels, names)``: optionally, metrics that need the class names in id
+  order (entity spans read from tags); where the names are known they replace ``metrics``
+  (:meth:`Task.score`). Per-token outputs and labels come padded to the longest example
+  (labels with -100);
 * ``predict(model, tokenizer, split, labels, options, advance)``: one output row per input row
   (``peftlab predict``);
 * ``architectures``: the endings of its transformers model classes, to recognise the task of a
@@ -84,6 +88,18 @@ class Task:
     #: Endings of the transformers class names of a saved full model of this task
     #: (``BertForSequenceClassification``), to recognise the task of a model folder.
     architectures: tuple[str, ...] = ()
+    #: Metrics that read the class names (``named_metrics(outputs, labels, names)``); see
+    #: :meth:`score`.
+    named_metrics: Callable[[np.ndarray, np.ndarray, Sequence[str]], dict[str, float]] | None = None
+
+    def score(self, outputs: np.ndarray, labels: np.ndarray, num_labels: int,
+              names: Sequence[str] | None = None) -> dict[str, float]:
+        """The validation metrics of ``outputs``: ``named_metrics`` where the task has them and the
+        class ``names`` are known, else ``metrics``."""
+        if self.named_metrics is not None and names is not None:
+            return self.named_metrics(outputs, labels, names)
+        assert self.metrics is not None, f"{self.name} is judged by its loss alone"
+        return self.metrics(outputs, labels, num_labels)
 
     @property
     def loss_only(self) -> bool:
@@ -104,6 +120,7 @@ class Task:
 BUILT_IN = (
     "text",  # classification, regression
     "causal_lm",
+    "token_classification",
 )
 
 
