@@ -77,7 +77,7 @@ def train(
     ] = None,
     task: Annotated[str, typer.Option(
         help="auto (int labels: classification, float: regression), classification, regression, "
-             "causal-lm.")] = "auto",
+             "causal-lm, token-classification.")] = "auto",
     epochs: Annotated[float, typer.Option(help="Passes over the training data.")] = 3.0,
     lr: Annotated[str | None, typer.Option(
         help="Learning rate (default: the method's, see docs), or 'auto': chosen by successive halving "
@@ -290,8 +290,26 @@ class _Trained:
                 return "regression", 1
             labels = config.get("id2label")
             if isinstance(labels, dict) and data_task != "causal-lm":
-                return (data_task if data_task != "auto" else "classification"), len(labels)
+                saved = _saved_task(config)
+                named = saved.name if saved is not None and saved.labelled == "class" else "classification"
+                return (data_task if data_task != "auto" else named), len(labels)
         return data_task, None
+
+
+def _saved_task(config: dict[str, Any]) -> Any:
+    """The task of a saved full model, from its architecture (``BertForTokenClassification``);
+    ``None`` when no task knows it."""
+    from peftlab.tasks import REGISTRY
+
+    names = [str(a) for a in config.get("architectures") or []]
+    return next((t for t in REGISTRY.values() if any(a.endswith(t.architectures) for a in names)), None)
+
+
+def _has_classes(task: str) -> bool:
+    """Whether ``task``'s head names its classes (the names a trained model recorded are used)."""
+    from peftlab.tasks import task_for
+
+    return task_for(task).labelled == "class"
 
 
 # ---- eval -----------------------------------------------------------------------------------------
@@ -303,7 +321,8 @@ def eval_(
     model: Annotated[str | None, typer.Option(help="Base model (default: the one in run.json).")] = None,
     split: Annotated[str, typer.Option(help="Split (file name without extension) to evaluate.")
                      ] = "validation",
-    task: Annotated[str, typer.Option(help="auto, classification, regression or causal-lm.")] = "auto",
+    task: Annotated[str, typer.Option(
+        help="auto, classification, regression, causal-lm or token-classification.")] = "auto",
     max_length: Annotated[int | None, typer.Option(help="Default: the training run's.")] = None,
     batch_size: Annotated[int, typer.Option()] = 32,
     out: Annotated[Path | None, typer.Option(
@@ -358,7 +377,8 @@ def predict(
     text_column: Annotated[str | None, typer.Option(help="Text column (default: detected).")] = None,
     pair_column: Annotated[str | None, typer.Option(help="Second text of a pair.")] = None,
     task: Annotated[str, typer.Option(
-        help="auto (the trained model's), classification, regression or causal-lm.")] = "auto",
+        help="auto (the trained model's), classification, regression, causal-lm or token-classification.")
+    ] = "auto",
     max_length: Annotated[int | None, typer.Option(help="Input tokens (default: the training run's).")
                           ] = None,
     max_new_tokens: Annotated[int, typer.Option(help="causal-lm: tokens to generate per text.")] = 32,
@@ -366,7 +386,7 @@ def predict(
     quiet: Annotated[bool, typer.Option(help="No progress bar.")] = False,
 ) -> None:
     """Label unlabelled text with a trained adapter (or fully fine-tuned model): per row the class
-    name and scores, the regression value, or the generated text."""
+    name and scores, the regression value, the generated text, or a tag per word."""
     with _errors():
         from peftlab.data import DataSource, load_task, read_stdin
         from peftlab.io import write_atomic
@@ -379,7 +399,7 @@ def predict(
             raise UsageError(f"--out {out} is a directory; give a file name such as preds.jsonl")
         trained = _Trained(adapter)
         task_name, num_labels = _predict_task(trained, task)
-        names = trained.labels() if task_name == "classification" else None
+        names = trained.labels() if _has_classes(task_name) else None
         with tempfile.TemporaryDirectory(prefix="peftlab-stdin-") as tmp:
             path = str(read_stdin(sys.stdin, Path(tmp))) if data == "-" else data
             source = DataSource(data=path, config=data_config, text_column=text_column,
@@ -415,17 +435,14 @@ def _predict_task(trained: _Trained, asked: str) -> tuple[str, int | None]:
     if task != "auto":
         return task, num_labels
     if trained.full_model is not None:
-        from peftlab.tasks import REGISTRY
-
         config = json.loads((trained.full_model / "config.json").read_text())
-        names = [str(a) for a in config.get("architectures") or []]
-        found = [t for t in REGISTRY.values() if any(a.endswith(t.architectures) for a in names)]
-        if found and found[0].labelled in ("class", "value"):
+        found = _saved_task(config)
+        if found is not None and found.labelled in ("class", "value"):
             regression = config.get("problem_type") == "regression"
-            return ("regression", 1) if regression else (found[0].name,
-                                                         len(config.get("id2label") or {}) or 2)
-        if found:
-            return found[0].name, None
+            return ("regression", 1) if regression else (found.name, len(config.get("id2label") or {}) or 2)
+        if found is not None:
+            return found.name, None
+        names = [str(a) for a in config.get("architectures") or []]
         raise UsageError(f"{trained.full_model} is a {names or 'model'} whose task peftlab does not know; "
                          "pass --task")
     raise UsageError(f"{trained.adapter} has no run.json saying its task; pass --task")
@@ -488,7 +505,7 @@ def merge(
         from peftlab.train import load_model, save_model_atomic
 
         task, num_labels = trained.task_and_labels("classification")
-        names = trained.labels() if task == "classification" else None
+        names = trained.labels() if _has_classes(task) else None
         net, tokenizer, _ = load_model(trained.base_model(model), task, num_labels or len(names or "01"),
                                        "cls", names)
         name = trained.attach_to(net)

@@ -2,8 +2,9 @@
 
 One output row per input row, in input order: ``{"label": name, "scores": {name: probability}}``
 for classification (an integer class name is written as an integer, so labels read back as they
-were written), ``{"value": v}`` for regression and ``{"generated": text}`` for causal-LM (greedy
-decoding of up to ``max_new_tokens`` new tokens after the text).
+were written), ``{"value": v}`` for regression, ``{"generated": text}`` for causal-LM (greedy
+decoding of up to ``max_new_tokens`` new tokens after the text) and ``{"tokens": [...], "tags":
+[...], "scores": [...]}`` for token classification (a tag per word).
 
 Examples are batched by length (less padding) and the results put back in input order.
 """
