@@ -12,6 +12,7 @@ import json
 import random
 import re
 import shlex
+import sys
 from pathlib import Path
 
 import datasets
@@ -25,7 +26,7 @@ from typer.testing import CliRunner
 import peftlab
 from peftlab.cli import app
 from peftlab.data import load_task, tokenize
-from peftlab.errors import DataError
+from peftlab.errors import DataError, UsageError
 from peftlab.metrics import entity_tags, tag_metrics
 from peftlab.tasks import task_for
 from peftlab.tasks.token_classification import aligned, named_metrics
@@ -95,6 +96,17 @@ def test_spans_are_read_as_conlleval_reads_them():
     assert f1(["B-PER", "O", "B-LOC"], ["B-PER", "O", "O"]) == pytest.approx(2 / 3)  # P 1, R 1/2
     assert f1(["O", "O"], ["O", "O"]) == 0.0  # no entities to find: zero, not a warning
     assert tag_metrics([["S-PER", "O"]], [["S-PER", "O"]], entities=True)["f1"] == 1.0  # IOBES
+
+
+def test_without_seqeval_entity_data_is_refused_with_the_install_command(tmp_path, monkeypatch):
+    _write(tmp_path / "train.jsonl", [{"tokens": ["mary", "lives"], "tags": ["B-PER", "O"]}])
+    _write(tmp_path / "validation.jsonl", [{"tokens": ["anna"], "tags": ["B-PER"]}])
+    monkeypatch.setitem(sys.modules, "seqeval.metrics", None)  # import fails as if not installed
+    with pytest.raises(UsageError, match=re.escape("pip install 'peftlab[token-classification]'")):
+        load_task(tmp_path, task=TASK)
+    _write(tmp_path / "train.jsonl", [{"tokens": ["mary", "lives"], "tags": ["NOUN", "VERB"]}])
+    _write(tmp_path / "validation.jsonl", [{"tokens": ["anna"], "tags": ["NOUN"]}])
+    assert load_task(tmp_path, task=TASK).labels == ("NOUN", "VERB")  # plain tags need no seqeval
 
 
 def test_entity_tag_sets_are_told_from_plain_ones():
@@ -173,7 +185,7 @@ def test_tag_names_from_class_labels_integers_and_labels(tmp_path):
 
 
 def test_predict_input_may_be_plain_text_split_at_whitespace(tmp_path):
-    (tmp_path / "new.txt").write_text("mary lives  in rome\n\njohn works near paris\n")
+    (tmp_path / "new.txt").write_text("mary lives  in rome\n\n john works\tnear paris \n")
     data = load_task(tmp_path / "new.txt", splits=("test",), task=TASK, labelled=False,
                      labels=LABELS)
     assert [r["tokens"] for r in data["test"].rows] == [["mary", "lives", "in", "rome"],

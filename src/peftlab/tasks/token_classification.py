@@ -234,7 +234,10 @@ def _words(ds: datasets.Dataset, col: str, where: _Where, split_text: bool) -> p
 
     arr = _column(ds, col)
     if split_text and (pa.types.is_string(arr.type) or pa.types.is_large_string(arr.type)):
-        arr = pc.utf8_split_whitespace(arr.cast(pa.large_string()))
+        i = _first(_blank(arr))
+        if i >= 0:
+            raise DataError(f"{where.row(i)}: {col!r} holds no words; drop the row or give it some")
+        arr = pc.utf8_split_whitespace(pc.utf8_trim_whitespace(arr.cast(pa.large_string())))
     if not (pa.types.is_list(arr.type) or pa.types.is_large_list(arr.type)):
         raise _not_list(ds, col, where, "words")
     if not (pa.types.is_string(arr.type.value_type) or pa.types.is_large_string(arr.type.value_type)
