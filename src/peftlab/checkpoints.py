@@ -15,6 +15,10 @@ back into the adapter after checking that they are the same adapter. This works 
 ``Trainer`` subclass (``Seq2SeqTrainer``, TRL's trainers), as peft's models do; it relies on the
 Trainer's ``_save``, ``_load_from_checkpoint`` and ``_load_best_model`` hooks, the ones
 transformers itself branches on for peft models.
+
+Under FSDP (``accelerate launch --use_fsdp``) ``save_model`` gathers the sharded adapter on every
+process and the main process writes it (:mod:`peftlab.distributed`); loading a checkpoint into a
+sharded model (resuming, ``load_best_model_at_end``) is refused rather than done wrong.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from typing import Any, TypeVar
 from torch import nn
 
 from peftlab.adapter_set import AdapterSet, attached
+from peftlab.distributed import adapter_modules, fsdp_version, gathered
 from peftlab.errors import AdapterStateError
 from peftlab.io import adapter_files, restore_adapter, write_files_into
 
@@ -55,26 +60,49 @@ class AdapterCheckpoints:
 
     args: Any
     model: Any
+    model_wrapped: Any
     state: Any
     processing_class: Any
+    push_to_hub: Any
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        if fsdp_version(self.model_wrapped) is None:  # one process or DDP: Trainer calls _save
+            super().save_model(output_dir, _internal_call)  # type: ignore[misc]
+            return
+        # Under FSDP Trainer would write nothing (sharded state dict) or call _save with the
+        # whole model's state gathered; the adapter alone is gathered, by every process.
+        adapters, name = trained_adapter(self.model)
+        with gathered(self.model_wrapped, adapter_modules(adapters, name)) as main:
+            if main and self.args.should_save:
+                self._write(output_dir, adapters, name)
+        if self.args.push_to_hub and not _internal_call:  # as Trainer.save_model does
+            self.push_to_hub(commit_message="Model save", revision=self.args.hub_revision)
 
     def _save(self, output_dir: str | None = None, state_dict: Any = None) -> None:
-        if not self.args.should_save:
-            return
+        if self.args.should_save:
+            self._write(output_dir, *trained_adapter(self.model))
+
+    def _write(self, output_dir: str | None, adapters: AdapterSet, name: str) -> None:
         folder = Path(output_dir if output_dir is not None else self.args.output_dir)
         os.makedirs(folder, exist_ok=True)
-        adapters, name = trained_adapter(self.model)
         write_files_into(folder, adapter_files(adapters, name, None))
         if self.processing_class is not None:
             self.processing_class.save_pretrained(str(folder))
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: Any = None) -> None:
+        self._refuse_sharded("resume_from_checkpoint")
         adapters, name = trained_adapter(self.model if model is None else model)
         restore_adapter(adapters, name, Path(resume_from_checkpoint))
 
     def _load_best_model(self) -> None:
+        self._refuse_sharded("load_best_model_at_end")
         adapters, name = trained_adapter(self.model)
         restore_adapter(adapters, name, Path(self.state.best_model_checkpoint))
+
+    def _refuse_sharded(self, what: str) -> None:
+        if fsdp_version(self.model_wrapped) is not None:
+            raise AdapterStateError(f"adapter_checkpoints: {what} is not supported under FSDP yet (it "
+                                    "would copy whole tensors into sharded parameters); use DDP")
 
 
 @functools.cache

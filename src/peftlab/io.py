@@ -26,6 +26,7 @@ from safetensors import safe_open
 from safetensors.torch import save, save_file
 
 from peftlab.config import check_value, clip
+from peftlab.distributed import check_whole, clean_name, submodule
 from peftlab.errors import AdapterLoadError, AdapterSaveError, ConfigError, PeftlabError
 from peftlab.heads import check_label_names, label_names, pooling_of, set_label_names
 
@@ -219,12 +220,13 @@ def read_tensors(path: Path, expected: dict[str, tuple[int, ...]],
 
 # ---- peftlab's own format ---------------------------------------------------------------------
 def fingerprint(model: torch.nn.Module, adapters: AdapterSet) -> dict[str, Any]:
-    """What identifies the base model: its type, size and a hash of its parameter shapes."""
+    """What identifies the base model: its type, size and a hash of its parameter shapes (with
+    the names it has unwrapped, so that an FSDP1-wrapped model gives the same hash)."""
     own = {id(p) for n in adapters.names for p in adapters.parameters(n)}
     h = hashlib.sha256()
     for name, p in model.named_parameters():
         if id(p) not in own:
-            h.update(f"{name.replace('.base.', '.')}:{tuple(p.shape)};".encode())
+            h.update(f"{clean_name(name).replace('.base.', '.')}:{tuple(p.shape)};".encode())
     return {
         "model_type": getattr(getattr(model, "config", None), "model_type", None),
         "parameters": adapters.base_parameters(),
@@ -239,8 +241,8 @@ def adapter_tensors(adapters: AdapterSet, name: str) -> dict[str, torch.Tensor]:
 
 def _extra_tensors(model: torch.nn.Module, modules: tuple[str, ...] | list[str]) -> dict[str, torch.Tensor]:
     """The state of the extra modules saved with an adapter (its head), keyed ``extra.<module>.<key>``."""
-    return {f"{EXTRA}{module}.{key}": t for module in modules
-            for key, t in model.get_submodule(module).state_dict().items()}
+    return {f"{EXTRA}{module}.{clean_name(key)}": t for module in modules
+            for key, t in submodule(model, module).state_dict().items()}
 
 
 def _piece_tensors(adapter: Adapter, pieces: dict[str, Any] | None = None) -> dict[str, torch.Tensor]:
@@ -279,6 +281,7 @@ def adapter_files(adapters: AdapterSet, name: str, extras: tuple[str, ...] | Non
     folder = method_for(adapter.config).fold
     saved_config, pieces = folder(adapter) if fold and folder else (adapter.config, adapter.pieces)
     tensors = _piece_tensors(adapter, pieces) | _extra_tensors(adapters.model, extras)
+    check_whole(tensors)  # a sharded model's slice is never written as if it were the adapter
     config = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
