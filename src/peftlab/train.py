@@ -45,6 +45,7 @@ from torch import nn
 from peftlab.adapter_set import attach
 from peftlab.config import AdapterConfig, check_value
 from peftlab.data import DataSource, TaskData, load_task, parse_split_names, tokenize
+from peftlab.distributed import check_launch, local, save_adapter
 from peftlab.errors import ConfigError, DataError, NonFiniteLossError, UsageError
 from peftlab.heads import MeanPoolClassifier, label_names, pooling_of, resolve_pooling
 from peftlab.io import WEIGHTS_FILE, replacing_dir, write_atomic
@@ -434,8 +435,10 @@ def _callbacks(trainable: list[nn.Parameter], console: Console, quiet: bool, pri
         """After each optimizer step (and so before any checkpoint) the trainable parameters must
         be finite: a NaN update would otherwise be saved as the 'last good' checkpoint."""
 
-        def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
-            bad = any(not bool(torch.isfinite(p).all()) for p in trainable)
+        def on_step_end(self, args: Any, state: Any, control: Any, model: Any = None, **kw: Any) -> None:
+            # FSDP2 replaces the parameters with sharded ones: read them from the model trained.
+            params = trainable if model is None else [p for p in model.parameters() if p.requires_grad]
+            bad = any(not bool(torch.isfinite(local(p)).all()) for p in params)
             if _any_rank(bad):
                 raise NonFiniteLossError(
                     f"the update at step {state.global_step} made trainable parameters NaN or "
@@ -618,6 +621,15 @@ class _Model:
 
     def trainable(self) -> list[nn.Parameter]:
         return [p for p in self.model.parameters() if p.requires_grad]
+
+    def counts(self) -> dict[str, int | None]:
+        """The parameter counts of metrics.json; taken before training, since FSDP1 leaves each
+        process a shard of every parameter."""
+        adapters = self.adapters
+        return {"trainable_parameters": sum(p.numel() for p in self.trainable()),
+                "adapter_parameters": None if adapters is None else adapters.summary()[self.name].parameters,
+                "base_parameters": (sum(p.numel() for p in self.model.parameters()) if adapters is None
+                                    else adapters.base_parameters())}
 
 
 @dataclasses.dataclass
@@ -836,12 +848,11 @@ def _final_eval(trainer: Any, opts: TrainOptions, task: Task, eval_set: Any) -> 
 
 def _result(opts: TrainOptions, record: dict[str, Any], data: TaskData, m: _Model, sets: _Sets,
             trainer: Any, evaluation: dict[str, float], lr: float, search: Any, total_steps: int,
-            max_length: int, train_seconds: float) -> dict[str, Any]:
+            max_length: int, train_seconds: float, counts: dict[str, int | None]) -> dict[str, Any]:
     """The contents of ``metrics.json``."""
     task = task_for(data.task)
     history = trainer.state.log_history
     losses = [e["loss"] for e in history if "loss" in e and "train_runtime" not in e]
-    adapters = m.adapters
     return {
         "method": opts.method,
         "task": data.task,
@@ -864,11 +875,8 @@ def _result(opts: TrainOptions, record: dict[str, Any], data: TaskData, m: _Mode
         "eval_examples": len(sets.eval),
         "truncated": sets.truncated,
         "train_loss_mean": sum(losses) / len(losses) if losses else None,
-        "trainable_parameters": sum(p.numel() for p in m.trainable()),
-        "adapter_parameters": None if adapters is None else adapters.summary()[m.name].parameters,
+        **counts,
         "extras": list(m.heads),
-        "base_parameters": (sum(p.numel() for p in m.model.parameters()) if adapters is None
-                            else adapters.base_parameters()),
         "timing": {"train_seconds": train_seconds, "processes": world()[1]},
     }
 
@@ -876,8 +884,7 @@ def _result(opts: TrainOptions, record: dict[str, Any], data: TaskData, m: _Mode
 def _write_outputs(out: Path, opts: TrainOptions, m: _Model, result: dict[str, Any],
                    history: list[dict[str, Any]], outputs: _EvalOutputs | None) -> None:
     """The adapter (or model), metrics, predictions, log and plot."""
-    if m.adapters is not None:
-        m.adapters.save(m.name, out / ADAPTER_DIR)
+    if m.adapters is not None:  # saved by every process (save_adapter, in run_training)
         result["adapter_bytes"] = sum(f.stat().st_size for f in (out / ADAPTER_DIR).iterdir())
     else:
         save_model_atomic(m.model, m.tokenizer, out / MODEL_DIR)
@@ -898,6 +905,7 @@ def run_training(opts: TrainOptions, console: Console | None = None,
     console = console or Console(stderr=True)
     opts.check()
     _check_world(opts)
+    check_launch(_has_accelerator(), opts.method == FULL, opts.resume, opts.patience)
     rank = world()[0]
     config = method_config(opts.method, opts.sets)
     name = check_name(opts.name or opts.method)
@@ -911,6 +919,7 @@ def run_training(opts: TrainOptions, console: Console | None = None,
     task = task_for(data.task)
     lr, search = _choose_lr(opts, data, opts.lr if opts.lr is not None else default_lr(opts.method), console)
     m = _prepare_model(opts, data, config, name)
+    counts = m.counts()
     max_length = resolve_max_length(opts.max_length, m.model)
     sets = _tokenized(opts, data, m.tokenizer, max_length)
     _report_data(console, opts, data, sets, max_length)
@@ -928,7 +937,9 @@ def run_training(opts: TrainOptions, console: Console | None = None,
     train_seconds = _train(trainer, opts, out, config is not None, console)
     evaluation = _final_eval(trainer, opts, task, sets.eval)
     result = _result(opts, record, data, m, sets, trainer, evaluation, lr, search, total_steps, max_length,
-                     train_seconds)
+                     train_seconds, counts)
+    if m.adapters is not None:  # every process: under FSDP they gather the adapter together
+        save_adapter(trainer.model_wrapped, m.adapters, m.name, out / ADAPTER_DIR)
     if rank == 0:
         _write_outputs(out, opts, m, result, trainer.state.log_history, outputs)
         if not opts.quiet:
