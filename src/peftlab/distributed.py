@@ -113,6 +113,19 @@ def local(t: torch.Tensor) -> torch.Tensor:
     return t.to_local() if isinstance(t, DTensor) else t
 
 
+def any_process(flag: bool, device: torch.device | None = None) -> bool:
+    """True when ``flag`` is true on any process (so that all processes stop together).
+    ``device``: where the process group reduces (the model's device: NCCL reduces on GPUs only,
+    so a CPU tensor there fails)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        t = torch.tensor([1.0 if flag else 0.0], device=device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return bool(t.item())
+    return flag
+
+
 def _is_main() -> bool:
     import torch.distributed as dist
 

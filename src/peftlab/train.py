@@ -45,7 +45,7 @@ from torch import nn
 from peftlab.adapter_set import attach
 from peftlab.config import AdapterConfig, check_value
 from peftlab.data import DataSource, TaskData, load_task, parse_split_names, tokenize
-from peftlab.distributed import check_launch, local, save_adapter
+from peftlab.distributed import any_process, check_launch, local, save_adapter
 from peftlab.errors import ConfigError, DataError, NonFiniteLossError, UsageError
 from peftlab.heads import MeanPoolClassifier, label_names, pooling_of, resolve_pooling
 from peftlab.io import WEIGHTS_FILE, replacing_dir, write_atomic
@@ -350,17 +350,6 @@ def world() -> tuple[int, int]:
 
 
 # ---- the Trainer subclass ---------------------------------------------------------------------
-def _any_rank(flag: bool) -> bool:
-    """True when ``flag`` is true on any process (so all processes stop together)."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        t = torch.tensor([1.0 if flag else 0.0])
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        return bool(t.item())
-    return flag
-
-
 def _make_trainer_class(adapter_run: bool) -> type:
     from transformers import Trainer
 
@@ -375,7 +364,7 @@ def _make_trainer_class(adapter_run: bool) -> type:
             result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
             if model.training:
                 loss = result[0] if return_outputs else result
-                if _any_rank(not bool(torch.isfinite(loss.detach()).all())):
+                if any_process(not bool(torch.isfinite(loss.detach()).all()), loss.device):
                     step = self.state.global_step + 1
                     raise NonFiniteLossError(
                         f"training loss is {loss.detach().float().mean().item()} at step {step} "
@@ -439,7 +428,7 @@ def _callbacks(trainable: list[nn.Parameter], console: Console, quiet: bool, pri
             # FSDP2 replaces the parameters with sharded ones: read them from the model trained.
             params = trainable if model is None else [p for p in model.parameters() if p.requires_grad]
             bad = any(not bool(torch.isfinite(local(p)).all()) for p in params)
-            if _any_rank(bad):
+            if any_process(bad, params[0].device if params else None):
                 raise NonFiniteLossError(
                     f"the update at step {state.global_step} made trainable parameters NaN or "
                     "infinite (gradient overflow)", state.global_step)
