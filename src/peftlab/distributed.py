@@ -159,15 +159,16 @@ def gathered(model: nn.Module, modules: list[nn.Module]) -> Iterator[bool]:
 
 
 def _offload(model: nn.Module) -> bool:
-    """Whether FSDP1 should gather onto the CPU: where the shards are on an accelerator and
-    sharded at all (torch refuses offloading unsharded units, and on a CPU its offload frees the
-    very storage it gathered into: a later read crashes)."""
+    """Whether FSDP1 should gather onto the CPU: where it computes on an accelerator and shards
+    at all (torch refuses offloading unsharded units, and computing on a CPU its offload frees
+    the very storage it gathered into: a later read crashes)."""
     from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
     from torch.distributed.fsdp import ShardingStrategy
 
-    first = next(model.parameters(), None)
-    return (first is not None and first.device.type != "cpu"
-            and all(m.sharding_strategy != ShardingStrategy.NO_SHARD for m in FSDP.fsdp_modules(model)))
+    units = FSDP.fsdp_modules(model)
+    device = getattr(units[0], "compute_device", None) if units else None
+    return (device is not None and device.type != "cpu"
+            and all(m.sharding_strategy != ShardingStrategy.NO_SHARD for m in units))
 
 
 @contextlib.contextmanager
