@@ -77,7 +77,7 @@ def train(
     ] = None,
     task: Annotated[str, typer.Option(
         help="auto (int labels: classification, float: regression), classification, regression, "
-             "causal-lm, token-classification.")] = "auto",
+             "causal-lm (rows of text, prompt/completion, or chat messages), token-classification.")] = "auto",
     epochs: Annotated[float, typer.Option(help="Passes over the training data.")] = 3.0,
     lr: Annotated[str | None, typer.Option(
         help="Learning rate (default: the method's, see docs), or 'auto': chosen by successive halving "
@@ -130,6 +130,13 @@ def train(
     labels: Annotated[str | None, typer.Option(
         help="Class names in id order, comma-separated (default: from the data: names sorted, "
              "integer ids as they are).")] = None,
+    chat_template: Annotated[str | None, typer.Option(
+        help="causal-lm: a Jinja chat template file rendering chat 'messages' rows (default: the "
+             "tokenizer's); recorded in run.json for eval and predict.")] = None,
+    loss_on: Annotated[str | None, typer.Option(
+        help="causal-lm prompt/completion and messages rows: the tokens the training loss covers, "
+             "'completion' (the completion or the assistant's turns, and eos; the default) or 'all'. "
+             "Validation always measures the completion.")] = None,
 ) -> None:
     """Fine-tune MODEL on DATA with METHOD; writes the adapter, metrics.json, log.csv, loss.png."""
     with _errors():
@@ -146,7 +153,8 @@ def train(
             pooling=pooling, group_by_length=group_by_length, name=name, resume=resume, quiet=quiet,
             train_file=train_file, validation_file=validation_file, data_config=data_config,
             split_names=tuple(split or ()), text_column=text_column, pair_column=pair_column,
-            label_column=label_column, labels=None if labels is None else tuple(_csv(labels))),
+            label_column=label_column, labels=None if labels is None else tuple(_csv(labels)),
+            chat_template=chat_template, loss_on=loss_on),
             _console())
         _leave_process_group()
 
@@ -274,9 +282,15 @@ class _Trained:
 
         model_id = self.base_model(model)
         net, tokenizer, _ = load_model(model_id, task, num_labels, self.pooling(), labels)
+        self.restore_template(tokenizer)
         if self.adapter is not None:
             self.attach_to(net)
         return net, tokenizer, model_id
+
+    def restore_template(self, tokenizer: Any) -> None:
+        """Give ``tokenizer`` the chat template that the run rendered its rows with."""
+        if self.run.get("chat_template"):
+            tokenizer.chat_template = self.run["chat_template"]
 
     def task_and_labels(self, data_task: str) -> tuple[str, int | None]:
         """The task and head size recorded by the run, else by a full model's config.json (so
@@ -331,11 +345,15 @@ def eval_(
     text_column: Annotated[str | None, typer.Option(help="Text column (default: detected).")] = None,
     pair_column: Annotated[str | None, typer.Option(help="Second text of a pair.")] = None,
     label_column: Annotated[str | None, typer.Option(help="Label column (default: detected).")] = None,
+    chat_template: Annotated[str | None, typer.Option(
+        help="causal-lm: a Jinja chat template file for chat rows (default: the run's).")] = None,
 ) -> None:
     """Evaluate a trained adapter (or fully fine-tuned model) on a data split; labels are mapped
-    to classes with the names the adapter recorded."""
+    to classes with the names the adapter recorded. A causal LM on prompt/completion or chat rows
+    is measured on the completion (assistant) tokens."""
     with _errors():
         from peftlab.data import DataSource, load_task, tokenize
+        from peftlab.instruct import read_chat_template
         from peftlab.io import write_atomic
         from peftlab.train import collator, evaluate, json_bytes, resolve_max_length
 
@@ -343,7 +361,8 @@ def eval_(
         run_task, num_labels = trained.task_and_labels(task)
         names = trained.labels()
         source = DataSource(data=data, config=data_config, text_column=text_column,
-                            pair_column=pair_column, label_column=label_column)
+                            pair_column=pair_column, label_column=label_column,
+                            chat_template=read_chat_template(chat_template) if chat_template else None)
         task_data = load_task(source, splits=(split,), task=run_task if task == "auto" else task,
                               num_labels=num_labels, labels=names)
         net, tokenizer, model_id = trained.load(model, task_data.task, task_data.num_labels,
@@ -369,7 +388,8 @@ def predict(
     data: Annotated[str, typer.Option(
         help="Texts to label: a data file (.jsonl, .json, .csv, .parquet, .txt: one text a line), a folder "
              "or saved dataset (with --split), a Hub dataset name, or - for standard input (JSON Lines, "
-             "or one text a line). Labels, if any, are ignored.")],
+             "or one text a line). Labels, if any, are ignored; so are causal-lm completions (rows of "
+             "'prompt', or chat 'messages' whose final assistant turn, if any, is generated anew).")],
     out: Annotated[Path, typer.Option(help="JSON Lines file: one prediction per input row, in order.")],
     model: Annotated[str | None, typer.Option(help="Base model (default: the one in run.json).")] = None,
     split: Annotated[str, typer.Option(help="Split to read from a folder or dataset.")] = "test",
@@ -384,11 +404,15 @@ def predict(
     max_new_tokens: Annotated[int, typer.Option(help="causal-lm: tokens to generate per text.")] = 32,
     batch_size: Annotated[int, typer.Option(help="Examples per forward pass.")] = 32,
     quiet: Annotated[bool, typer.Option(help="No progress bar.")] = False,
+    chat_template: Annotated[str | None, typer.Option(
+        help="causal-lm: a Jinja chat template file for chat rows (default: the run's).")] = None,
 ) -> None:
     """Label unlabelled text with a trained adapter (or fully fine-tuned model): per row the class
-    name and scores, the regression value, the generated text, or a tag per word."""
+    name and scores, the regression value, the generated text (causal-lm: a text's continuation, a
+    prompt's completion, or the assistant's reply to a conversation), or a tag per word."""
     with _errors():
         from peftlab.data import DataSource, load_task, read_stdin
+        from peftlab.instruct import read_chat_template
         from peftlab.io import write_atomic
         from peftlab.predict import jsonl_bytes, predict_split
         from peftlab.train import resolve_max_length
@@ -403,7 +427,8 @@ def predict(
         with tempfile.TemporaryDirectory(prefix="peftlab-stdin-") as tmp:
             path = str(read_stdin(sys.stdin, Path(tmp))) if data == "-" else data
             source = DataSource(data=path, config=data_config, text_column=text_column,
-                                pair_column=pair_column)
+                                pair_column=pair_column,
+                                chat_template=read_chat_template(chat_template) if chat_template else None)
             task_data = load_task(source, splits=(split,), task=task_name, labelled=False,
                                   num_labels=num_labels, labels=names)
             rows = task_data[split]
@@ -508,6 +533,7 @@ def merge(
         names = trained.labels() if _has_classes(task) else None
         net, tokenizer, _ = load_model(trained.base_model(model), task, num_labels or len(names or "01"),
                                        "cls", names)
+        trained.restore_template(tokenizer)
         name = trained.attach_to(net)
         net.eval()
         probe = tokenizer(["peftlab checks that merging keeps the outputs"], return_tensors="pt")

@@ -27,7 +27,9 @@ classes are *names* in id order (:attr:`TaskData.labels`), stored with the adapt
 making a class that no example teaches; a ``ClassLabel`` feature brings its own names; ``labels``
 (``--labels``, or the names a trained adapter recorded) fixes them. ``causal-lm`` uses the text
 only and learns to predict it, up to an eos token; a pair or label column there is an error,
-never silently dropped. Other columns (an ``idx``) are listed as unused when training starts.
+never silently dropped; its rows of prompt/completion or chat messages are read by
+:mod:`peftlab.instruct` (``causal-lm``'s own ``load``, which falls back to :func:`load_texts`).
+Other columns (an ``idx``) are listed as unused when training starts.
 
 Everything is checked when read, and every problem raises :class:`DataError` naming the file,
 the line (or row) and the fix. Tokenising truncates to ``max_length`` and reports how many
@@ -82,6 +84,9 @@ class DataSource:
     text_column: str | None = None
     pair_column: str | None = None
     label_column: str | None = None
+    # Instruction rows (prompt/completion, chat messages) of causal-lm; any other rows refuse them.
+    chat_template: str | None = None  # a Jinja chat template's text (--chat-template), else the tokenizer's
+    loss_on: str | None = None  # which tokens the training loss covers (--loss-on), else the task's default
 
     @classmethod
     def of(cls, source: str | Path | DataSource) -> DataSource:
@@ -491,6 +496,10 @@ def detect_columns(names: Sequence[str], source: DataSource, where: str, labelle
             text, pair = pairs[0]
         elif singles:
             text, pair = singles[0], None
+        elif present & {"prompt", "completion", "messages"}:
+            found = ", ".join(sorted(present & {"prompt", "completion", "messages"}))
+            raise DataError(f"{where}: rows of {found} are instructions for a language model: pass --task "
+                            "causal-lm")
         else:
             raise DataError(f"{where}: no text column found among {list(names)} (looked for 'text', "
                             f"{', '.join(TEXT_COLUMNS)} and pairs such as sentence1/sentence2); name it "
@@ -718,6 +727,17 @@ def load_task(source: str | Path | DataSource, splits: tuple[str, ...] = ("train
     if task != "auto" and REGISTRY[task].load is not None:
         return REGISTRY[task].load(source, splits=splits, max_samples=max_samples, num_labels=num_labels,
                                    labels=labels, labelled=labelled)
+    return load_texts(source, splits, task, max_samples, num_labels, labels, labelled)
+
+
+def load_texts(source: str | Path | DataSource, splits: tuple[str, ...] = ("train", "validation"),
+               task: str = "auto", max_samples: dict[str, int | None] | None = None,
+               num_labels: int | None = None, labels: Sequence[str] | None = None,
+               labelled: bool = True) -> TaskData:
+    """:func:`load_task` for rows of a text (or text pair) and a label: what a task without its
+    own ``load`` reads, and what a task's ``load`` may fall back to."""
+    from peftlab.tasks import REGISTRY
+
     if not labelled and task == "auto":
         raise DataError("unlabelled data needs the task of the trained model")
     if labels is not None:
@@ -725,6 +745,10 @@ def load_task(source: str | Path | DataSource, splits: tuple[str, ...] = ("train
         if len(labels) < 2 or len(set(labels)) < len(labels):
             raise DataError(f"--labels {','.join(labels)}: give at least two different class names")
     src = DataSource.of(source)
+    given = [flag for flag, v in (("--chat-template", src.chat_template), ("--loss-on", src.loss_on)) if v]
+    if given:
+        raise DataError(f"{' and '.join(given)} apply to rows of prompt/completion or chat messages (--task "
+                        "causal-lm); these rows hold texts, which no template renders: drop the option")
     opened = _Opened(src, splits)
     max_samples = max_samples or {}
     causal = task != "auto" and REGISTRY[task].labelled == "text"  # the text is all it learns

@@ -81,8 +81,12 @@ def held_out_split(data: TaskData, seed: int = 0) -> TaskData:
             f"{data['train'].path}: {len(rows)} training examples are too few to hold some out for "
             "choosing the learning rate; give a rate (--lr) instead")
     held = set(random.Random(seed).sample(range(len(rows)), n))
-    keep = [r for i, r in enumerate(rows) if i not in held]
-    out = [r for i, r in enumerate(rows) if i in held]
+    if hasattr(rows, "take"):  # the split's own kind of rows (Arrow-backed), with what it carries
+        keep = rows.take([i for i in range(len(rows)) if i not in held])
+        out = rows.take(sorted(held))
+    else:
+        keep = [r for i, r in enumerate(rows) if i not in held]
+        out = [r for i, r in enumerate(rows) if i in held]
     path = data["train"].path
     splits = {"train": Split("train", path, keep), "validation": Split("held-out", path, out)}
     return dataclasses.replace(data, splits=splits)

@@ -281,6 +281,8 @@ class TrainOptions:
     pair_column: str | None = None
     label_column: str | None = None
     labels: tuple[str, ...] | None = None  # class names in id order (default: from the data)
+    chat_template: str | None = None  # a Jinja chat template file for chat rows (default: the tokenizer's)
+    loss_on: str | None = None  # instruction rows: the tokens the training loss covers (peftlab.instruct)
     group_by_length: bool = False
     name: str | None = None
     resume: bool = False
@@ -294,7 +296,7 @@ class TrainOptions:
         d["sets"] = list(self.sets)
         d["split_names"] = list(self.split_names)
         d["labels"] = None if self.labels is None else list(self.labels)
-        for key in ("model", "data", "train_file", "validation_file"):
+        for key in ("model", "data", "train_file", "validation_file", "chat_template"):
             if d[key] is not None and Path(d[key]).expanduser().exists():
                 d[key] = str(Path(d[key]).expanduser().resolve())
         for key in ("resume", "checkpoints", "quiet", "out"):
@@ -314,7 +316,14 @@ class TrainOptions:
             raise UsageError(str(e)) from None
         return DataSource(data=self.data, files=files, config=self.data_config, split_names=names,
                           text_column=self.text_column, pair_column=self.pair_column,
-                          label_column=self.label_column)
+                          label_column=self.label_column, chat_template=self.template_text(),
+                          loss_on=self.loss_on)
+
+    def template_text(self) -> str | None:
+        """The text of the ``--chat-template`` file, if one is given."""
+        from peftlab.instruct import read_chat_template
+
+        return None if self.chat_template is None else read_chat_template(self.chat_template)
 
     def data_name(self) -> str:
         """A short name of the data, for plot titles."""
@@ -342,6 +351,9 @@ class TrainOptions:
         need(math.isfinite(self.max_grad_norm) and self.max_grad_norm >= 0,
              f"--max-grad-norm must be >= 0, got {self.max_grad_norm}")
         need(0 <= self.warmup < 1, f"--warmup is a fraction of the steps in [0, 1), got {self.warmup}")
+        from peftlab.instruct import check_loss_on
+
+        check_loss_on(self.loss_on)
 
 
 def world() -> tuple[int, int]:
@@ -679,6 +691,8 @@ def _prepare_model(opts: TrainOptions, data: TaskData, config: AdapterConfig | N
 
     set_seed(opts.seed)  # before loading: a new head is initialised while the model loads
     model, tokenizer, heads = load_model(opts.model, data.task, data.num_labels, opts.pooling, data.labels)
+    if opts.chat_template is not None:  # so that a saved tokenizer (full fine-tuning) carries it
+        tokenizer.chat_template = opts.template_text()
     if config is None:
         for p in model.parameters():
             p.requires_grad_(True)
@@ -735,6 +749,8 @@ def _write_run(out: Path, record: dict[str, Any], data: TaskData, m: _Model, set
         "labels": None if data.labels is None else list(data.labels),
         "columns": None if data.columns is None else dataclasses.asdict(data.columns),
         "pooling": pooling_of(m.model),
+        # The template that rendered chat rows, so that eval, predict and merge render them alike.
+        "chat_template": getattr(m.tokenizer, "chat_template", None),
         "adapter_name": m.name if adapter_run else None,
         "train_examples": len(sets.train), "eval_examples": len(sets.eval)}))
 
