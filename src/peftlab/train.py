@@ -178,7 +178,7 @@ _RESUME_KEYS = ("model", "data", "method", "sets", "task", "epochs", "lr", "batc
                 "seed", "max_train_samples", "max_eval_samples", "eval_every", "save_every",
                 "max_grad_norm", "warmup", "name", "lr_search", "max_steps", "max_minutes", "patience",
                 "pooling", "train_file", "validation_file", "data_config", "split_names", "text_column",
-                "pair_column", "label_column", "labels")
+                "pair_column", "label_column", "labels", "chat_template", "loss_on")
 # What runs from before those data options existed recorded, in effect.
 _RESUME_DEFAULTS: dict[str, Any] = {"split_names": []}
 
