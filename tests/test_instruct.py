@@ -24,7 +24,7 @@ from typer.testing import CliRunner
 from peftlab.cli import app
 from peftlab.data import DataSource, load_task, tokenize
 from peftlab.errors import DataError
-from peftlab.instruct import DroppedExamplesWarning, InstructRows
+from peftlab.instruct import InstructRows
 from peftlab.lr_search import held_out_split
 from peftlab.train import collator, evaluate
 
@@ -134,12 +134,11 @@ def test_loss_on_all_covers_every_training_token_and_validation_stays_on_the_com
     assert tokenize(held["validation"], tokenizer, "causal-lm", 64)[0][0]["loss_mask"].count(1) == 7
 
 
-def test_a_prompt_that_fills_max_length_leaves_the_example_out_with_a_warning(tmp_path):
+def test_a_prompt_that_fills_max_length_leaves_the_example_out(tmp_path):
     train, _ = _split(tmp_path, [{"prompt": "the cat sat on the mat", "completion": " yes"},
                                  {"prompt": "is it", "completion": " no"}])
-    with pytest.warns(DroppedExamplesWarning, match="1 of 2 train examples"):
-        encoded, cut = tokenize(train, chat_tokenizer(), "causal-lm", 6)
-    assert len(encoded) == 1 and cut == 1
+    encoded, cut = tokenize(train, chat_tokenizer(), "causal-lm", 6)
+    assert len(encoded) == 1 and cut == 1 and encoded.left_out == 1 and encoded.by_length().left_out == 1
     with pytest.raises(DataError, match="raise --max-length"):
         tokenize(train, chat_tokenizer(), "causal-lm", 2)
 

@@ -355,7 +355,7 @@ def eval_(
         from peftlab.data import DataSource, load_task, tokenize
         from peftlab.instruct import read_chat_template
         from peftlab.io import write_atomic
-        from peftlab.train import collator, evaluate, json_bytes, resolve_max_length
+        from peftlab.train import collator, evaluate, json_bytes, left_out_note, resolve_max_length
 
         trained = _Trained(adapter)
         run_task, num_labels = trained.task_and_labels(task)
@@ -370,8 +370,10 @@ def eval_(
         length = resolve_max_length(max_length or trained.run.get("max_length"), net)
         dataset, cut = tokenize(task_data[split], tokenizer, task_data.task, length)
         if cut:
-            _console().print(f"[yellow]warning:[/] {cut} of {len(dataset)} examples are longer "
+            _console().print(f"[yellow]warning:[/] {cut} of {len(task_data[split])} examples are longer "
                              f"than {length} tokens and were truncated")
+        if dataset.left_out:
+            _console().print(f"[yellow]warning:[/] {left_out_note(dataset.left_out, split)}")
         metrics = evaluate(net, dataset, collator(tokenizer, task_data.task), task_data.task, batch_size)
         result = {"split": split, "data": str(data), "examples": len(dataset), "truncated": cut,
                   "adapter": str(adapter), "model": model_id, "metrics": metrics}

@@ -865,10 +865,12 @@ def read_stdin(stream: io.TextIOBase, folder: Path) -> Path:
 
 # ---- tokenising ---------------------------------------------------------------------------------
 class Encoded(torch.utils.data.Dataset):
-    """Tokenised examples as dicts of int lists, padded later by the collator."""
+    """Tokenised examples as dicts of int lists, padded later by the collator. ``left_out``: rows
+    that gave no example (truncation left them nothing to learn), which the caller reports."""
 
-    def __init__(self, features: list[dict[str, list[int] | int | float]]) -> None:
+    def __init__(self, features: list[dict[str, list[int] | int | float]], left_out: int = 0) -> None:
         self.features = features
+        self.left_out = left_out
 
     def __len__(self) -> int:
         return len(self.features)
@@ -882,7 +884,8 @@ class Encoded(torch.utils.data.Dataset):
 
     def by_length(self) -> Encoded:
         """The same examples, longest first: batches of similar length need less padding."""
-        return Encoded(sorted(self.features, key=lambda f: -len(f["input_ids"])))  # type: ignore[arg-type]
+        return Encoded(sorted(self.features, key=lambda f: -len(f["input_ids"])),  # type: ignore[arg-type]
+                       self.left_out)
 
 
 def tokenize(split: Split, tokenizer: Any, task: str, max_length: int) -> tuple[Encoded, int]:

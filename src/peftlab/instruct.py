@@ -36,14 +36,14 @@ appended after the last turn. TRL appends nothing to conversations; on such temp
 differ by that one token.
 
 Examples longer than ``max_length`` tokens keep their start (TRL's ``keep_start``); one left with
-no completion token is left out of the set, with a warning that counts them (TRL drops them too).
+no completion token is left out of the set (TRL drops them too), counted in ``Encoded.left_out``,
+which training and ``peftlab eval`` report.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import random
-import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -72,10 +72,6 @@ PROMPT, CONVERSATION, MESSAGES = "prompt/completion", "conversational prompt/com
 GROUPS = {"text": ("text",), "prompt/completion": ("prompt", "completion"), "messages": ("messages",)}
 LOSS_ON = ("completion", "all")
 _BATCH = 512
-
-
-class DroppedExamplesWarning(UserWarning):
-    """Examples were left out because truncation left them no completion token to learn."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -404,7 +400,8 @@ def _render(tokenizer: Any, template: Any, messages: list[dict[str, Any]], gener
 
 def encode(split: Split, tokenizer: Any, max_length: int) -> tuple[Encoded, int]:
     """A split of instruction rows as ``input_ids`` with a per-example ``loss_mask`` (1: the token
-    is learned), cut to ``max_length`` tokens; and how many examples were cut. The training split
+    is learned), cut to ``max_length`` tokens; and how many examples were cut (those left with
+    nothing to learn are left out: ``left_out``). The training split
     learns what :attr:`Rendering.loss_on` says, every other split the completion only."""
     rows = split.rows
     assert isinstance(rows, InstructRows)
@@ -424,14 +421,10 @@ def encode(split: Split, tokenizer: Any, max_length: int) -> tuple[Encoded, int]
                 dropped += 1
                 continue
             features.append({"input_ids": ids, "loss_mask": mask})
-    if dropped:
-        if not features:
-            raise DataError(f"{split.path}: every example's prompt fills --max-length {max_length} tokens, "
-                            "so no completion token is left to learn; raise --max-length")
-        warnings.warn(f"{dropped} of {len(rows)} {split.name} examples have prompts that fill --max-length "
-                      f"{max_length} tokens, leaving no completion token to learn; they are left out (raise "
-                      "--max-length to keep them)", DroppedExamplesWarning, stacklevel=2)
-    return Encoded(features), truncated
+    if dropped and not features:
+        raise DataError(f"{split.path}: every example's prompt fills --max-length {max_length} tokens, "
+                        "so no completion token is left to learn; raise --max-length")
+    return Encoded(features, left_out=dropped), truncated
 
 
 def _with_eos(ids: list[int], mask: list[int], eos: int | None, start: int) -> tuple[list[int], list[int]]:
@@ -514,6 +507,6 @@ def prompt_ids(rows: InstructRows, tokenizer: Any) -> list[list[int]]:
     return out
 
 
-__all__ = ["CONVERSATION", "LOSS_ON", "MESSAGES", "PROMPT", "DroppedExamplesWarning", "InstructRows",
+__all__ = ["CONVERSATION", "LOSS_ON", "MESSAGES", "PROMPT", "InstructRows",
            "Rendering", "check_loss_on", "common_prefix", "encode", "kind_of", "load", "prompt_ids",
            "read_chat_template"]

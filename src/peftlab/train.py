@@ -643,6 +643,7 @@ class _Sets:
     select: Any
     truncated: dict[str, int]
     held_out: bool
+    left_out: dict[str, int] = dataclasses.field(default_factory=dict)  # rows with nothing left to learn
 
 
 class _EvalOutputs:
@@ -723,7 +724,7 @@ def _tokenized(opts: TrainOptions, data: TaskData, tokenizer: Any, max_length: i
     select = (tokenize(fit["validation"], tokenizer, data.task, max_length)[0].by_length()
               if opts.patience else eval_set)
     return _Sets(train_set, eval_set, select, {"train": cut_train, "validation": cut_eval},
-                 bool(opts.patience))
+                 bool(opts.patience), {"train": train_set.left_out, "validation": eval_set.left_out})
 
 
 def _report_data(console: Console, opts: TrainOptions, data: TaskData, sets: _Sets, max_length: int) -> None:
@@ -738,6 +739,13 @@ def _report_data(console: Console, opts: TrainOptions, data: TaskData, sets: _Se
         if cut:
             _say(console, opts.quiet, f"[yellow]warning:[/] {cut} of {len(data[split])} {split} examples "
                  f"are longer than --max-length {max_length} tokens and were truncated")
+        if sets.left_out.get(split):
+            _say(console, opts.quiet, f"[yellow]warning:[/] {left_out_note(sets.left_out[split], split)}")
+
+
+def left_out_note(n: int, split: str) -> str:
+    return (f"{n} {split} example(s) kept no token to learn within --max-length (a prompt fills it) "
+            "and were left out; raise --max-length to keep them")
 
 
 def _write_run(out: Path, record: dict[str, Any], data: TaskData, m: _Model, sets: _Sets,
