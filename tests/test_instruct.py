@@ -122,6 +122,20 @@ def test_a_template_without_eos_gets_eos_after_the_last_turn(tmp_path):
     assert tokens.count("</s>") == 1
 
 
+def test_a_template_that_rewrites_earlier_turns_is_refused_unless_every_token_is_learned(tmp_path):
+    """Like reasoning templates that drop earlier turns' thoughts: an earlier assistant turn renders
+    differently once a later turn follows, so its tokens in the conversation cannot be found."""
+    rewritten = "{{ (m['content'] if loop.last else 'yes') + ' ' + eos_token }}"
+    tokenizer = chat_tokenizer(TEMPLATE.replace("{{ m['content'] + ' ' + eos_token }}", rewritten))
+    train, _ = _split(tmp_path / "a", [{"messages": CONVERSATION[1:3]}, {"messages": CONVERSATION}])
+    with pytest.raises(DataError, match="train.jsonl:2: the chat template renders earlier turns"):
+        tokenize(train, tokenizer, "causal-lm", 64)
+    train, _ = _split(tmp_path / "b", [{"messages": CONVERSATION}], loss_on="all")
+    feature = tokenize(train, tokenizer, "causal-lm", 64)[0][0]
+    assert tokenizer.convert_ids_to_tokens(feature["input_ids"])[12] == "yes"  # the first reply, rewritten
+    assert set(feature["loss_mask"]) == {1} and feature["input_ids"].count(tokenizer.eos_token_id) == 2
+
+
 def test_loss_on_all_covers_every_training_token_and_validation_stays_on_the_completion(tmp_path):
     data = load_task(DataSource(str(_rows(tmp_path, [{"messages": CONVERSATION}] * 10)), loss_on="all"),
                      task="causal-lm")

@@ -411,7 +411,7 @@ def encode(split: Split, tokenizer: Any, max_length: int) -> tuple[Encoded, int]
     for start in range(0, len(rows), _BATCH):
         batch = rows.batch(start, start + _BATCH)
         pieces = (_prompt_pieces(batch, tokenizer) if rows.kind == PROMPT
-                  else _chat_pieces(batch, tokenizer, template, rows, start))
+                  else _chat_pieces(batch, tokenizer, template, rows, start, every_turn=loss_on != "all"))
         for ids, mask in pieces:
             if loss_on == "all":
                 mask = [1] * len(ids)
@@ -454,9 +454,10 @@ def _conversation(row: dict[str, Any]) -> tuple[list[dict[str, Any]], int]:
 
 
 def _chat_pieces(batch: list[dict[str, Any]], tokenizer: Any, template: Any, rows: InstructRows,
-                 offset: int) -> Iterator[tuple[list[int], list[int]]]:
+                 offset: int, every_turn: bool = True) -> Iterator[tuple[list[int], list[int]]]:
     """Conversations rendered with ``template``, each assistant turn learned (see the module
-    docstring). The texts of a batch are tokenised together."""
+    docstring); ``every_turn=False`` finds the last turn only (where eos belongs), for a loss on
+    every token. The texts of a batch are tokenised together."""
     texts: list[str] = []
     plans = []  # per row: index of the full text, and (before, through) text indices per learned turn
     for j, row in enumerate(batch):
@@ -464,7 +465,8 @@ def _chat_pieces(batch: list[dict[str, Any]], tokenizer: Any, template: Any, row
         full = len(texts)
         texts.append(_render(tokenizer, template, conv, False, rows, offset + j))
         turns = []
-        for k in (k for k in range(first, len(conv)) if conv[k]["role"] == "assistant"):
+        learned = [k for k in range(first, len(conv)) if conv[k]["role"] == "assistant"]
+        for k in learned if every_turn else learned[-1:]:
             texts.append(_render(tokenizer, template, conv[:k], True, rows, offset + j))
             if k == len(conv) - 1:
                 turns.append((len(texts) - 1, full))
