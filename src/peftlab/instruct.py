@@ -401,8 +401,8 @@ def _render(tokenizer: Any, template: Any, messages: list[dict[str, Any]], gener
 def encode(split: Split, tokenizer: Any, max_length: int) -> tuple[Encoded, int]:
     """A split of instruction rows as ``input_ids`` with a per-example ``loss_mask`` (1: the token
     is learned), cut to ``max_length`` tokens; and how many examples were cut (those left with
-    nothing to learn are left out: ``left_out``). The training split
-    learns what :attr:`Rendering.loss_on` says, every other split the completion only."""
+    nothing to learn are left out: ``left_out``). The training split learns what
+    :attr:`Rendering.loss_on` says, every other split the completion only."""
     rows = split.rows
     assert isinstance(rows, InstructRows)
     loss_on = rows.rendering.loss_on if split.name == "train" else "completion"
