@@ -77,7 +77,8 @@ def train(
     ] = None,
     task: Annotated[str, typer.Option(
         help="auto (int labels: classification, float: regression), classification, regression, "
-             "causal-lm (rows of text, prompt/completion, or chat messages), token-classification.")] = "auto",
+             "causal-lm (rows of text, prompt/completion, or chat messages), "
+             "token-classification.")] = "auto",
     epochs: Annotated[float, typer.Option(help="Passes over the training data.")] = 3.0,
     lr: Annotated[str | None, typer.Option(
         help="Learning rate (default: the method's, see docs), or 'auto': chosen by successive halving "
