@@ -297,7 +297,7 @@ def test_messages_with_a_chat_template_file_train_evaluate_and_predict(llama, tm
      "train.jsonl:1: 'completion' must be a non-empty string"),
     ([{"prompt": "is it red", "completion": " no"}], ("--chat-template", "{template}"),
      "prompt/completion strings are joined as they are"),
-    ([{"text": "the cat sat"}], ("--loss-on", "completion"), "--loss-on apply to rows of prompt/completion"),
+    ([{"text": "the cat sat"}], ("--loss-on", "completion"), "--loss-on is for rows of prompt/completion"),
     ([{"messages": CONVERSATION}], ("--model", "{plain}"), "the tokenizer has none; pass --chat-template"),
     ([{"messages": CONVERSATION}], ("--loss-on", "prompt"), "--loss-on 'prompt': use completion or all"),
 ], ids=["text-and-messages", "two-kinds-in-a-row", "ends-with-user", "no-role", "no-completion",
@@ -311,6 +311,13 @@ def test_bad_rows_exit_2_and_write_nothing(llama, tmp_path, rows, extra, expecte
     assert result.exit_code == 2, result.output + repr(result.exception)
     assert result.stderr.startswith("error: ") and expected.format(data=data) in result.stderr, result.stderr
     assert not (tmp_path / "run").exists()
+
+
+def test_other_tasks_refuse_the_rendering_options(tmp_path):
+    data = _rows(tmp_path, [{"text": "the cat sat", "label": "a"}, {"text": "is it red", "label": "b"}])
+    for task in ("classification", "auto"):
+        with pytest.raises(DataError, match="--chat-template and --loss-on are for rows of prompt"):
+            load_task(DataSource(str(data), chat_template=TEMPLATE, loss_on="all"), task=task)
 
 
 def test_instruction_rows_without_task_ask_for_causal_lm(llama, tmp_path):

@@ -69,6 +69,8 @@ PAIR_COLUMNS = (("sentence1", "sentence2"), ("question", "passage"), ("premise",
                 ("query", "passage"), ("text1", "text2"))
 TEXT_COLUMNS = ("sentence", "content", "review", "document")
 LABEL_COLUMNS = ("label", "labels", "score", "target")
+#: DataSource options on how rows are rendered, read only by tasks that declare them (Task.data_options).
+RENDERING = ("chat_template", "loss_on")
 _HUB_NAME = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
 
@@ -724,10 +726,23 @@ def load_task(source: str | Path | DataSource, splits: tuple[str, ...] = ("train
 
     if task not in ("auto", *REGISTRY):
         raise DataError(f"unknown task {task!r}; use one of auto, {', '.join(REGISTRY)}")
+    src = DataSource.of(source)
+    unread = [o for o in RENDERING if getattr(src, o) is not None
+              and (task == "auto" or o not in REGISTRY[task].data_options)]
+    if unread:
+        raise DataError(f"{_options(unread)} for rows of prompt/completion or chat messages (--task "
+                        f"causal-lm); {'--task ' + task if task != 'auto' else 'this task'} does not read "
+                        "it: drop the option")
     if task != "auto" and REGISTRY[task].load is not None:
-        return REGISTRY[task].load(source, splits=splits, max_samples=max_samples, num_labels=num_labels,
+        return REGISTRY[task].load(src, splits=splits, max_samples=max_samples, num_labels=num_labels,
                                    labels=labels, labelled=labelled)
-    return load_texts(source, splits, task, max_samples, num_labels, labels, labelled)
+    return load_texts(src, splits, task, max_samples, num_labels, labels, labelled)
+
+
+def _options(names: Sequence[str]) -> str:
+    """``--chat-template is`` / ``--chat-template and --loss-on are``: options named in a message."""
+    flags = " and ".join("--" + n.replace("_", "-") for n in names)
+    return f"{flags} {'are' if len(names) > 1 else 'is'}"
 
 
 def load_texts(source: str | Path | DataSource, splits: tuple[str, ...] = ("train", "validation"),
@@ -745,9 +760,9 @@ def load_texts(source: str | Path | DataSource, splits: tuple[str, ...] = ("trai
         if len(labels) < 2 or len(set(labels)) < len(labels):
             raise DataError(f"--labels {','.join(labels)}: give at least two different class names")
     src = DataSource.of(source)
-    given = [flag for flag, v in (("--chat-template", src.chat_template), ("--loss-on", src.loss_on)) if v]
+    given = [o for o in RENDERING if getattr(src, o) is not None]
     if given:
-        raise DataError(f"{' and '.join(given)} apply to rows of prompt/completion or chat messages (--task "
+        raise DataError(f"{_options(given)} for rows of prompt/completion or chat messages (--task "
                         "causal-lm); these rows hold texts, which no template renders: drop the option")
     opened = _Opened(src, splits)
     max_samples = max_samples or {}

@@ -21,7 +21,9 @@ Each task lives in a module of this package and is described completely by one :
 * ``architectures``: the endings of its transformers model classes, to recognise the task of a
   saved full model;
 * ``load``: optionally, how the task reads its splits (:func:`peftlab.data.load_task` reads
-  text, text pair and label columns when it is ``None``).
+  text, text pair and label columns when it is ``None``); ``data_options``: the rendering options
+  of :class:`peftlab.data.DataSource` that it reads (``chat_template``, ``loss_on``: causal-lm's
+  instruction rows); a task given one it does not read refuses it rather than ignore it.
 
 Adding a task is one new module plus one line in :data:`BUILT_IN`; a task defined elsewhere joins
 with :func:`register`.
@@ -91,6 +93,8 @@ class Task:
     #: Metrics that read the class names (``named_metrics(outputs, labels, names)``); see
     #: :meth:`score`.
     named_metrics: Callable[[np.ndarray, np.ndarray, Sequence[str]], dict[str, float]] | None = None
+    #: The rendering options of a DataSource that ``load`` reads (``chat_template``, ``loss_on``).
+    data_options: tuple[str, ...] = ()
 
     def score(self, outputs: np.ndarray, labels: np.ndarray, num_labels: int,
               names: Sequence[str] | None = None) -> dict[str, float]:

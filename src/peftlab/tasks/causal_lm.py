@@ -143,5 +143,6 @@ TASKS = (
     Task(name="causal-lm", about="texts -> a language model that continues them",
          primary="perplexity", greater_is_better=False, model=_model, heads=lambda model: (),
          tokenize=tokenize, collator=collator, predict=generate, labelled="text", load=instruct.load,
+         data_options=("chat_template", "loss_on"),
          architectures=("ForCausalLM", "LMHeadModel")),
 )
