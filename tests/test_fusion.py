@@ -83,6 +83,50 @@ def test_a_fusion_layer_equals_the_papers_formula(bert):
         assert torch.allclose(layer(x), expected, atol=1e-5)
 
 
+def _literal_fusion(fusion, h, z):
+    """The paper's formula as written, nothing reordered: ``s_n = softmax_n((Q·h + b_Q)ᵀ(K·z_n) / T)``,
+    ``o = Σ_n s_n·V·z_n``, for ``z [N, ..., d]``."""
+    q = h @ fusion.query.weight.t() + fusion.query.bias
+    keys = z @ fusion.key.weight.t()
+    s = torch.softmax((q * keys).sum(-1) / fusion.temperature, dim=0)
+    return (s.unsqueeze(-1) * (z @ fusion.value.weight.t())).sum(0)
+
+
+@pytest.mark.parametrize("module", ["encoder.layer.0.output.dense", "encoder.layer.1.attention.output.dense"])
+def test_bottleneck_members_run_batched_and_equal_the_literal_formula_with_gradients(bert, module):
+    """With bottleneck members (Houlsby, Pfeiffer, Compacter++, three activations) the fusion never
+    forms the members' outputs (the module docstring's rewrite); in float64 its output and every
+    gradient (input, fusion, members) equal the literal formula's. At the attention output only
+    Houlsby acts: the others count as ``z_n = h``."""
+    adapters = _with_members(bert, houlsby=peftlab.BottleneckConfig.houlsby(reduction=8),
+                             pfeiffer=PFEIFFER, compacter=COMPACTER_PP)
+    adapters.add_fusion("f", ["houlsby", "pfeiffer", "compacter"], peftlab.FusionConfig(temperature=2.0))
+    randomize(adapters.parameters("f"), scale=0.5, seed=7)
+    adapters.activate("f")
+    layer = bert.get_submodule(module).double()
+    fusion = layer.adapters["f"]
+    members = [layer.adapters[n] if n in layer.adapters else None for n in fusion.members]
+    params = [p for n in ("f", "houlsby", "pfeiffer", "compacter") for p in adapters.parameters(n)
+              if p.dtype == torch.float64]
+    for p in params:
+        p.requires_grad_(True)  # the members' gradients must be exact too
+    x = torch.randn(3, 5, layer.in_features, dtype=torch.float64, requires_grad=True)
+    h = layer.base(x)
+    assert fusion.over_bottlenecks(h, tuple(members)) is not None  # the batched form ran
+    z = torch.stack([h if m is None else m(h) for m in members])
+    expected = _literal_fusion(fusion, h, z)
+    got = layer(x)
+    assert torch.allclose(got, expected, rtol=1e-12, atol=1e-12)
+    assert not torch.allclose(fusion.last_weights, torch.full((3,), 1 / 3, dtype=torch.float64), atol=1e-2)
+    grad_out = torch.randn_like(got)
+    want = torch.autograd.grad(expected, [x, *params], grad_out, allow_unused=True)
+    have = torch.autograd.grad(got, [x, *params], grad_out, allow_unused=True)
+    assert sum(g is not None and g.abs().max() > 0 for g in want) >= 5  # x, Q, b_Q, K, V at least
+    for p, w, g in zip([x, *params], want, have):
+        zero = torch.zeros_like(p)  # unused on one side: must be no gradient on the other too
+        assert torch.allclose(zero if g is None else g, zero if w is None else w, rtol=1e-10, atol=1e-12)
+
+
 def test_members_build_on_the_other_active_adapters_at_their_module(bert):
     """With other adapters active at the module, ``h`` already holds them: an (IA)³ member's
     ``z`` is ``h`` plus what its vectors change, a LoRA member sees the (IA)³-scaled input."""

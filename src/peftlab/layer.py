@@ -123,6 +123,23 @@ class Piece(nn.Module):
         """Why merging this piece now could not be undone exactly, or ``None`` when it can."""
         return None
 
+    def projections(self) -> Projections | None:
+        """For a post piece that computes ``y + up(f(down(y)))``: its two projections and ``f``,
+        so that a fusion can run its members' projections together; ``None`` for other pieces."""
+        return None
+
+
+class Projections(NamedTuple):
+    """A bottleneck ``y + W_up·f(W_down·y + b_down) + b_up``: ``down [m, d]``, ``down_bias [m]``,
+    ``activation`` (a name in :data:`peftlab.methods.bottleneck.ACTIVATIONS`), ``up [d, m]``,
+    ``up_bias [d]``."""
+
+    down: torch.Tensor
+    down_bias: torch.Tensor
+    activation: str
+    up: torch.Tensor
+    up_bias: torch.Tensor
+
 
 class _ScaledLinear(torch.autograd.Function):
     """``y = l_out ⊙ (W·(l_in ⊙ x) + b)`` with a frozen ``W``, computed as one GEMM with a scaled
@@ -258,8 +275,11 @@ class AdaptedLayer(nn.Module):
                 y = p.add_delta(y, xs)
         y = self._post_pieces(y, post)
         for f, members in fusion:
-            z = [self._member_output(m, y, x, l_in, l_out, base_out) for m in members]
-            y = f(y, torch.stack(z, dim=-2))
+            fused = f.over_bottlenecks(y, members)  # the members' outputs never formed
+            if fused is None:
+                z = [self._member_output(m, y, x, l_in, l_out, base_out) for m in members]
+                fused = f(y, torch.stack(z, dim=-2))
+            y = fused
         return y
 
     def _member_output(self, m: Piece | None, h, x, l_in, l_out, base_out) -> torch.Tensor:

@@ -36,7 +36,7 @@ from torch import nn
 
 from peftlab.config import AdapterConfig
 from peftlab.errors import ConfigError, TargetError
-from peftlab.layer import BaseLayer, Piece
+from peftlab.layer import BaseLayer, Piece, Projections
 from peftlab.methods import Method, Preset
 from peftlab.sites import Site
 
@@ -119,6 +119,9 @@ class Bottleneck(Piece):
 
     def forward(self, y: torch.Tensor) -> torch.Tensor:
         return y + self.up(ACTIVATIONS[self.activation](self.down(y)))
+
+    def projections(self) -> Projections:
+        return Projections(self.down.weight, self.down.bias, self.activation, self.up.weight, self.up.bias)
 
 
 def build(config: BottleneckConfig, site: Site, base: BaseLayer,

@@ -35,7 +35,7 @@ from torch import nn
 
 from peftlab.config import AdapterConfig
 from peftlab.errors import ConfigError
-from peftlab.layer import BaseLayer, Piece
+from peftlab.layer import BaseLayer, Piece, Projections
 from peftlab.methods import Method, Preset
 from peftlab.methods.bottleneck import (
     ACTIVATIONS,
@@ -156,6 +156,11 @@ class Compacter(Piece):
         rules = None if self.shared is None else self.shared.rules
         h = ACTIVATIONS[self.activation](self.down(y, rules))
         return y + self.up(h, rules)
+
+    def projections(self) -> Projections:
+        rules = None if self.shared is None else self.shared.rules
+        return Projections(self.down.weight(rules).t(), self.down.bias, self.activation,
+                           self.up.weight(rules).t(), self.up.bias)
 
 
 def make_shared(config: CompacterConfig, sites: list[Site]) -> SharedRules | None:
