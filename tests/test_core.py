@@ -255,7 +255,7 @@ def test_lora_dropout_is_off_in_eval_mode(frozen):
 @FROZEN
 def test_ia3_gradients_equal_plain_autograd(bert, frozen):
     """(IA)³ on a frozen base runs through a custom autograd function; its gradients must be the
-    textbook ones."""
+    textbook ones, also for an output gradient that arrives transposed (a key's, from attention)."""
     adapters = peftlab.attach(bert)
     adapters.add("a", peftlab.IA3Config())
     randomize(adapters.parameters("a"), scale=0.3)
@@ -267,13 +267,13 @@ def test_ia3_gradients_equal_plain_autograd(bert, frozen):
     key = bert.encoder.layer[0].attention.self.key
     down = bert.encoder.layer[0].output.dense
     l_k, l_ff = key.adapters["a"].ia3_l, down.adapters["a"].ia3_l
-    g1 = torch.randn(3, 5, 32)
-    ours = torch.autograd.grad((key(x) * g1).sum() + (down(h) * g1).sum(), (x, h, l_k, l_ff))
-    ref_out = (l_k * (x @ key.base.weight.T + key.base.bias) * g1).sum() + \
-        (((l_ff * h) @ down.base.weight.T + down.base.bias) * g1).sum()
-    ref = torch.autograd.grad(ref_out, (x, h, l_k, l_ff))
-    for a, b in zip(ours, ref):
-        assert torch.allclose(a, b, rtol=1e-5, atol=1e-5)
+    for g1 in (torch.randn(3, 5, 32), torch.randn(3, 32, 5).transpose(1, 2)):
+        ours = torch.autograd.grad((key(x), down(h)), (x, h, l_k, l_ff), (g1, g1))
+        ref_out = (l_k * (x @ key.base.weight.T + key.base.bias) * g1).sum() + \
+            (((l_ff * h) @ down.base.weight.T + down.base.bias) * g1).sum()
+        ref = torch.autograd.grad(ref_out, (x, h, l_k, l_ff))
+        for a, b in zip(ours, ref):
+            assert torch.allclose(a, b, rtol=1e-5, atol=1e-5)
 
 
 def test_a_frozen_base_gives_the_outputs_and_gradients_of_plain_autograd():

@@ -164,14 +164,19 @@ class _ScaledLinear(torch.autograd.Function):
     def backward(ctx, g):  # type: ignore[override]
         x, y, weight, l_in, l_out = ctx.saved_tensors
         need_x, _, _, need_in, need_out = ctx.needs_input_grad
+        # Everything on 2-D, contiguous rows. A key's gradient arrives transposed from the
+        # attention: flattening copies it once, as a plain Linear's backward does, after which
+        # the product is one GEMM (not a batched one over a broadcast weight) and the vector's
+        # gradient one pass (not a product in the transposed layout and a copy of it).
+        g2 = g.reshape(-1, g.shape[-1])
         gx = g_in = g_out = None
         if need_x or need_in:
-            gx = g.matmul(_scaled_weight(weight, l_in, l_out))
+            gx = g2.mm(_scaled_weight(weight, l_in, l_out))
         if need_in:
-            g_in = (x * gx).reshape(-1, x.shape[-1]).sum(0) / _nonzero(l_in)
+            g_in = (x.reshape(gx.shape) * gx).sum(0).div_(_nonzero(l_in))
         if need_out:
-            g_out = (g * y).reshape(-1, y.shape[-1]).sum(0) / _nonzero(l_out)
-        return gx if need_x else None, None, None, g_in, g_out
+            g_out = (g2 * y.reshape(g2.shape)).sum(0).div_(_nonzero(l_out))
+        return gx.view(*g.shape[:-1], -1) if need_x else None, None, None, g_in, g_out
 
 
 def _scaled_weight(weight: torch.Tensor, l_in: torch.Tensor | None, l_out: torch.Tensor | None):
