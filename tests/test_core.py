@@ -701,6 +701,28 @@ def test_bootstrap_intervals_cover_the_true_score_about_95_percent_of_the_time()
     assert 0.90 <= hits / trials <= 0.99
 
 
+@pytest.mark.parametrize("classes, num_classes", [(2, None), (3, None), (3, 4), (2, 2)])
+def test_classification_metrics_equal_scikit_learns(classes, num_classes):
+    """peftlab computes them from the confusion matrix, without importing scikit-learn; they must
+    be scikit-learn's, also where a class is never predicted or the prediction is constant."""
+    import numpy as np
+    from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef
+
+    from peftlab.metrics import classification_metrics
+
+    rng = np.random.default_rng(classes)
+    labels = rng.integers(0, classes, 200)
+    average = "binary" if (num_classes or classes) <= 2 else "macro"
+    for predictions in (np.where(rng.random(200) < 0.7, labels, rng.integers(0, classes, 200)),
+                        np.minimum(labels, classes - 2),  # the last class never predicted
+                        np.zeros(200, dtype=np.int64)):  # constant: no correlation, F1 of class 1 zero
+        ours = classification_metrics(labels, predictions, num_classes)
+        assert ours["accuracy"] == pytest.approx(accuracy_score(labels, predictions), abs=1e-12)
+        assert ours["f1"] == pytest.approx(f1_score(labels, predictions, average=average, zero_division=0),
+                                           abs=1e-12)
+        assert ours["matthews"] == pytest.approx(matthews_corrcoef(labels, predictions), abs=1e-12)
+
+
 def test_ranks_tie_where_intervals_overlap():
     from peftlab.metrics import ranks_with_ties
 
