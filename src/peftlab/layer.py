@@ -8,7 +8,8 @@ at one layer and is one of four kinds, applied in this fixed order::
     y = post_k(... post_1(y))             "post" pieces (bottleneck, Compacter), in
                                            activation order, each seeing the previous one's output
     y = fusion(y, [z_1 … z_N])            "fusion" pieces: z_n is y with member piece n applied
-                                           (see :mod:`peftlab.methods.fusion`)
+                                           (see :mod:`peftlab.methods.fusion`; over bottleneck
+                                           members the z_n are never formed)
 
 Scale and delta pieces change the linear map itself, so they can be merged into the weight;
 post and fusion pieces cannot.
@@ -95,7 +96,8 @@ class BaseLayer:
 class Piece(nn.Module):
     """One adapter's part at one wrapped layer. Subclasses set ``kind`` and implement the hook
     of that kind: ``scales`` (scale), ``add_delta`` (delta), ``forward(y)`` (post) or
-    ``forward(h, z)`` (fusion, with ``members`` naming the adapters it fuses)."""
+    ``forward(h, z)`` and ``over_bottlenecks(h, members)`` (fusion, with ``members`` naming the
+    adapters it fuses)."""
 
     kind: ClassVar[PieceKind] = "post"
     #: Whether what the piece computes depends on the base weight it adapts (DoRA's norms), so
