@@ -24,7 +24,8 @@ start, imports, reading the data, loading the model, tokenising, setting up Trai
 steps, evaluation, saving) by wrapping the functions ``run_training`` calls; the time spent
 importing modules is counted apart, inside whichever phase triggered it. peftlab's own head for
 this model is mean pooling (the folder declares it); ``--pooling cls`` gives it the usual script's
-[CLS] + pooler head, to tell the head's effect on accuracy from the rest.
+[CLS] + pooler head, to tell the head's effect on accuracy from the rest; ``--peftlab-args``
+passes further ``peftlab train`` options (e.g. ``--group-by-length``).
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ import json
 import math
 import os
 import random
+import shlex
 import statistics
 import subprocess
 import sys
@@ -115,7 +117,7 @@ def peftlab_args(a: argparse.Namespace, out: Path) -> list[str]:
     args = ["train", "--model", a.model, "--data", str(a.data), "--method", "lora", "--out", str(out),
             "--max-train-samples", str(a.train_samples), "--max-length", str(a.max_length),
             "--epochs", str(a.epochs), "--batch-size", str(a.batch_size), "--lr", str(a.lr),
-            "--seed", str(a.seed), "--pooling", a.pooling]
+            "--seed", str(a.seed), "--pooling", a.pooling, *shlex.split(a.peftlab_args)]
     if a.eval_samples is not None:
         args += ["--max-eval-samples", str(a.eval_samples)]
     return args
@@ -253,7 +255,8 @@ def run_child(job: str, a: argparse.Namespace, out: Path) -> tuple[float, dict[s
 def child_flags(a: argparse.Namespace) -> list[str]:
     flags = ["--model", a.model, "--data", str(a.data), "--train-samples", str(a.train_samples),
              "--max-length", str(a.max_length), "--epochs", str(a.epochs), "--batch-size",
-             str(a.batch_size), "--lr", str(a.lr), "--pooling", a.pooling, "--seeds", str(a.seed)]
+             str(a.batch_size), "--lr", str(a.lr), "--pooling", a.pooling, "--seeds", str(a.seed),
+             f"--peftlab-args={a.peftlab_args}"]
     return flags + (["--eval-samples", str(a.eval_samples)] if a.eval_samples is not None else [])
 
 
@@ -318,6 +321,7 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--lr", type=float, default=5e-4)
     ap.add_argument("--pooling", default="auto", help="peftlab's head: auto (mean here), cls, mean")
+    ap.add_argument("--peftlab-args", default="", help="more peftlab train options ('--group-by-length')")
     ap.add_argument("--no-warmup", action="store_true", help="skip the untimed warm-up runs")
     ap.add_argument("--breakdown", action="store_true", help="instead: time peftlab's phases (one run)")
     ap.add_argument("--json", type=Path, default=None, help="write all figures here")
