@@ -134,10 +134,12 @@ class Phases:
         self.imports: dict[str, float] = {}
         self.stack: list[str] = ["other"]
         self.depth = 0
+        self.names: set[str] = set()
 
     def wrap(self, owner: Any, attr: str, phase: str) -> None:
         inner = getattr(owner, attr)
         phases = self
+        self.names.add(phase)
 
         def timed(*args: Any, **kwargs: Any) -> Any:
             phases.stack.append(phase)
@@ -214,6 +216,7 @@ def timed_peftlab(a: argparse.Namespace, out: Path) -> dict[str, Any]:
             (peftlab.train, "write_loss_plot", "write predictions, log, plot, metrics"),
             (peftlab.train, "write_atomic", "write predictions, log, plot, metrics")):
         phases.wrap(owner, attr, phase)
+    wrapped = set(phases.names)
     sys.argv = ["peftlab", *peftlab_args(a, out)]
     try:
         peftlab.cli.main()
@@ -223,8 +226,10 @@ def timed_peftlab(a: argparse.Namespace, out: Path) -> dict[str, Any]:
     total, cpu = time.perf_counter() - started, time.process_time() - cpu_started
     phases.seconds["other"] = total - sum(v for k, v in phases.seconds.items() if k != "other")
     phases.cpu["other"] = cpu - sum(v for k, v in phases.cpu.items() if k != "other")
+    # A phase never entered: the train path no longer calls that function (its time is in "other").
+    unseen = sorted(wrapped - set(phases.seconds))
     return {"child_seconds": total, "child_cpu": cpu, "phases": phases.seconds, "cpu": phases.cpu,
-            "imports": phases.imports}
+            "imports": phases.imports, "unseen": unseen}
 
 
 # ---- the driver -------------------------------------------------------------------------------
@@ -306,6 +311,8 @@ def breakdown(a: argparse.Namespace, work: Path) -> dict[str, Any]:
         print(f"{name:<54}{s:8.2f}{child['cpu'].get(name, math.nan):8.2f}"
               f"{child['imports'].get(name, 0.0):18.2f}")
     print(f"{'all imports':<54}{sum(child['imports'].values()):8.2f}")
+    if child["unseen"]:
+        print(f"never entered (their time, if any, is in 'other'): {', '.join(child['unseen'])}")
     return {"wall_seconds": wall, "phases": phases, "cpu": child["cpu"], "imports": child["imports"]}
 
 
