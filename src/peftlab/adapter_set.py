@@ -31,7 +31,7 @@ from peftlab.layer import AdaptedLayer, BaseLayer, Piece, routing
 from peftlab.methods import REGISTRY, method_for
 from peftlab.names import check_name
 from peftlab.roles import RoleMap, role_map_for
-from peftlab.sequence import SequenceHooks, input_embeddings, sequence_routing
+from peftlab.sequence import SequenceHooks, current_routes, input_embeddings, sequence_routing
 from peftlab.sites import Site, find_sites, partial_roles
 
 _ATTR = "_peftlab_adapters"
@@ -405,6 +405,12 @@ class AdapterSet:
         with routing({id(layer): layer.plan_route(routes, layer.weight.device)
                       for _, layer in self.layers()}), sequence_routing(self, routes):
             yield
+
+    def current_route(self) -> list[tuple[str, ...]] | None:
+        """Inside :meth:`route` on this thread, the adapters of each example (a tuple each, ``()``
+        for the base model); else ``None``. Modules outside the adapters read it to follow the
+        route (``peftlab serve`` gives each example its adapter's head this way)."""
+        return current_routes(self)
 
     # ---- merging ----------------------------------------------------------------------------
     def merge(self, name: str) -> None:

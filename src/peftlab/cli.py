@@ -1136,6 +1136,38 @@ def recommend(
         console.print(f"recommended: [bold]{best.method}[/]" if best.fit else
                       f"[yellow]no method meets every constraint[/]; closest: {best.method}")
 
+# ---- serve ----------------------------------------------------------------------------------------
+@app.command()
+def serve(
+    adapter: Annotated[list[str], typer.Option(
+        help="NAME=PATH: a run or adapter directory to serve as NAME; repeatable (a fusion after its "
+             "members). Every adapter is for one task, on one base model.")],
+    model: Annotated[str | None, typer.Option(help="Base model (default: the first adapter's run's).")
+                     ] = None,
+    task: Annotated[str, typer.Option(
+        help="auto (the first adapter's run's), classification, regression or causal-lm.")] = "auto",
+    host: Annotated[str, typer.Option(help="Address to listen on (loopback by default).")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to listen on.")] = 8000,
+    max_batch: Annotated[int, typer.Option(help="Examples per forward; also the most inputs a request takes.")
+                         ] = 32,
+    max_wait_ms: Annotated[float, typer.Option(
+        help="How long a request waits for others to share its forward.")] = 5.0,
+    max_length: Annotated[int | None, typer.Option(
+        help="Tokens per input; longer ones are refused (default: the first adapter's run's).")] = None,
+    max_new_tokens: Annotated[int, typer.Option(help="causal-lm: the most tokens a request may ask for.")
+                              ] = 32,
+) -> None:
+    """Serve adapters of any kind on one base model over HTTP: POST /v1/predict with {"adapter":
+    NAME, "inputs": [...]}; requests for different adapters share one forward."""
+    with _errors():
+        from peftlab.serve import ServeOptions, parse_adapter_args
+        from peftlab.serve import serve as run_server
+
+        options = ServeOptions(parse_adapter_args(adapter), model, task, host, port, max_batch, max_wait_ms,
+                               max_length, max_new_tokens)
+        run_server(options, ready=_console().print)
+
+
 def main() -> None:
     """Console-script entry point."""
     app()

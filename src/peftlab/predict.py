@@ -6,7 +6,9 @@ were written), ``{"value": v}`` for regression, ``{"generated": text}`` for caus
 decoding of up to ``max_new_tokens`` new tokens after the text) and ``{"tokens": [...], "tags":
 [...], "scores": [...]}`` for token classification (a tag per word).
 
-Examples are batched by length (less padding) and the results put back in input order.
+Examples are batched by length (less padding) and the results put back in input order. With
+:class:`RowRouting`, rows of one call run different adapters in the same forward (per-example
+routing, :meth:`peftlab.AdapterSet.route`): ``peftlab serve`` batches its requests this way.
 """
 
 from __future__ import annotations
@@ -19,6 +21,10 @@ from typing import Any
 from torch import nn
 
 from peftlab.data import Split
+from peftlab.errors import UsageError
+from peftlab.tasks import RowRouting
+
+__all__ = ["RowRouting", "jsonl_bytes", "predict_split"]
 
 
 def jsonl_bytes(rows: Sequence[dict[str, Any]]) -> bytes:
@@ -35,10 +41,19 @@ def jsonl_bytes(rows: Sequence[dict[str, Any]]) -> bytes:
 
 def predict_split(model: nn.Module, tokenizer: Any, task: str, split: Split, labels: Sequence[str] | None,
                   batch_size: int = 32, max_length: int = 128, max_new_tokens: int = 32,
-                  advance: Callable[[int], None] | None = None) -> list[dict[str, Any]]:
+                  advance: Callable[[int], None] | None = None,
+                  routing: RowRouting | None = None) -> list[dict[str, Any]]:
     """Predictions for every row of ``split`` by ``task``'s rule (:mod:`peftlab.tasks`);
-    ``advance(n)`` is called after each batch of ``n``."""
+    ``advance(n)`` is called after each batch of ``n``. ``routing``: each row's adapter, rows for
+    different adapters sharing forwards (``peftlab serve``)."""
     from peftlab.tasks import PredictOptions, task_for
 
-    options = PredictOptions(batch_size=batch_size, max_length=max_length, max_new_tokens=max_new_tokens)
-    return task_for(task).predict(model, tokenizer, split, labels, options, advance)
+    rule = task_for(task)
+    if routing is not None and not rule.routes:
+        raise UsageError(f"{task} predictions cannot run each row with its own adapter; predict "
+                         "each adapter's rows separately")
+    if routing is not None and len(routing.adapters) != len(split.rows):
+        raise UsageError(f"routing names {len(routing.adapters)} adapters for {len(split.rows)} rows")
+    options = PredictOptions(batch_size=batch_size, max_length=max_length, max_new_tokens=max_new_tokens,
+                             routing=routing)
+    return rule.predict(model, tokenizer, split, labels, options, advance)

@@ -143,6 +143,11 @@ def sequence_routing(adapters: AdapterSet, routes: Sequence[tuple[str, ...]]) ->
         _ROUTES.plans = previous
 
 
+def current_routes(adapters: AdapterSet) -> list[tuple[str, ...]] | None:
+    """This thread's routes of ``adapters.model`` (inside :func:`sequence_routing`), else ``None``."""
+    return getattr(_ROUTES, "plans", {}).get(id(adapters))
+
+
 class Group:
     """Examples ``index`` (``None``: the whole batch) that run ``piece`` (``None``: no adapter)."""
 

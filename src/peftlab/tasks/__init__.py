@@ -31,9 +31,10 @@ with :func:`register`.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -61,12 +62,46 @@ class ModelSpec:
 
 
 @dataclasses.dataclass(frozen=True)
+class RowRouting:
+    """Per-row adapters for one prediction call: row ``i`` runs adapter ``adapters[i]`` (``None``:
+    the base model) and its classes are named ``labels[adapters[i]]`` (default: the call's
+    ``labels``). Rows for different adapters share forwards (per-example routing,
+    :meth:`peftlab.AdapterSet.route`): ``peftlab serve`` batches its requests this way."""
+
+    adapters: Sequence[str | None]
+    labels: Mapping[str | None, Sequence[str] | None] = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass(frozen=True)
 class PredictOptions:
-    """How ``peftlab predict`` runs: examples a batch, input tokens kept, tokens generated."""
+    """How ``peftlab predict`` runs: examples a batch, input tokens kept, tokens generated, and
+    ``routing``: each row's adapter (honoured by tasks with :attr:`Task.routes`)."""
 
     batch_size: int = 32
     max_length: int = 128
     max_new_tokens: int = 32
+    routing: RowRouting | None = None
+
+    @contextlib.contextmanager
+    def routed(self, model: nn.Module, index: Sequence[int]) -> Iterator[None]:
+        """Run the forward of rows ``index`` with each row's adapter (as it is without routing)."""
+        if self.routing is None:
+            yield
+            return
+        from peftlab.adapter_set import attached
+        from peftlab.errors import AdapterStateError
+
+        adapters = attached(model)
+        if adapters is None:
+            raise AdapterStateError("per-row adapters need a model with adapters: peftlab.attach(model)")
+        with adapters.route([self.routing.adapters[i] for i in index]):
+            yield
+
+    def labels_of(self, row: int, labels: Sequence[str] | None) -> Sequence[str] | None:
+        """The class names of row ``row``: its adapter's under routing, else ``labels``."""
+        if self.routing is None:
+            return labels
+        return self.routing.labels.get(self.routing.adapters[row], labels)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -95,6 +130,8 @@ class Task:
     named_metrics: Callable[[np.ndarray, np.ndarray, Sequence[str]], dict[str, float]] | None = None
     #: The rendering options of a DataSource that ``load`` reads (``chat_template``, ``loss_on``).
     data_options: tuple[str, ...] = ()
+    #: Whether ``predict`` runs each row with its own adapter under ``PredictOptions.routing``.
+    routes: bool = False
 
     def score(self, outputs: np.ndarray, labels: np.ndarray, num_labels: int,
               names: Sequence[str] | None = None) -> dict[str, float]:
@@ -161,5 +198,5 @@ def task_for(name: str) -> Task:
     return REGISTRY[name]
 
 
-__all__ = ["BUILT_IN", "ModelSpec", "PredictOptions", "Task", "names", "register", "task_for",
+__all__ = ["BUILT_IN", "ModelSpec", "PredictOptions", "RowRouting", "Task", "names", "register", "task_for",
            "unregister"]

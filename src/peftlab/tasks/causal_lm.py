@@ -129,9 +129,10 @@ def continue_ids(model: nn.Module, tokenizer: Any, prompts: list[list[int]], opt
             if n:
                 ids[row, longest - n:] = torch.tensor(prompts[i])
                 mask[row, longest - n:] = 1
-        generated = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
-                                   max_new_tokens=options.max_new_tokens, do_sample=False,
-                                   pad_token_id=tokenizer.pad_token_id, eos_token_id=stop or None)
+        with options.routed(model, index):  # greedy: every step keeps the batch's rows in order
+            generated = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
+                                       max_new_tokens=options.max_new_tokens, do_sample=False,
+                                       pad_token_id=tokenizer.pad_token_id, eos_token_id=stop or None)
         for i, text in zip(index, tokenizer.batch_decode(generated[:, longest:], skip_special_tokens=True)):
             out[i] = text
         if advance is not None:
@@ -144,5 +145,5 @@ TASKS = (
          primary="perplexity", greater_is_better=False, model=_model, heads=lambda model: (),
          tokenize=tokenize, collator=collator, predict=generate, labelled="text", load=instruct.load,
          data_options=("chat_template", "loss_on"),
-         architectures=("ForCausalLM", "LMHeadModel")),
+         architectures=("ForCausalLM", "LMHeadModel"), routes=True),
 )

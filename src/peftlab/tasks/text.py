@@ -95,7 +95,8 @@ def _outputs(model: nn.Module, tokenizer: Any, split: Split, options: PredictOpt
     for start in range(0, len(order), options.batch_size):
         index = order[start:start + options.batch_size]
         batch = collate([{k: v for k, v in encoded[i].items() if k != "labels"} for i in index])
-        parts.append(model(**{k: v.to(device) for k, v in batch.items()}).logits.float().cpu())
+        with options.routed(model, index):
+            parts.append(model(**{k: v.to(device) for k, v in batch.items()}).logits.float().cpu())
         if advance is not None:
             advance(len(index))
     return order, torch.cat(parts) if parts else torch.zeros(0, 1)
@@ -108,9 +109,10 @@ def predict_classes(model: nn.Module, tokenizer: Any, split: Split, labels: Sequ
     model.eval()
     order, logits = _outputs(model, tokenizer, split, options, advance)
     probs = logits.softmax(-1)
-    classes = [_name(n) for n in labels] if labels is not None else list(range(probs.shape[1]))
     out: list[dict[str, Any]] = [{} for _ in order]
     for i, p in zip(order, probs.tolist()):
+        names = options.labels_of(i, labels)  # the row's adapter's names, under routing
+        classes = [_name(n) for n in names] if names is not None else list(range(len(p)))
         best = max(range(len(p)), key=p.__getitem__)
         out[i] = {"label": classes[best], "scores": {str(c): s for c, s in zip(classes, p)}}
     return out
@@ -142,11 +144,11 @@ TASKS = (
          model=lambda spec: _model(spec, regression=False), heads=heads,
          tokenize=tokenize_texts, collator=collator, predict=predict_classes,
          metrics=_classes, predicted=lambda logits: np.asarray(logits).argmax(-1),
-         architectures=("ForSequenceClassification",)),
+         architectures=("ForSequenceClassification",), routes=True),
     Task(name="regression", about="a text or text pair -> one number",
          primary="pearson", greater_is_better=True,
          model=lambda spec: _model(spec, regression=True), heads=heads,
          tokenize=tokenize_texts, collator=collator, predict=predict_values,
          metrics=_values, predicted=lambda logits: np.asarray(logits).reshape(-1), labelled="value",
-         architectures=("ForSequenceClassification",)),
+         architectures=("ForSequenceClassification",), routes=True),
 )
