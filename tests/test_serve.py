@@ -6,7 +6,13 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import os
 import random
+import re
+import shlex
+import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -415,3 +421,87 @@ def test_serve_command_refuses_bad_input_with_exit_2(saved, tmp_path):
     result = runner.invoke(app, ["serve", "--adapter", str(saved["root"] / "lora"), "--model",
                                  str(saved["model"]), "--port", "0"])
     assert result.exit_code == 2 and "pass --task" in result.output  # no run.json says the task
+
+
+# ---- the README's example -----------------------------------------------------------------------
+README = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+
+
+def _curl(line: str, url: str) -> httpx.Response:
+    """A README ``curl -s [-X METHOD] [-H header] [-d body] localhost:8000/path`` line, sent with httpx."""
+    argv = shlex.split(line)
+    method, headers, body, target = "GET", {}, None, None
+    i = 1
+    while i < len(argv):
+        if argv[i] in ("-X", "-H", "-d"):
+            value = argv[i + 1]
+            if argv[i] == "-X":
+                method = value
+            elif argv[i] == "-H":
+                key, _, header = value.partition(":")
+                headers[key.strip()] = header.strip()
+            else:
+                body, method = value, "POST" if method == "GET" else method
+            i += 2
+        elif argv[i] == "-s":
+            i += 1
+        else:
+            target = argv[i]
+            i += 1
+    path = target.split("localhost:8000", 1)[1]
+    return httpx.request(method, url + path, headers=headers, content=body, timeout=60)
+
+
+def test_readme_serve_example_runs(tmp_path, monkeypatch):
+    from test_cli import _sentiment
+
+    section = README.split("### Serving many adapters", 1)[1]
+    lines = re.search(r"```bash\n(.*?)```", section, flags=re.S).group(1).strip().splitlines()
+    model, data = _save_bert(tmp_path / "model"), _sentiment(tmp_path / "data")
+    monkeypatch.chdir(tmp_path)
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}"
+    server = None
+    try:
+        for line in lines:
+            line = line.replace("$MODEL", str(model)).replace("$DATA", str(data))
+            if line.startswith("peftlab serve"):
+                assert line.endswith(" &")
+                server = _start_serve(shlex.split(line[:-2].replace("--port 8000", f"--port {port}")), url)
+            elif line.startswith("peftlab "):
+                result = CliRunner().invoke(app, shlex.split(line)[1:])
+                assert result.exit_code == 0, f"{line}\n{result.output}"
+            else:
+                response = _curl(line, url)
+                assert response.status_code in (200, 201), f"{line}\n{response.text}"
+                if "/v1/predict" in line:
+                    outputs = response.json()["outputs"]
+                    assert len(outputs) == line.count('"the ') and all(o["label"] in (0, 1) for o in outputs)
+    finally:
+        if server is not None:
+            server.terminate()
+            server.wait(30)
+    assert server is not None and server.returncode in (0, -15)  # stopped by SIGTERM, cleanly or not
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _start_serve(argv: list[str], url: str) -> subprocess.Popen:
+    """``peftlab serve ...`` as its own process (this checkout's peftlab), once it answers /health."""
+    env = {**os.environ, "PYTHONPATH": str(Path(peftlab.__file__).resolve().parents[1])}
+    process = subprocess.Popen([sys.executable, "-m", "peftlab.cli", *argv[1:]], env=env,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise AssertionError(f"peftlab serve exited: {process.stdout.read().decode()}")
+        with contextlib.suppress(httpx.HTTPError):
+            if httpx.get(url + "/health", timeout=1).status_code == 200:
+                return process
+        time.sleep(0.1)
+    process.kill()
+    raise AssertionError("peftlab serve did not answer /health within 120 s")

@@ -838,6 +838,8 @@ def _fields(body: Any, types: dict[str, Any]) -> dict[str, Any]:
 def check_port_free(host: str, port: int) -> None:
     """Refuse a port another process listens on, before the model is loaded."""
     with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+        # as uvicorn binds: connections of a killed server left in TIME_WAIT do not block a restart
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind((host, port))
         except OSError as e:
