@@ -14,11 +14,14 @@ on loopback ports. 32 concurrent clients (httpx) send requests of one text each:
   throughput (requests / Σ requests_k / throughput_k).
 
 Phases are interleaved in rounds (order rotated each round); throughput is requests per second of
-wall time, latency the client's, batch size the server's (``/metrics``). Every answer is checked
-against offline ``peftlab predict`` of its adapter alone (label equal, |Δ score| ≤ 1e-5): "wrong"
-must be 0. Then the **kill** run: mixed requests while the server is SIGKILLed after a third of
-them and restarted at once; the client counts connection errors (expected) and wrong answers
-(must be 0), and reports the seconds from the kill to the first answer of the new process.
+wall time, latency the client's, batch size the server's (``/metrics``). Each phase also reports
+the server process's CPU time per answered request (``/proc``), which a busy machine inflates far
+less than wall time: on a shared machine, read the CPU ratios, and leave throughput to a quiet run.
+Every answer is checked against offline ``peftlab predict`` of its adapter alone (label equal,
+|Δ score| ≤ 1e-5): "wrong" must be 0. Then the **kill** run: mixed requests while the server is
+SIGKILLed after a third of them and restarted at once; the client counts connection errors
+(expected; a request retries every 0.1 s while the port is dead) and wrong answers (must be 0),
+and reports the seconds from the kill to the first answer of the new process.
 
 Bounded: ``--requests`` per phase in all (split over ``--rounds``), ``--max-minutes`` for the whole
 run (phases left then are reported as not run).
@@ -183,6 +186,13 @@ class ServerProcess:
             except subprocess.TimeoutExpired:
                 self.kill()
 
+    def cpu_seconds(self) -> float:
+        """CPU time the server process has used (user + system), from /proc: a measure of its
+        work that a busy machine does not inflate the way it inflates wall time."""
+        assert self.process is not None
+        fields = Path(f"/proc/{self.process.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
     def batches(self) -> tuple[float, float]:
         """(examples, forwards) the server has run so far, from /metrics."""
         text = httpx.get(self.url + "/metrics", timeout=10).text
@@ -267,11 +277,14 @@ async def _load(url: str, asked: list[tuple[str, str]], reference: dict, clients
 
 def run_phase(server: ServerProcess, asked: list[tuple[str, str]], reference: dict, clients: int) -> dict:
     examples0, forwards0 = server.batches()
+    cpu0 = server.cpu_seconds()
     tally = Tally()
     seconds = asyncio.run(_load(server.url, asked, reference, clients, tally))
+    cpu1 = server.cpu_seconds()
     examples1, forwards1 = server.batches()
     out = tally.as_dict(seconds)
     out["mean_batch_size"] = round((examples1 - examples0) / max(1.0, forwards1 - forwards0), 2)
+    out["server_cpu_ms_per_request"] = round(1000 * (cpu1 - cpu0) / max(1, tally.ok), 3)
     return out
 
 
@@ -324,6 +337,8 @@ def summarize(phases: dict[str, list[dict]], names: list[str]) -> dict[str, Any]
                 "p50_ms": statistics.median([r["p50_ms"] for r in rows if r["p50_ms"] is not None] or [0]),
                 "p99_ms": max([r["p99_ms"] for r in rows if r["p99_ms"] is not None] or [0]),
                 "mean_batch_size": round(statistics.fmean(r["mean_batch_size"] for r in rows), 2),
+                "server_cpu_ms_per_request": round(statistics.fmean(r["server_cpu_ms_per_request"]
+                                                                    for r in rows), 3),
                 "wrong": sum(r["wrong"] for r in rows),
                 "errors": sum(r["refused_4xx_5xx"] + r["connection_errors"] for r in rows)}
 
@@ -338,6 +353,12 @@ def summarize(phases: dict[str, list[dict]], names: list[str]) -> dict[str, Any]
                          if "(a) one at a time" in out else None,
                          "mixed / (b) same mix": round(mixed / same_mix, 3),
                          **{f"mixed / (b) {k}": round(mixed / v, 3) for k, v in singles.items()}}
+        cpu = {name: row["server_cpu_ms_per_request"] for name, row in out.items()
+               if "server_cpu_ms_per_request" in row}
+        same_mix_cpu = sum(share[k] * cpu[f"single {k}"] for k in singles)
+        out["server_cpu_ratios"] = {"(a) / mixed": round(cpu["(a) one at a time"] / cpu["mixed"], 2)
+                                    if "(a) one at a time" in cpu else None,
+                                    "(b) same mix / mixed": round(same_mix_cpu / cpu["mixed"], 3)}
         out["targets"] = {"mixed >= 3x (a)": (out["ratios"]["mixed / (a)"] or 0) >= 3,
                           "mixed >= 0.8x (b) same mix": out["ratios"]["mixed / (b) same mix"] >= 0.8}
     return out

@@ -195,6 +195,30 @@ def test_causal_lm_generation_with_mixed_adapters_equals_each_alone(tmp_path):
     assert len({o[0]["generated"] for o in outputs}) > 3  # the adapters change what is generated
 
 
+def test_regression_values_of_mixed_adapters_equal_each_alone(tmp_path):
+    folder = _save_bert(tmp_path / "bert", dropout=0.0)
+    model, tokenizer, _ = load_model(str(folder), "regression", 1, "cls")
+    adapters = peftlab.attach(model)
+    for i, name in enumerate(("lora", "compacter")):
+        adapters.add(name, KINDS[name]())
+        randomize([*adapters.parameters(name), *_heads(model)], 0.5, seed=30 + i)
+        adapters.save(name, tmp_path / name, extras=task_head(model, "regression"))
+    served, served_tokenizer, _ = load_model(str(folder), "regression", 1, "cls")
+    pool = Pool(served, served_tokenizer, "regression", max_length=24)
+    for name in ("lora", "compacter"):
+        pool.load(tmp_path / name)
+    asked = [(name, text) for text in TEXTS for name in ("lora", "compacter")]
+    outputs = pool.run([pool.job({"adapter": a, "inputs": [t]}) for a, t in asked])
+    rows = [{"text": t, "text_pair": None} for t in TEXTS]
+    for name in ("lora", "compacter"):
+        fresh, fresh_tokenizer, _ = load_model(str(folder), "regression", 1, "cls")
+        _Trained(tmp_path / name).attach_to(fresh)
+        alone = predict_split(fresh, fresh_tokenizer, "regression", Split("x", Path("x"), rows), None)
+        got = [out[0]["value"] for (a, _), out in zip(asked, outputs) if a == name]
+        assert got == pytest.approx([r["value"] for r in alone], abs=1e-5)
+    assert outputs[0][0]["value"] != pytest.approx(outputs[1][0]["value"], abs=1e-3)  # heads differ
+
+
 # ---- over HTTP ----------------------------------------------------------------------------------
 @contextlib.contextmanager
 def running(server: Server) -> Iterator[str]:

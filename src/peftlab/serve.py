@@ -28,6 +28,7 @@ import collections
 import contextlib
 import copy
 import dataclasses
+import json
 import socket
 import threading
 import time
@@ -725,7 +726,6 @@ def create_app(server: Server) -> FastAPI:
     api = _Api(server)
     app.add_exception_handler(RequestValidationError, api.invalid)
     app.add_exception_handler(PeftlabError, api.refused)
-    app.middleware("http")(api.limit_body)
     app.add_api_route("/v1/predict", api.predict, methods=["POST"])
     app.add_api_route("/v1/adapters", api.list_adapters, methods=["GET"])
     app.add_api_route("/v1/adapters", api.load_adapter, methods=["POST"], status_code=201)
@@ -743,7 +743,7 @@ class _Api:
         self.server = server
         self.pool = server.pool
 
-    async def predict(self, request: Request) -> dict[str, Any]:
+    async def predict(self, request: Request) -> JSONResponse:
         start = time.perf_counter()
         try:
             job = self.pool.job(await _json(request))
@@ -752,7 +752,8 @@ class _Api:
             self.server.metrics.request("predict", http_status(e), time.perf_counter() - start)
             raise
         self.server.metrics.request("predict", 200, time.perf_counter() - start, job.adapter, len(job.inputs))
-        return {"adapter": job.adapter, "task": self.pool.task, "outputs": outputs}
+        # A JSONResponse as is: FastAPI's encoder would walk every score of every output again.
+        return JSONResponse({"adapter": job.adapter, "task": self.pool.task, "outputs": outputs})
 
     async def list_adapters(self) -> dict[str, Any]:
         self.server.metrics.request("adapters", 200)
@@ -798,17 +799,20 @@ class _Api:
                          for p in problems[:5])
         return JSONResponse({"error": f"invalid request: {clip(text, 500)}"}, status_code=422)
 
-    async def limit_body(self, request: Request, call_next: Callable[[Request], Any]) -> Any:
-        size = request.headers.get("content-length")
-        if size is not None and size.isdigit() and int(size) > MAX_BODY:
-            return JSONResponse({"error": f"the request body is larger than {MAX_BODY} bytes"},
-                                status_code=413)
-        return await call_next(request)
-
 
 async def _json(request: Request) -> Any:
+    """The request body as JSON, refused past :data:`MAX_BODY` bytes before it is all read."""
+    too_large = ServeError(413, f"the request body is larger than {MAX_BODY} bytes")
+    size = request.headers.get("content-length", "")
+    if size.isdigit() and int(size) > MAX_BODY:
+        raise too_large
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > MAX_BODY:
+            raise too_large
     try:
-        return await request.json()
+        return json.loads(body)
     except ValueError:  # bad JSON or bad UTF-8
         raise ServeError(400, "the request body is not valid JSON") from None
 
