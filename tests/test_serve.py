@@ -32,8 +32,9 @@ from typer.testing import CliRunner
 import peftlab
 from peftlab.cli import _Trained, app
 from peftlab.data import Split
+from peftlab.errors import UsageError
 from peftlab.heads import set_label_names
-from peftlab.predict import predict_split
+from peftlab.predict import RowRouting, predict_split
 from peftlab.serve import Batcher, Job, Pool, ServeError, Server, create_app
 from peftlab.train import load_model, task_head
 
@@ -151,6 +152,16 @@ def test_a_cancelled_or_failing_job_does_not_touch_the_rest_of_its_batch(pool, o
     batcher.stop()
     with pytest.raises(ServeError, match="shutting down"):
         batcher.submit(Job("lora", [(TEXTS[0], None)]))
+
+
+def test_per_row_adapters_are_refused_where_a_task_cannot_route_them(pool):
+    rows = Split("x", Path("x"), [{"text": "a", "text_pair": None}])
+    with pytest.raises(UsageError, match="cannot run each row with its own adapter"):
+        predict_split(pool.model, pool.tokenizer, "token-classification", rows, None,
+                      routing=RowRouting(["lora"]))
+    with pytest.raises(UsageError, match="routing names 2 adapters for 1 rows"):
+        predict_split(pool.model, pool.tokenizer, "classification", rows, None,
+                      routing=RowRouting(["lora", "ia3"]))
 
 
 def test_adapters_on_routed_experts_are_batched_only_with_themselves(saved):
