@@ -206,6 +206,40 @@ def test_causal_lm_generation_with_mixed_adapters_equals_each_alone(tmp_path):
     assert len({o[0]["generated"] for o in outputs}) > 3  # the adapters change what is generated
 
 
+def test_an_adapter_on_routed_experts_is_batched_apart_and_generates_as_alone(tmp_path):
+    tokenizer = _tokenizer()
+    torch.manual_seed(0)
+    T.MixtralForCausalLM(T.MixtralConfig(
+        vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, intermediate_size=24, num_local_experts=4, num_experts_per_tok=2,
+        max_position_embeddings=64)).save_pretrained(tmp_path / "moe")
+    tokenizer.save_pretrained(tmp_path / "moe")
+    model, tok, _ = load_model(str(tmp_path / "moe"), "causal-lm", 0)
+    adapters = peftlab.attach(model)
+    kinds = {"experts": peftlab.LoRAConfig(r=2, targets=("ffn_up", "ffn_down")),
+             "attention": peftlab.LoRAConfig(r=2)}
+    for i, (name, config) in enumerate(kinds.items()):
+        adapters.add(name, config)
+        randomize(adapters.parameters(name), 1.0, seed=40 + i)
+        adapters.save(name, tmp_path / name)
+    served, served_tokenizer, _ = load_model(str(tmp_path / "moe"), "causal-lm", 0)
+    pool = Pool(served, served_tokenizer, "causal-lm", max_length=32, max_new_tokens=3)
+    for name in kinds:
+        pool.load(tmp_path / name)
+    assert pool.served["experts"].solo and not pool.served["attention"].solo
+    batcher = Batcher(pool.run, pool.key, max_batch=16, max_wait=0.2)
+    batcher.start()
+    asked = [(name, text) for text in TEXTS[:3] for name in ("experts", "attention", None)]
+    futures = [batcher.submit(pool.job({"adapter": a, "inputs": [t]})) for a, t in asked]
+    answers = [f.result(timeout=60)[0] for f in futures]
+    batcher.stop()
+    rows = [{"text": t, "text_pair": None} for t in TEXTS[:3]]
+    for name in ("experts", "attention", None):
+        adapters.activate(*(() if name is None else (name,)))
+        alone = predict_split(model, tok, "causal-lm", Split("x", Path("x"), rows), None, max_new_tokens=3)
+        assert [a for (n, _), a in zip(asked, answers) if n == name] == alone
+
+
 def test_regression_values_of_mixed_adapters_equal_each_alone(tmp_path):
     folder = _save_bert(tmp_path / "bert", dropout=0.0)
     model, tokenizer, _ = load_model(str(folder), "regression", 1, "cls")
