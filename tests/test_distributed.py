@@ -30,7 +30,7 @@ from peftlab.distributed import check_launch
 from peftlab.errors import AdapterStateError, UsageError
 
 README = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-SECTION = README.split("### Several processes and machines", 1)[1].split("\n## ", 1)[0]
+SECTION = re.split(r"\n##+ ", README.split("### Several processes and machines", 1)[1], maxsplit=1)[0]
 FSDP_ON_CPU = Path(__file__).with_name("accelerate_fsdp_on_cpu.py")
 ADAPTER = Path("adapter") / "adapter_model.safetensors"
 ARGS = ["--method", "lora", "--batch-size", "8"]  # the README's, on 32 examples: 12 steps
