@@ -78,7 +78,7 @@ def train(
     task: Annotated[str, typer.Option(
         help="auto (int labels: classification, float: regression), classification, regression, "
              "causal-lm (rows of text, prompt/completion, or chat messages), "
-             "token-classification.")] = "auto",
+             "token-classification, seq2seq.")] = "auto",
     epochs: Annotated[float, typer.Option(help="Passes over the training data.")] = 3.0,
     lr: Annotated[str | None, typer.Option(
         help="Learning rate (default: the method's, see docs), or 'auto': chosen by successive halving "
@@ -301,12 +301,14 @@ class _Trained:
             return task, self.run.get("num_labels") or None  # 0: a task without classes
         if self.full_model is not None:
             config = json.loads((self.full_model / "config.json").read_text())
+            known = _saved_task(config)
+            if known is not None and known.labelled not in ("class", "value"):
+                return known.name, None  # a language model's config may still hold an id2label
             if config.get("problem_type") == "regression":
                 return "regression", 1
             labels = config.get("id2label")
             if isinstance(labels, dict) and data_task != "causal-lm":
-                saved = _saved_task(config)
-                named = saved.name if saved is not None and saved.labelled == "class" else "classification"
+                named = known.name if known is not None and known.labelled == "class" else "classification"
                 return (data_task if data_task != "auto" else named), len(labels)
         return data_task, None
 
@@ -337,7 +339,7 @@ def eval_(
     split: Annotated[str, typer.Option(help="Split (file name without extension) to evaluate.")
                      ] = "validation",
     task: Annotated[str, typer.Option(
-        help="auto, classification, regression, causal-lm or token-classification.")] = "auto",
+        help="auto, classification, regression, causal-lm, token-classification or seq2seq.")] = "auto",
     max_length: Annotated[int | None, typer.Option(help="Default: the training run's.")] = None,
     batch_size: Annotated[int, typer.Option()] = 32,
     out: Annotated[Path | None, typer.Option(
@@ -360,7 +362,8 @@ def eval_(
 
         trained = _Trained(adapter)
         run_task, num_labels = trained.task_and_labels(task)
-        names = trained.labels()
+        # A language model's config may hold an id2label too: class names only for tasks with classes.
+        names = trained.labels() if run_task == "auto" or _has_classes(run_task) else None
         source = DataSource(data=data, config=data_config, text_column=text_column,
                             pair_column=pair_column, label_column=label_column,
                             chat_template=read_chat_template(chat_template) if chat_template else None)
@@ -375,7 +378,8 @@ def eval_(
                              f"than {length} tokens and were truncated")
         if dataset.left_out:
             _console().print(f"[yellow]warning:[/] {left_out_note(dataset.left_out, split)}")
-        metrics = evaluate(net, dataset, collator(tokenizer, task_data.task), task_data.task, batch_size)
+        metrics = evaluate(net, dataset, collator(tokenizer, task_data.task), task_data.task, batch_size,
+                           tokenizer=tokenizer, max_new_tokens=length)
         result = {"split": split, "data": str(data), "examples": len(dataset), "truncated": cut,
                   "adapter": str(adapter), "model": model_id, "metrics": metrics}
         target = out or (trained.run_dir / f"eval-{split}.json" if trained.run_dir else None)
@@ -400,11 +404,12 @@ def predict(
     text_column: Annotated[str | None, typer.Option(help="Text column (default: detected).")] = None,
     pair_column: Annotated[str | None, typer.Option(help="Second text of a pair.")] = None,
     task: Annotated[str, typer.Option(
-        help="auto (the trained model's), classification, regression, causal-lm or token-classification.")
-    ] = "auto",
+        help="auto (the trained model's), classification, regression, causal-lm, token-classification "
+             "or seq2seq.")] = "auto",
     max_length: Annotated[int | None, typer.Option(help="Input tokens (default: the training run's).")
                           ] = None,
-    max_new_tokens: Annotated[int, typer.Option(help="causal-lm: tokens to generate per text.")] = 32,
+    max_new_tokens: Annotated[int, typer.Option(
+        help="causal-lm and seq2seq: tokens to generate per text.")] = 32,
     batch_size: Annotated[int, typer.Option(help="Examples per forward pass.")] = 32,
     quiet: Annotated[bool, typer.Option(help="No progress bar.")] = False,
     chat_template: Annotated[str | None, typer.Option(
@@ -540,6 +545,8 @@ def merge(
         name = trained.attach_to(net)
         net.eval()
         probe = tokenizer(["peftlab checks that merging keeps the outputs"], return_tensors="pt")
+        if getattr(net.config, "is_encoder_decoder", False):  # the decoder reads the probe too
+            probe["decoder_input_ids"] = probe["input_ids"]
         with torch.no_grad():
             before = net(**probe).logits
             attach(net).merge(name)

@@ -298,8 +298,8 @@ def _csv_header(path: Path) -> list[str]:
 
 def _read_file(path: Path, label: str | None) -> tuple[datasets.Dataset, _Where]:
     """One data file as a memory-mapped Arrow dataset. ``label`` names the label column (default:
-    the first of :data:`LABEL_COLUMNS` present), the only CSV column whose type is inferred: the
-    others stay text ("007" is not 7, "NA" is not missing)."""
+    the first of :data:`LABEL_COLUMNS` present; ``""``: none, every column is text), the only CSV
+    column whose type is inferred: the others stay text ("007" is not 7, "NA" is not missing)."""
     import datasets
 
     builder = _BUILDERS.get(path.suffix)
@@ -311,7 +311,7 @@ def _read_file(path: Path, label: str | None) -> tuple[datasets.Dataset, _Where]
         header = _csv_header(path)
         if not header:
             raise DataError(f"{path} holds no examples; its first line must name the columns")
-        label = label or next((c for c in LABEL_COLUMNS if c in header), None)
+        label = next((c for c in LABEL_COLUMNS if c in header), None) if label is None else label
         # pandas would read a ragged row's extra field as an index: index_col=False makes it a
         # warning, caught below.
         kwargs = {"keep_default_na": False, "na_values": [""], "index_col": False,
@@ -861,11 +861,20 @@ def load_texts(source: str | Path | DataSource, splits: tuple[str, ...] = ("trai
     for s in splits:
         text, pair, where, ignored, _ = texts[s]
         rows = Rows(text, pair, ids[s])
-        keep = max_samples.get(s)
-        if keep is not None and len(rows) > keep:
-            rows = rows.take(sorted(random.Random(0).sample(range(len(rows)), keep)))
+        kept = sample_indices(len(rows), max_samples.get(s))
+        if kept is not None:
+            rows = rows.take(kept)
         loaded[s] = Split(s, Path(where.path), rows, tuple(ignored))
     return TaskData(task, num_labels, loaded, pairs[splits[0]], names, columns, note)
+
+
+def sample_indices(n: int, keep: int | None) -> list[int] | None:
+    """The rows that a ``max_samples`` limit of ``keep`` leaves of ``n``: a fixed random subset
+    (seed 0) in the original order, so that runs with different training seeds see the same data;
+    ``None`` when every row stays."""
+    if keep is None or n <= keep:
+        return None
+    return sorted(random.Random(0).sample(range(n), keep))
 
 
 def read_stdin(stream: io.TextIOBase, folder: Path) -> Path:

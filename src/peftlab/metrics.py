@@ -1,12 +1,14 @@
 """Task metrics computed locally: classification ones from the confusion matrix with numpy (equal
 to scikit-learn's, which is not imported: that alone took over a second of a short
-``peftlab train``), correlations with scipy, entity spans with seqeval.
+``peftlab train``), correlations with scipy, entity spans with seqeval, generated text with
+``rouge-score`` and ``sacrebleu`` (the ``seq2seq`` extra).
 
 The ``evaluate`` package is deliberately not used: it downloads metric code from the Hub at run
 time and fails offline. Metric names follow GLUE: accuracy, F1 (of class 1 for binary tasks,
 macro-averaged otherwise), Matthews correlation, Pearson and Spearman correlation. Tags (token
 classification) are judged by entity-level precision, recall and F1 through ``seqeval``, as
-CoNLL's conlleval does, plus the accuracy per word (:func:`tag_metrics`).
+CoNLL's conlleval does, plus the accuracy per word (:func:`tag_metrics`); generated text by
+ROUGE-1, ROUGE-2, ROUGE-L and BLEU (:func:`text_metrics`).
 """
 
 from __future__ import annotations
@@ -103,6 +105,68 @@ def tag_metrics(true: Sequence[Sequence[str]], predicted: Sequence[Sequence[str]
         "recall": float(recall_score(true, predicted, zero_division=0)),
         "f1": float(f1_score(true, predicted, zero_division=0)),
     }
+# Chinese characters and Japanese kana: scripts written without spaces between words.
+_CJK = "\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff"
+_ROUGE_TOKEN = re.compile(rf"[{_CJK}]|[^\W_{_CJK}]+")
+_HAN = re.compile("[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]")
+
+
+class RougeWords:
+    """The words ROUGE compares: rouge-score's own tokenizer (lower case, runs of letters and
+    digits, Porter stems of words over three letters), except that letters and digits of every
+    script count, and each Chinese character or kana is a word. rouge-score keeps ``a-z0-9``
+    only, so a reference in Russian or Chinese has no words at all and scores 0 whatever was
+    generated, and "café" loses its "é". On ASCII text the words are rouge-score's exactly."""
+
+    def __init__(self) -> None:
+        from nltk.stem import porter
+
+        self.stemmer = porter.PorterStemmer()
+
+    def tokenize(self, text: str) -> list[str]:
+        words = _ROUGE_TOKEN.findall(text.lower())
+        # English stemming is kept to ASCII words: its suffix rules mean nothing in other languages.
+        return [self.stemmer.stem(w) if len(w) > 3 and w.isascii() else w for w in words]
+
+
+def require_text_metrics() -> None:
+    """Raise :class:`UsageError` unless the packages of :func:`text_metrics` are installed (checked
+    before a run writes anything)."""
+    import importlib.util
+
+    missing = [package for module, package in (("rouge_score", "rouge-score"), ("sacrebleu", "sacrebleu"))
+               if importlib.util.find_spec(module) is None]
+    if missing:
+        from peftlab.errors import UsageError
+
+        raise UsageError(f"ROUGE and BLEU need {' and '.join(missing)}: pip install 'peftlab[seq2seq]'")
+
+
+def text_metrics(predictions: Sequence[str], references: Sequence[str]) -> dict[str, float]:
+    """ROUGE-1, ROUGE-2 and ROUGE-L F-measures (rouge-score, in [0, 1], averaged over examples,
+    words from :class:`RougeWords`) and corpus BLEU (sacreBLEU, on its 0-100 scale) of generated
+    texts against one reference each. BLEU tokenizes with sacreBLEU's default ``13a``, or with
+    its ``zh`` tokenizer when the references hold Chinese characters (13a would see each
+    unspaced Chinese sentence as one word), as sacreBLEU itself does for Chinese targets."""
+    require_text_metrics()
+    import sacrebleu
+    from rouge_score import rouge_scorer
+
+    if len(predictions) != len(references):
+        raise ValueError(f"{len(predictions)} predictions for {len(references)} references")
+    if not references:
+        return {"rouge1": math.nan, "rouge2": math.nan, "rougeL": math.nan, "bleu": math.nan}
+    kinds = ("rouge1", "rouge2", "rougeL")
+    scorer = rouge_scorer.RougeScorer(list(kinds), tokenizer=RougeWords())
+    totals = dict.fromkeys(kinds, 0.0)
+    for prediction, reference in zip(predictions, references):
+        for kind, value in scorer.score(reference, prediction).items():
+            totals[kind] += value.fmeasure
+    out = {kind: total / len(references) for kind, total in totals.items()}
+    han = any(_HAN.search(r) for r in references)
+    out["bleu"] = float(sacrebleu.corpus_bleu(list(predictions), [list(references)],
+                                              tokenize="zh" if han else "13a").score)
+    return out
 
 
 def perplexity(loss: float) -> float:

@@ -486,7 +486,10 @@ def _batch_of(kwargs: dict[str, Any]) -> tuple[int | None, torch.device]:
 
 
 def _seq_len(kwargs: dict[str, Any], decoder: bool = False) -> int:
-    keys = ("decoder_input_ids", "decoder_inputs_embeds") if decoder else ("input_ids", "inputs_embeds")
+    # An encoder-decoder given only ``labels`` makes its decoder inputs from them (shifted right:
+    # the same length), as in seq2seq training without decoder_input_ids.
+    keys = (("decoder_input_ids", "decoder_inputs_embeds", "labels") if decoder
+            else ("input_ids", "inputs_embeds"))
     for key in keys:
         t = kwargs.get(key)
         if isinstance(t, torch.Tensor):

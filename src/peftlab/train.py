@@ -362,14 +362,23 @@ def world() -> tuple[int, int]:
 
 
 # ---- the Trainer subclass ---------------------------------------------------------------------
-def _make_trainer_class(adapter_run: bool) -> type:
-    from transformers import Trainer
+def _make_trainer_class(adapter_run: bool, generates: bool = False) -> type:
+    from transformers import Seq2SeqTrainer, Trainer
 
     from peftlab.checkpoints import with_checkpoints
 
-    class PeftlabTrainer(with_checkpoints(Trainer) if adapter_run else Trainer):  # type: ignore[misc]
+    base = Seq2SeqTrainer if generates else Trainer
+
+    class PeftlabTrainer(with_checkpoints(base) if adapter_run else base):  # type: ignore[misc]
         """Trainer that stops on a non-finite loss; an adapter run checkpoints only the adapter
-        and its head (:mod:`peftlab.checkpoints`), full fine-tuning the whole model."""
+        and its head (:mod:`peftlab.checkpoints`), full fine-tuning the whole model. A task
+        judged on generated text evaluates by generating (``Seq2SeqTrainer`` with
+        ``predict_with_generate``), with ``generation``'s arguments to ``generate``."""
+
+        generation: dict[str, Any] = {}
+
+        def evaluate(self, *args: Any, **kwargs: Any) -> Any:
+            return super().evaluate(*args, **{**self.generation, **kwargs})
 
         def compute_loss(self, model: nn.Module, inputs: dict[str, Any], return_outputs: bool = False,
                          num_items_in_batch: Any = None) -> Any:
@@ -648,14 +657,22 @@ class _Sets:
 
 class _EvalOutputs:
     """Trainer's ``compute_metrics`` for a task; keeps the latest evaluation's predictions and
-    labels, which are written for intervals (:mod:`peftlab.metrics`)."""
+    labels, which are written for intervals (:mod:`peftlab.metrics`). A task judged on generated
+    text gets the decoded outputs and labels, and keeps them as texts."""
 
-    def __init__(self, task: Task, num_labels: int, names: tuple[str, ...] | None = None) -> None:
-        self.task, self.num_labels, self.names = task, num_labels, names
+    def __init__(self, task: Task, num_labels: int, names: tuple[str, ...] | None = None,
+                 tokenizer: Any = None) -> None:
+        self.task, self.num_labels, self.names, self.tokenizer = task, num_labels, names, tokenizer
         self.latest: dict[str, Any] = {}
 
     def __call__(self, pred: Any) -> dict[str, float]:
         logits = pred.predictions[0] if isinstance(pred.predictions, tuple) else pred.predictions
+        if self.task.text_metrics is not None:
+            from peftlab.predict import decode_ids
+
+            texts, references = decode_ids(self.tokenizer, logits), decode_ids(self.tokenizer, pred.label_ids)
+            self.latest = {"predictions": texts, "labels": references}
+            return self.task.text_metrics(texts, references)
         assert self.task.predicted is not None
         self.latest = {"predictions": self.task.predicted(logits), "labels": pred.label_ids}
         return self.task.score(logits, pred.label_ids, self.num_labels, self.names)
@@ -765,12 +782,14 @@ def _write_run(out: Path, record: dict[str, Any], data: TaskData, m: _Model, set
 
 def _training_arguments(opts: TrainOptions, task: Task, out: Path, lr: float, total_steps: int,
                         full: bool) -> Any:
-    from transformers import TrainingArguments
+    from transformers import Seq2SeqTrainingArguments, TrainingArguments
 
     world_size = world()[1]
     eval_every = opts.eval_every or (max(1, total_steps // EVALUATIONS) if opts.patience else None)
     save_every = eval_every if opts.patience else (opts.save_every or eval_every or 100)
-    return TrainingArguments(
+    kind, generating = ((Seq2SeqTrainingArguments, {"predict_with_generate": True}) if task.generates
+                        else (TrainingArguments, {}))
+    return kind(
         output_dir=str(out / CHECKPOINTS),
         per_device_train_batch_size=opts.batch_size // world_size,
         per_device_eval_batch_size=max(opts.batch_size // world_size, 32),
@@ -808,21 +827,26 @@ def _training_arguments(opts: TrainOptions, task: Task, out: Path, lr: float, to
         average_tokens_across_devices=task.loss_only,
         # Every adapter and head tensor takes part in each forward; a full model may not.
         ddp_find_unused_parameters=full,
+        **generating,
     )
 
 
 def _make_trainer(opts: TrainOptions, m: _Model, data: TaskData, sets: _Sets, args: Any,
-                  outputs: _EvalOutputs | None, console: Console) -> Any:
+                  outputs: _EvalOutputs | None, console: Console, max_length: int) -> Any:
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
     task = task_for(data.task)
-    trainer = _make_trainer_class(m.adapters is not None)(
+    trainer = _make_trainer_class(m.adapters is not None, task.generates)(
         model=m.model, args=args, train_dataset=sets.train, eval_dataset=sets.select,
         data_collator=task.collator(m.tokenizer, m.model), compute_metrics=outputs,
         callbacks=_callbacks(m.trainable(), console, opts.quiet, task.primary) + _budget_callbacks(opts),
     )
     for replaced in (ProgressCallback, PrinterCallback):  # our progress bar replaces both
         trainer.remove_callback(replaced)
+    if task.generates:  # outputs as long as the targets it trained on may be
+        from peftlab.predict import greedy
+
+        trainer.generation = greedy(max_length)
     return trainer
 
 
@@ -874,7 +898,7 @@ def _result(opts: TrainOptions, record: dict[str, Any], data: TaskData, m: _Mode
         "eval": evaluation,
         "primary_metric": task.primary,
         "labels": None if data.labels is None else list(data.labels),
-        "pooling": None if task.loss_only else pooling_of(m.model),
+        "pooling": pooling_of(m.model) if task.labelled in ("class", "value") else None,
         "steps": trainer.state.global_step,
         "planned_steps": total_steps,
         "best_step": _best_step(trainer.state) if opts.patience else None,
@@ -945,8 +969,8 @@ def run_training(opts: TrainOptions, console: Console | None = None,
     _say(console, opts.quiet, m.summary)
     total_steps = opts.max_steps or math.ceil(math.ceil(len(sets.train) / opts.batch_size) * opts.epochs)
     args = _training_arguments(opts, task, out, lr, total_steps, full=config is None)
-    outputs = None if task.loss_only else _EvalOutputs(task, data.num_labels, data.labels)
-    trainer = _make_trainer(opts, m, data, sets, args, outputs, console)
+    outputs = None if task.loss_only else _EvalOutputs(task, data.num_labels, data.labels, m.tokenizer)
+    trainer = _make_trainer(opts, m, data, sets, args, outputs, console, max_length)
     train_seconds = _train(trainer, opts, out, config is not None, console)
     evaluation = _final_eval(trainer, opts, task, sets.eval)
     result = _result(opts, record, data, m, sets, trainer, evaluation, lr, search, total_steps, max_length,
@@ -977,10 +1001,13 @@ def read_predictions(folder: Path) -> tuple[np.ndarray, np.ndarray]:
 
 
 def evaluate(model: nn.Module, dataset: Any, collate: Callable[..., Any], task: str,
-             batch_size: int = 32, names: typing.Sequence[str] | None = None) -> dict[str, float]:
+             batch_size: int = 32, names: typing.Sequence[str] | None = None, tokenizer: Any = None,
+             max_new_tokens: int = 128) -> dict[str, float]:
     """Metrics of ``model`` on a tokenised dataset (one process, no Trainer). ``names``: the class
-    names in id order (default: the model's ``id2label``), for tasks whose metrics read them."""
-    return evaluate_with_predictions(model, dataset, collate, task, batch_size, names)[0]
+    names in id order (default: the model's ``id2label``), for tasks whose metrics read them. A task
+    judged on generated text needs the ``tokenizer``, and generates up to ``max_new_tokens`` tokens."""
+    return evaluate_with_predictions(model, dataset, collate, task, batch_size, names, tokenizer,
+                                     max_new_tokens)[0]
 
 
 def _joined(parts: list[torch.Tensor]) -> torch.Tensor:
@@ -996,28 +1023,40 @@ def _joined(parts: list[torch.Tensor]) -> torch.Tensor:
 
 @torch.no_grad()
 def evaluate_with_predictions(model: nn.Module, dataset: Any, collate: Callable[..., Any], task: str,
-                              batch_size: int = 32, names: typing.Sequence[str] | None = None
+                              batch_size: int = 32, names: typing.Sequence[str] | None = None,
+                              tokenizer: Any = None, max_new_tokens: int = 128
                               ) -> tuple[dict[str, float], Any, Any]:
-    """:func:`evaluate`'s metrics plus the predictions and labels (``None`` for causal-lm)."""
+    """:func:`evaluate`'s metrics plus the predictions and labels (``None`` for causal-lm; texts
+    for a task judged on generated text)."""
+    spec = task_for(task)
+    if spec.generates and tokenizer is None:
+        raise ValueError(f"evaluating {task} generates text: pass the tokenizer")
     model.eval()
     device = next(model.parameters()).device
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, collate_fn=collate)
-    logits, labels, loss_sum, n = [], [], 0.0, 0
+    outputs, labels, loss_sum, n = [], [], 0.0, 0
     for batch in loader:
         batch = {k: v.to(device) for k, v in batch.items()}
         out = model(**batch)
         loss_sum += float(out.loss) * len(batch["input_ids"])
         n += len(batch["input_ids"])
-        if not task_for(task).loss_only:
-            logits.append(out.logits.float().cpu())
+        if spec.generates:
+            from peftlab.predict import decode_ids, generated_texts
+
+            outputs += generated_texts(model, tokenizer, batch, max_new_tokens)
+            labels += decode_ids(tokenizer, batch["labels"])
+        elif not spec.loss_only:
+            outputs.append(out.logits.float().cpu())
             labels.append(batch["labels"].cpu())
     result = {"loss": loss_sum / max(n, 1)}
-    spec = task_for(task)
     if spec.loss_only:
         result["perplexity"] = perplexity(result["loss"])
         return result, None, None
+    if spec.text_metrics is not None:
+        result.update(spec.text_metrics(outputs, labels))
+        return result, outputs, labels
     assert spec.predicted is not None
-    all_logits, all_labels = _joined(logits).numpy(), _joined(labels).numpy()
+    all_logits, all_labels = _joined(outputs).numpy(), _joined(labels).numpy()
     if names is None:
         names = label_names(model)
     result.update(spec.score(all_logits, all_labels, all_logits.shape[-1], names))

@@ -16,6 +16,11 @@ Each task lives in a module of this package and is described completely by one :
   order (entity spans read from tags); where the names are known they replace ``metrics``
   (:meth:`Task.score`). Per-token outputs and labels come padded to the longest example
   (labels with -100);
+* ``text_metrics(predictions, references)``: optionally, for a task judged on *generated* text
+  (seq2seq) rather than on one forward's outputs: evaluation then generates each output
+  (greedy, up to the run's ``max_length`` new tokens; training runs on transformers'
+  ``Seq2SeqTrainer`` with ``predict_with_generate``), decodes outputs and labels (-100 read as
+  padding) and scores the texts; ``metrics`` stays ``None`` and the loss is reported beside;
 * ``predict(model, tokenizer, split, labels, options, advance)``: one output row per input row
   (``peftlab predict``);
 * ``architectures``: the endings of its transformers model classes, to recognise the task of a
@@ -119,9 +124,12 @@ class Task:
     predict: Callable[[nn.Module, Any, Split, Sequence[str] | None, PredictOptions,
                        Callable[[int], None] | None], list[dict[str, Any]]]
     metrics: Callable[[np.ndarray, np.ndarray, int], dict[str, float]] | None = None
+    #: Metrics of generated texts against reference texts (see the module docstring).
+    text_metrics: Callable[[Sequence[str], Sequence[str]], dict[str, float]] | None = None
     predicted: Callable[[np.ndarray], np.ndarray] | None = None
     load: Callable[..., TaskData] | None = None
-    labelled: str = "class"  # what its labels are: class, value, text (none beyond the text), ...
+    # What its labels are: class, value, text (none beyond the text), target (a text to produce), ...
+    labelled: str = "class"
     #: Endings of the transformers class names of a saved full model of this task
     #: (``BertForSequenceClassification``), to recognise the task of a model folder.
     architectures: tuple[str, ...] = ()
@@ -145,7 +153,12 @@ class Task:
     @property
     def loss_only(self) -> bool:
         """Judged by the loss alone (a token-mean cross-entropy: language modelling)."""
-        return self.metrics is None
+        return self.metrics is None and self.text_metrics is None
+
+    @property
+    def generates(self) -> bool:
+        """Judged on generated text (:attr:`text_metrics`): evaluation generates."""
+        return self.text_metrics is not None
 
     @property
     def select_metric(self) -> str:
@@ -162,6 +175,7 @@ BUILT_IN = (
     "text",  # classification, regression
     "causal_lm",
     "token_classification",
+    "seq2seq",
 )
 
 
