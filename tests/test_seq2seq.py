@@ -27,6 +27,7 @@ from peftlab.cli import app
 from peftlab.data import DataSource, Split, load_task
 from peftlab.errors import DataError
 from peftlab.metrics import RougeWords, text_metrics
+from peftlab.roles import role_map_for
 from peftlab.tasks.seq2seq import collator, tokenize
 from peftlab.train import load_model, method_config
 
@@ -63,6 +64,15 @@ def _bart() -> T.BartForConditionalGeneration:
         encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=64, decoder_ffn_dim=64,
         max_position_embeddings=64, pad_token_id=PAD, eos_token_id=EOS, bos_token_id=EOS,
         decoder_start_token_id=EOS, forced_eos_token_id=None))
+
+
+def _marian() -> T.MarianMTModel:
+    """No built-in role map: peftlab infers where its roles are (peftlab.infer)."""
+    torch.manual_seed(0)
+    return T.MarianMTModel(T.MarianConfig(
+        vocab_size=len(SPECIAL) + len(WORDS), d_model=32, encoder_layers=2, decoder_layers=2,
+        encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=64, decoder_ffn_dim=64,
+        max_position_embeddings=64, pad_token_id=PAD, eos_token_id=EOS, decoder_start_token_id=PAD))
 
 
 def _save(model: torch.nn.Module, path: Path) -> Path:
@@ -199,13 +209,14 @@ def test_csv_targets_stay_text_and_a_missing_target_names_its_line(tmp_path):
 
 
 # ---- adapters on encoder-decoders ---------------------------------------------------------------------
-@pytest.mark.parametrize("build", [_t5, _bart], ids=["t5", "bart"])
+@pytest.mark.parametrize("build", [_t5, _bart, _marian], ids=["t5", "bart", "marian"])
 @pytest.mark.parametrize("method, sets", [
     ("lora", ["targets=query,value,cross_query,cross_value"]),
     ("houlsby", ["placement=attn_out,cross_attn_out,ffn_down"]),
 ])
 def test_adapters_on_cross_attention_train(build, method, sets):
     model = build()
+    assert role_map_for(model).source == ("inferred" if build is _marian else "built-in")
     adapters = peftlab.attach(model)
     adapters.add("a", method_config(method, sets))
     adapters.activate("a")

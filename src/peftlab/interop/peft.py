@@ -85,6 +85,7 @@ _PLAIN_INITS = (True, False, "gaussian", "eva", "orthogonal")
 _TASKS = (
     ("ForSequenceClassification", "SEQ_CLS"), ("ForTokenClassification", "TOKEN_CLS"),
     ("ForQuestionAnswering", "QUESTION_ANS"), ("ForCausalLM", "CAUSAL_LM"), ("LMHeadModel", "CAUSAL_LM"),
+    ("MarianMTModel", "SEQ_2_SEQ_LM"),  # (other encoder-decoders end in ForConditionalGeneration)
 )
 # Heads that peft's task classes add to modules_to_save on their own.
 _TASK_HEADS = {"SEQ_CLS": ["classifier", "score"], "TOKEN_CLS": ["classifier", "score"],

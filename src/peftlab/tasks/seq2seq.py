@@ -251,5 +251,5 @@ TASKS = (
     Task(name="seq2seq", about="a text -> a text (summaries, translations): T5, BART, Marian, ...",
          primary="rougeL", greater_is_better=True, model=_model, heads=lambda model: (),
          tokenize=tokenize, collator=collator, predict=generate, text_metrics=text_metrics, load=load,
-         labelled="target", architectures=("ForConditionalGeneration",)),
+         labelled="target", architectures=("ForConditionalGeneration", "MarianMTModel", "ForTextToText")),
 )
