@@ -14,6 +14,7 @@ import re
 import shlex
 from pathlib import Path
 
+import datasets
 import pytest
 import torch
 import transformers as T
@@ -197,6 +198,13 @@ def test_nested_translation_columns_go_by_dotted_names(tmp_path):
     data = load_task(DataSource(str(path), text_column="translation.en", label_column="translation.fr"),
                      splits=("train",), task="seq2seq")
     assert data["train"].rows[0] == {"text": "the book", "target": "le livre"}
+    # The Hub's translation sets (WMT, opus) declare a Translation feature: read the same way.
+    features = datasets.Features({"translation": datasets.Translation(languages=["en", "fr"])})
+    datasets.Dataset.from_dict({"translation": [{"en": "a film", "fr": "un film"}]}, features=features
+                               ).save_to_disk(str(tmp_path / "saved"))
+    saved = load_task(DataSource(str(tmp_path / "saved"), text_column="translation.en",
+                                 label_column="translation.fr"), splits=("train",), task="seq2seq")
+    assert saved["train"].rows[0] == {"text": "a film", "target": "un film"}
 
 
 def test_csv_targets_stay_text_and_a_missing_target_names_its_line(tmp_path):

@@ -133,8 +133,12 @@ def detect_columns(names: Sequence[str], source: DataSource, where: str, labelle
 
 
 def _flat(ds: datasets.Dataset) -> datasets.Dataset:
-    """Nested columns (``translation: {"en", "fr"}``) as dotted top-level ones (``translation.en``)."""
-    return ds.flatten() if any(isinstance(f, dict) for f in ds.features.values()) else ds
+    """Nested columns (``translation: {"en", "fr"}``, or the Hub's ``Translation`` feature) as
+    dotted top-level ones (``translation.en``)."""
+    import datasets
+
+    nested = any(isinstance(f, (dict, datasets.Translation)) for f in ds.features.values())
+    return ds.flatten() if nested else ds
 
 
 def load(source: str | Path | DataSource, splits: tuple[str, ...] = ("train", "validation"),
