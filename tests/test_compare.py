@@ -405,29 +405,74 @@ def test_recommend_command_profiles_the_model_and_ranks(work):
     assert bad.exit_code == 2 and bad.output.startswith("error:")
 
 
-def test_a_profile_holds_one_method_copy_at_a_time(work, monkeypatch):
-    import weakref
-
-    from peftlab import measure
+def _bert_and_batch(work):
+    from peftlab.measure import synthetic_batch
     from peftlab.train import load_model
 
     model, _, heads = load_model(str(work["bert"]), "classification", 2)
-    copies: list[tuple[str, weakref.ref]] = []
-    alive_when_made: list[list[str]] = []
-    make = measure._setup
+    return model, heads, synthetic_batch(model.config.vocab_size, 4, 16)
 
-    def tracked(base, method, *args):
-        alive_when_made.append([m for m, ref in copies if ref() is not None])
-        s = make(base, method, *args)
-        copies.append((method, weakref.ref(s.model)))
-        return s
 
-    monkeypatch.setattr(measure, "_setup", tracked)
-    batch = measure.synthetic_batch(model.config.vocab_size, 4, 16)
-    found = measure.measure_methods(model, ["lora", "pfeiffer", "full"], batch, heads, steps=2, forwards=2)
-    assert alive_when_made == [[], [], []]  # each copy was gone before the next was made
-    assert [m.step_seconds > 0 and m.latency_ratio > 0 for m in found.values()] == [True] * 3
+def test_a_profile_leaves_the_model_as_it_was(work):
+    from peftlab.adapter_set import attached
+    from peftlab.measure import measure_methods
+
+    model, heads, batch = _bert_and_batch(work)
+    model.bert.embeddings.requires_grad_(False)  # the caller's own choice of frozen tensors ...
+    head = model.classifier.weight
+    head.grad = torch.ones_like(head)  # ... and a gradient it holds
+    grad = head.grad
+    weights = {k: v.clone() for k, v in model.state_dict().items()}
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+
+    # The methods train on the model's own tensors (no copy of the weights), full fine-tuning too.
+    found = measure_methods(model, ["lora", "pfeiffer", "full"], batch, heads, steps=2)
+    assert all(torch.equal(weights[k], v) for k, v in model.state_dict().items())
+    assert flags == {n: p.requires_grad for n, p in model.named_parameters()}
+    assert head.grad is grad and attached(model) is None
+    assert all(m.step_seconds > 0 and m.latency_ratio > 0 for m in found.values())
     assert found["lora"].merged_latency_ratio is not None and found["pfeiffer"].merged_latency_ratio is None
+    assert found["full"].latency_ratio == 1.0  # a fully fine-tuned model runs the base's own code
+
+
+def test_methods_profiled_together_count_what_each_counts_alone(work):
+    from peftlab.measure import measure_methods
+
+    model, heads, batch = _bert_and_batch(work)
+    # Adapter methods share one model in a profile; what each counts must be its own alone.
+    together = measure_methods(model, ["lora", "prompt-tuning", "fusion", "full"], batch, heads, steps=1)
+    for method, m in together.items():
+        alone = measure_methods(model, [method], batch, heads, steps=1)[method]
+        for field in ("trainable_parameters", "head_parameters", "base_parameters", "file_bytes",
+                      "weight_bytes", "train_memory_bytes", "mergeable", "members"):
+            assert getattr(alone, field) == getattr(m, field), (method, field)
+
+
+def test_each_round_times_every_method_right_after_a_base_forward(work, monkeypatch):
+    from peftlab import measure
+
+    model, heads, batch = _bert_and_batch(work)
+    timed: list[str] = []
+    step, base_forward = measure._step, measure._Forwards.of_base
+
+    def timed_step(s, *args):
+        timed.append(s.method)
+        return step(s, *args)
+
+    def timed_base_forward(forwards):
+        timed.append("base")
+        return base_forward(forwards)
+
+    monkeypatch.setattr(measure, "_step", timed_step)
+    monkeypatch.setattr(measure._Forwards, "of_base", timed_base_forward)
+    measure.measure_methods(model, ["lora", "ia3", "pfeiffer", "full"], batch, heads, steps=3)
+    # Full fine-tuning first, on its own; then rounds over the adapters, each starting one
+    # further along, and ending with the merged path's forward (also after a base forward).
+    rounds = [["lora", "ia3", "pfeiffer"], ["ia3", "pfeiffer", "lora"], ["pfeiffer", "lora", "ia3"]]
+    expected = ["base", "full"] * 3
+    for r in rounds:
+        expected += [e for m in r for e in ("base", m)] + ["base"]
+    assert timed == expected
 
 
 # ---- intervals, ranks and resume --------------------------------------------------------------------

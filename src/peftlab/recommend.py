@@ -237,7 +237,7 @@ def _facts(m: Measurement, files: int, score: float | None) -> str:
 # ---- profiling the user's model ----------------------------------------------------------------
 def profile(model: str, methods: tuple[str, ...] | None = None, data: str | None = None,
             batch_size: int = 8, max_length: int = 64, members: int = 2, steps: int = 3,
-            forwards: int = 5, on_done: Any = None) -> dict[str, Measurement]:
+            on_done: Any = None) -> dict[str, Measurement]:
     """Measure each method on ``model`` (a local folder or Hub id) at ``batch_size × max_length``:
     on real examples from ``data`` (a task folder) when given, else on random tokens. Methods
     that cannot be attached to this model are left out."""
@@ -265,8 +265,7 @@ def profile(model: str, methods: tuple[str, ...] | None = None, data: str | None
         batch = data_batch(task["train"].rows, tokenizer, batch_size, max_length)
     else:
         batch = synthetic_batch(model_.config.vocab_size, batch_size, max_length)
-    return measure_methods(model_, methods, batch, heads, members=members, steps=steps,
-                           forwards=forwards, on_done=on_done)
+    return measure_methods(model_, methods, batch, heads, members=members, steps=steps, on_done=on_done)
 
 
 def _fits(model: Any, method: str, max_length: int | None = None) -> bool:
