@@ -42,9 +42,11 @@ measurements, never assumed from the method.
 the papers (each method's registry entry, :mod:`peftlab.methods`), or measured scores when the caller has them
 (``peftlab recommend --data D --train-minutes M`` trains each method briefly). The priors encode
 the seed's rules: LoRA is the general-purpose choice (near full fine-tuning and mergeable);
-(IA)³ trains the fewest tensors and keeps the smallest memory and files but loses some quality;
-Compacter keeps more quality than (IA)³ at nearly its memory; AdapterFusion adds the gain of
-composing tasks (+1.3 points on average in its paper) on top of its Pfeiffer members.
+(IA)³ loses some quality, and Compacter less; AdapterFusion adds the gain of composing tasks
+(+1.3 points on average in its paper) on top of its Pfeiffer members. Costs are never priors:
+which method needs the least memory or the smallest file is measured on the model (on
+MiniLM-L6, (IA)³ needs *more* training memory than LoRA: it saves the FFN's hidden input for
+its gradient).
 """
 
 from __future__ import annotations
