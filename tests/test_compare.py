@@ -362,10 +362,14 @@ def test_latency_critical_picks_a_mergeable_method():
 
 
 def test_ranking_follows_the_numbers():
-    # A LoRA that cannot be served merged and trains three times slower loses its place.
-    slow = {**MINILM, "lora": dataclasses.replace(MINILM["lora"], step_seconds=3.9, mergeable=False,
-                                                   merged_latency_ratio=None, latency_ratio=1.3)}
-    assert _top(Constraints(), slow) != "lora"
+    # A LoRA that cannot be served merged and trains eight times slower loses its place; three
+    # times slower is within what timing noise can do to a ratio (2.25x, twice over), and it keeps it.
+    def lora_stepping(seconds: float) -> dict[str, Measurement]:
+        return {**MINILM, "lora": dataclasses.replace(MINILM["lora"], step_seconds=seconds, mergeable=False,
+                                                       merged_latency_ratio=None, latency_ratio=1.3)}
+
+    assert _top(Constraints(), lora_stepping(10.0)) != "lora"
+    assert _top(Constraints(), lora_stepping(3.9)) == "lora"
     # Many tasks make full copies of the model expensive to store.
     few = rank(MINILM, Constraints(tasks=1))
     many = rank(MINILM, Constraints(tasks=20))
@@ -405,29 +409,74 @@ def test_recommend_command_profiles_the_model_and_ranks(work):
     assert bad.exit_code == 2 and bad.output.startswith("error:")
 
 
-def test_a_profile_holds_one_method_copy_at_a_time(work, monkeypatch):
-    import weakref
-
-    from peftlab import measure
+def _bert_and_batch(work):
+    from peftlab.measure import synthetic_batch
     from peftlab.train import load_model
 
     model, _, heads = load_model(str(work["bert"]), "classification", 2)
-    copies: list[tuple[str, weakref.ref]] = []
-    alive_when_made: list[list[str]] = []
-    make = measure._setup
+    return model, heads, synthetic_batch(model.config.vocab_size, 4, 16)
 
-    def tracked(base, method, *args):
-        alive_when_made.append([m for m, ref in copies if ref() is not None])
-        s = make(base, method, *args)
-        copies.append((method, weakref.ref(s.model)))
-        return s
 
-    monkeypatch.setattr(measure, "_setup", tracked)
-    batch = measure.synthetic_batch(model.config.vocab_size, 4, 16)
-    found = measure.measure_methods(model, ["lora", "pfeiffer", "full"], batch, heads, steps=2, forwards=2)
-    assert alive_when_made == [[], [], []]  # each copy was gone before the next was made
-    assert [m.step_seconds > 0 and m.latency_ratio > 0 for m in found.values()] == [True] * 3
+def test_a_profile_leaves_the_model_as_it_was(work):
+    from peftlab.adapter_set import attached
+    from peftlab.measure import measure_methods
+
+    model, heads, batch = _bert_and_batch(work)
+    model.bert.embeddings.requires_grad_(False)  # the caller's own choice of frozen tensors ...
+    head = model.classifier.weight
+    head.grad = torch.ones_like(head)  # ... and a gradient it holds
+    grad = head.grad
+    weights = {k: v.clone() for k, v in model.state_dict().items()}
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+
+    # The methods train on the model's own tensors (no copy of the weights), full fine-tuning too.
+    found = measure_methods(model, ["lora", "pfeiffer", "full"], batch, heads, steps=2)
+    assert all(torch.equal(weights[k], v) for k, v in model.state_dict().items())
+    assert flags == {n: p.requires_grad for n, p in model.named_parameters()}
+    assert head.grad is grad and attached(model) is None
+    assert all(m.step_seconds > 0 and m.latency_ratio > 0 for m in found.values())
     assert found["lora"].merged_latency_ratio is not None and found["pfeiffer"].merged_latency_ratio is None
+    assert found["full"].latency_ratio == 1.0  # a fully fine-tuned model runs the base's own code
+
+
+def test_methods_profiled_together_count_what_each_counts_alone(work):
+    from peftlab.measure import measure_methods
+
+    model, heads, batch = _bert_and_batch(work)
+    # Adapter methods share one model in a profile; what each counts must be its own alone.
+    together = measure_methods(model, ["lora", "prompt-tuning", "fusion", "full"], batch, heads, steps=1)
+    for method, m in together.items():
+        alone = measure_methods(model, [method], batch, heads, steps=1)[method]
+        for field in ("trainable_parameters", "head_parameters", "base_parameters", "file_bytes",
+                      "weight_bytes", "train_memory_bytes", "mergeable", "members"):
+            assert getattr(alone, field) == getattr(m, field), (method, field)
+
+
+def test_each_round_times_every_method_right_after_a_base_forward(work, monkeypatch):
+    from peftlab import measure
+
+    model, heads, batch = _bert_and_batch(work)
+    timed: list[str] = []
+    step, base_forward = measure._step, measure._Forwards.of_base
+
+    def timed_step(s, *args):
+        timed.append(s.method)
+        return step(s, *args)
+
+    def timed_base_forward(forwards):
+        timed.append("base")
+        return base_forward(forwards)
+
+    monkeypatch.setattr(measure, "_step", timed_step)
+    monkeypatch.setattr(measure._Forwards, "of_base", timed_base_forward)
+    measure.measure_methods(model, ["lora", "ia3", "pfeiffer", "full"], batch, heads, steps=3)
+    # Full fine-tuning first, on its own; then rounds over the adapters, each starting one
+    # further along, and ending with the merged path's forward (also after a base forward).
+    rounds = [["lora", "ia3", "pfeiffer"], ["ia3", "pfeiffer", "lora"], ["pfeiffer", "lora", "ia3"]]
+    expected = ["base", "full"] * 3
+    for r in rounds:
+        expected += [e for m in r for e in ("base", m)] + ["base"]
+    assert timed == expected
 
 
 # ---- intervals, ranks and resume --------------------------------------------------------------------
@@ -481,16 +530,70 @@ def test_resume_skips_finished_cells_and_reruns_a_cut_off_one(work, monkeypatch)
         compare.run_compare(other)
 
 
+def _noisy(measurements: dict[str, Measurement], rng: random.Random) -> dict[str, Measurement]:
+    """Every timing moved by up to ±20%, as a busy machine does."""
+    def move(x):
+        return None if x is None else x * rng.uniform(0.8, 1.2)
+
+    return {n: dataclasses.replace(m, step_seconds=move(m.step_seconds), latency_ratio=move(m.latency_ratio),
+                                   merged_latency_ratio=move(m.merged_latency_ratio))
+            for n, m in measurements.items()}
+
+
 def test_ranking_survives_20_percent_noise_in_the_timings():
     rng = random.Random(0)
     for constraints in (Constraints(), Constraints(storage_per_task=70_000),
                         Constraints(memory_budget=600 * MB), Constraints(tasks=3, compose=True)):
         expected = [r.method for r in rank(MINILM, constraints)]
         for _ in range(50):
-            noisy = {n: dataclasses.replace(m, step_seconds=m.step_seconds * rng.uniform(0.8, 1.2),
-                                            latency_ratio=m.latency_ratio * rng.uniform(0.8, 1.2))
-                     for n, m in MINILM.items()}
-            assert [r.method for r in rank(noisy, constraints)] == expected, constraints
+            assert [r.method for r in rank(_noisy(MINILM, rng), constraints)] == expected, constraints
+
+
+# MiniLM-L6 as `peftlab recommend` profiled it at its default batch 8 x 64 (2 threads, a machine
+# at load 4), every number as measured. DoRA, LoHa and LoKr step at 2.2-2.5x the fastest method,
+# right where the step penalty starts, and LoRA and DoRA score within 0.001 of each other: ranked
+# by score alone, ±20% timing noise kept this ranking in only 1 perturbation out of 5.
+MINILM_8x64 = {m.method: dataclasses.replace(m, batch_size=8, length=64, base_forward_seconds=0.0765)
+               for m in [
+    _m("lora", 73_728, 298.9, 176.5, 208, 1.04, 1.00),
+    _m("dora", 78_336, 318.7, 176.6, 420, 1.07, 1.01),
+    _m("ia3", 13_824, 58.7, 198.9, 205, 1.04, 1.00),
+    _m("houlsby", 226_080, 911.0, 178.3, 209, 1.05),
+    _m("pfeiffer", 113_040, 455.6, 166.2, 187, 1.02),
+    _m("compacter", 14_320, 66.9, 174.9, 217, 1.43),
+    _m("compacter++", 7_192, 33.6, 164.8, 205, 1.04),
+    _m("vera", 7_680, 821.4, 191.0, 325, 1.24, 0.61),
+    _m("loha", 147_456, 596.8, 183.4, 416, 0.88, 1.06),
+    _m("lokr", 7_680, 36.2, 175.3, 466, 2.22, 1.07),
+    _m("prompt-tuning", 7_680, 31.3, 210.1, 378, 1.01),
+    _m("prefix-tuning", 92_160, 369.2, 183.4, 309, 0.90),
+    _m("full", BASE, 90_855.9, 479.1, 945, 1.08),
+]}
+
+
+def test_a_measured_profile_ranks_alike_under_20_percent_noise():
+    rng = random.Random(1)
+    for constraints in (Constraints(), Constraints(storage_per_task=70_000),
+                        Constraints(latency_critical=True), Constraints(memory_budget=190 * MB),
+                        Constraints(tasks=20)):
+        expected = [r.method for r in rank(MINILM_8x64, constraints)]
+        for _ in range(100):
+            assert [r.method for r in rank(_noisy(MINILM_8x64, rng), constraints)] == expected, constraints
+
+
+def test_scores_that_timing_noise_could_swap_are_ties_ordered_by_their_exact_part():
+    # LoRA and DoRA: the same quality prior, training memory 0.1 MB apart. LoRA is first, and
+    # stays first when it is measured twice as slow as DoRA: a 2x ratio can be noise.
+    for lora_step in (0.208, 0.840):
+        profile = {**MINILM_8x64, "lora": dataclasses.replace(MINILM_8x64["lora"], step_seconds=lora_step)}
+        ranking = rank(profile, Constraints())
+        assert [r.method for r in ranking[:2]] == ["lora", "dora"]
+        assert ranking[0].exact > ranking[1].exact
+        for r in ranking:  # the range is the score with each timing ratio moved 2.25x either way
+            assert r.score_range[0] <= r.score <= r.score_range[1]
+    slow, fast = rank(profile, Constraints())[:2]
+    assert slow.score < fast.score  # lower by its timing, yet tied: the ranges overlap
+    assert slow.score_range[1] >= fast.score_range[0]
 
 
 def test_comparative_words_follow_the_measurements():

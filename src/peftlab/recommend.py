@@ -26,18 +26,27 @@ Fit methods are ordered by a score in validation points, higher is better::
 
 Timings are noisy: a busy machine moves each by ±20%, which moves a ratio of two of them by up
 to 1.5× either way. A method truly 1.5× slower can therefore be measured at up to 2.25×, so
-only a measured ratio beyond 2.25× costs points, and a difference of up to 1.5× never changes
-the ranking when the step times move by ±20% (tested). Memory (autograd accounting), parameters
-and file sizes are exact and count fully. Every comparative word in a reason ("lowest training
-memory", "smallest file") is computed from the measurements, never assumed from the method.
+only a measured ratio beyond 2.25× costs points. Memory (autograd accounting), parameters and
+file sizes are exact and count fully; their parts of the score are its *exact part*.
+
+Near-equal scores are ties. A score's *range* is the score with every timing ratio moved 2.25×
+either way (the noise of this measurement and of the next one): a method goes below another for
+its score only when its whole range lies below the other's, and otherwise the higher exact part
+goes first. So a ranking does not turn on timings within noise: on a profile of MiniLM-L6 at
+batch 8 × 64, ordering by score alone kept the ranking in 61 of 300 random ±20% perturbations of
+the step times and latencies, this rule in all 300 (tested on those measurements). Every
+comparative word in a reason ("lowest training memory", "smallest file") is computed from the
+measurements, never assumed from the method.
 
 ``quality`` is a prior in points relative to full fine-tuning (:func:`quality_prior`), read from
 the papers (each method's registry entry, :mod:`peftlab.methods`), or measured scores when the caller has them
 (``peftlab recommend --data D --train-minutes M`` trains each method briefly). The priors encode
 the seed's rules: LoRA is the general-purpose choice (near full fine-tuning and mergeable);
-(IA)³ trains the fewest tensors and keeps the smallest memory and files but loses some quality;
-Compacter keeps more quality than (IA)³ at nearly its memory; AdapterFusion adds the gain of
-composing tasks (+1.3 points on average in its paper) on top of its Pfeiffer members.
+(IA)³ loses some quality, and Compacter less; AdapterFusion adds the gain of composing tasks
+(+1.3 points on average in its paper) on top of its Pfeiffer members. Costs are never priors:
+which method needs the least memory or the smallest file is measured on the model (on
+MiniLM-L6, (IA)³ needs *more* training memory than LoRA: it saves the FFN's hidden input for
+its gradient).
 """
 
 from __future__ import annotations
@@ -74,7 +83,9 @@ EXPLANATION = ("score: expected validation points relative to full fine-tuning (
                "from the papers, or measured scores with --data/--train-minutes), minus penalties "
                "for inference latency and train-step time measured beyond 2.25x (closer timings "
                "can be noise), for training memory (0.5 per doubling) and for storage (1 per "
-               "model-sized copy over all tasks); higher is better. --json lists each part.")
+               "model-sized copy over all tasks); higher is better. Scores that timing noise could "
+               "swap (each timing ratio moved 2.25x either way) are ties, ordered by their exact "
+               "part (quality, memory, storage). --json lists each part and each score's range.")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,13 +101,20 @@ class Constraints:
 
 @dataclasses.dataclass(frozen=True)
 class Recommendation:
-    """One method's place: ``fit`` (meets every constraint), ``score`` in points, ``reason``."""
+    """One method's place: ``fit`` (meets every constraint), ``score`` in points, ``reason``;
+    ``parts`` of the score, and its range under timing noise (low, high)."""
 
     method: str
     fit: bool
     score: float
     reason: str
     parts: dict[str, float]
+    score_range: tuple[float, float] = (math.nan, math.nan)
+
+    @property
+    def exact(self) -> float:
+        """The part of the score no timing enters: quality, memory and storage."""
+        return self.score - self.parts["latency"] - self.parts["step"]
 
 
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
@@ -142,8 +160,9 @@ def _quality(measurements: Mapping[str, Measurement], scores: Mapping[str, float
 
 def rank(measurements: Mapping[str, Measurement], constraints: Constraints,
          scores: Mapping[str, float] | None = None) -> list[Recommendation]:
-    """Methods best first: those meeting every constraint, by score, then the others, by score.
-    ``scores``: measured validation scores (0..1) by method, replacing the quality priors."""
+    """Methods best first: those meeting every constraint, then the others, each by score with
+    near-equal scores tied (see the module docstring). ``scores``: measured validation scores
+    (0..1) by method, replacing the quality priors."""
     if constraints.tasks < 1:
         raise UsageError(f"--tasks must be at least 1, got {constraints.tasks}")
     if not measurements:
@@ -158,19 +177,45 @@ def rank(measurements: Mapping[str, Measurement], constraints: Constraints,
         member = measurements.get(FUSION_MEMBER_METHOD)
         files = m.file_bytes + (member.file_bytes if name == FUSION and member is not None else 0)
         served = 1.0 if name == FULL else m.deploy_latency_ratio
+        step_ratio = m.step_seconds / fastest
+        timing = _timing(served, step_ratio)
         parts = {
             "quality": quality[name],
-            "latency": -LATENCY_WEIGHT * _slower(served),
+            "latency": timing["latency"],
             "memory": -MEMORY_WEIGHT * math.log2(m.train_memory_bytes / least_memory),
-            "step": -STEP_WEIGHT * _slower(m.step_seconds / fastest),
+            "step": timing["step"],
             "storage": -STORAGE_WEIGHT * tasks * files / m.base_bytes,
         }
+        exact = parts["quality"] + parts["memory"] + parts["storage"]
+        # The score with every timing ratio moved by the noise twice over, against and for it.
+        low = exact + sum(_timing(served * TIMING_TIE, step_ratio * TIMING_TIE).values())
+        high = exact + sum(_timing(served / TIMING_TIE, step_ratio / TIMING_TIE).values())
         unfit = _unfit(name, m, files, constraints)
         facts = _facts(m, files, (scores or {}).get(name))
         what = ", ".join([about(name), *_standouts(name, measurements)])
         reason = ("; ".join(unfit) + " — " if unfit else "") + f"{what} — {facts}"
-        out.append(Recommendation(name, not unfit, sum(parts.values()), reason, parts))
-    out.sort(key=lambda r: (not r.fit, -r.score))
+        out.append(Recommendation(name, not unfit, sum(parts.values()), reason, parts, (low, high)))
+    return _order([r for r in out if r.fit]) + _order([r for r in out if not r.fit])
+
+
+def _timing(served: float, step_ratio: float) -> dict[str, float]:
+    """The timing parts of a score: inference latency as served over the base model's, train
+    step over the fastest measured."""
+    return {"latency": -LATENCY_WEIGHT * _slower(served), "step": -STEP_WEIGHT * _slower(step_ratio)}
+
+
+def _order(recs: list[Recommendation]) -> list[Recommendation]:
+    """Best first: each time, of the methods left, the one with the highest exact part among
+    those that no other surely beats (whose score range lies wholly below another's). A method
+    surely beaten always follows the one beating it; near-equal scores, whose ranges overlap,
+    are ordered by what no timing noise can change."""
+    left = sorted(recs, key=lambda r: (-r.exact, r.method))
+    out = []
+    while left:
+        # A strict partial order (ranges wholly below others) always leaves one unbeaten.
+        best = next(r for r in left if not any(o.score_range[0] > r.score_range[1] for o in left))
+        out.append(best)
+        left.remove(best)
     return out
 
 
@@ -237,7 +282,7 @@ def _facts(m: Measurement, files: int, score: float | None) -> str:
 # ---- profiling the user's model ----------------------------------------------------------------
 def profile(model: str, methods: tuple[str, ...] | None = None, data: str | None = None,
             batch_size: int = 8, max_length: int = 64, members: int = 2, steps: int = 3,
-            forwards: int = 5, on_done: Any = None) -> dict[str, Measurement]:
+            on_done: Any = None) -> dict[str, Measurement]:
     """Measure each method on ``model`` (a local folder or Hub id) at ``batch_size × max_length``:
     on real examples from ``data`` (a task folder) when given, else on random tokens. Methods
     that cannot be attached to this model are left out."""
@@ -265,8 +310,7 @@ def profile(model: str, methods: tuple[str, ...] | None = None, data: str | None
         batch = data_batch(task["train"].rows, tokenizer, batch_size, max_length)
     else:
         batch = synthetic_batch(model_.config.vocab_size, batch_size, max_length)
-    return measure_methods(model_, methods, batch, heads, members=members, steps=steps,
-                           forwards=forwards, on_done=on_done)
+    return measure_methods(model_, methods, batch, heads, members=members, steps=steps, on_done=on_done)
 
 
 def _fits(model: Any, method: str, max_length: int | None = None) -> bool:
