@@ -159,7 +159,24 @@ def _line_of(path: Path, index: int) -> int:
 
 
 # ---- the rows of a split ----------------------------------------------------------------------
-class Rows(Sequence[dict[str, Any]]):
+class LazyRows(Sequence[dict[str, Any]]):
+    """Rows read on demand: a subclass gives ``__len__`` and ``at(i)`` for ``0 <= i < len``;
+    indexing by negative numbers and slices works as for a list."""
+
+    def at(self, i: int) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def __getitem__(self, i: Any) -> Any:
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        if i < 0:
+            i += len(self)
+        if not 0 <= i < len(self):
+            raise IndexError(i)
+        return self.at(i)
+
+
+class Rows(LazyRows):
     """A split's validated rows as ``{"text", "text_pair", "label"}`` dicts, read on demand from
     Arrow columns (memory-mapped for files): the texts are not copied into Python objects until
     they are tokenised, a batch at a time. Labels are class ids, floats, or ``None``."""
@@ -171,13 +188,7 @@ class Rows(Sequence[dict[str, Any]]):
     def __len__(self) -> int:
         return len(self.text)
 
-    def __getitem__(self, i: Any) -> Any:
-        if isinstance(i, slice):
-            return [self[j] for j in range(*i.indices(len(self)))]
-        if i < 0:
-            i += len(self)
-        if not 0 <= i < len(self):
-            raise IndexError(i)
+    def at(self, i: int) -> dict[str, Any]:
         return {"text": self.text[i].as_py(),
                 "text_pair": None if self.pair is None else self.pair[i].as_py(),
                 "label": None if self.labels is None else self.labels[i].item()}

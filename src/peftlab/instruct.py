@@ -54,6 +54,7 @@ from peftlab.data import (
     Columns,
     DataSource,
     Encoded,
+    LazyRows,
     Split,
     TaskData,
     _column,
@@ -105,7 +106,7 @@ def check_loss_on(value: str | None) -> None:
 
 
 # ---- the rows -------------------------------------------------------------------------------------
-class InstructRows(Sequence[dict[str, Any]]):
+class InstructRows(LazyRows):
     """A split's validated instruction rows, read on demand from Arrow columns: ``{"prompt",
     "completion"}`` (strings, or lists of messages) or ``{"messages"}``, with how to render them
     and where each row came from (for errors found when tokenising)."""
@@ -118,13 +119,7 @@ class InstructRows(Sequence[dict[str, Any]]):
     def __len__(self) -> int:
         return len(next(iter(self.columns.values())))
 
-    def __getitem__(self, i: Any) -> Any:
-        if isinstance(i, slice):
-            return [self[j] for j in range(*i.indices(len(self)))]
-        if i < 0:
-            i += len(self)
-        if not 0 <= i < len(self):
-            raise IndexError(i)
+    def at(self, i: int) -> dict[str, Any]:
         return self.batch(i, i + 1)[0]
 
     def __iter__(self) -> Iterator[dict[str, Any]]:

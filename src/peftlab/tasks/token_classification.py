@@ -46,6 +46,7 @@ from peftlab.data import (
     Columns,
     DataSource,
     Encoded,
+    LazyRows,
     Split,
     TaskData,
     _blank,
@@ -93,7 +94,7 @@ def _model(spec: ModelSpec) -> nn.Module:
 
 
 # ---- rows ----------------------------------------------------------------------------------------
-class TaggedRows(Sequence[dict[str, Any]]):
+class TaggedRows(LazyRows):
     """A split's validated rows as ``{"tokens": [word, ...], "tags": [class id, ...] or None}``.
     The words stay an Arrow column (memory-mapped for files) until they are tokenised; the tags
     are one flat array of class ids, row ``i``'s at ``tags[starts[i]:starts[i + 1]]``. ``index``
@@ -111,13 +112,7 @@ class TaggedRows(Sequence[dict[str, Any]]):
     def __len__(self) -> int:
         return len(self.words)
 
-    def __getitem__(self, i: Any) -> Any:
-        if isinstance(i, slice):
-            return [self[j] for j in range(*i.indices(len(self)))]
-        if i < 0:
-            i += len(self)
-        if not 0 <= i < len(self):
-            raise IndexError(i)
+    def at(self, i: int) -> dict[str, Any]:
         tags = None if self.tags is None else self.tags[self.starts[i]:self.starts[i + 1]].tolist()
         return {"tokens": self.words[i].as_py(), "tags": tags}
 
