@@ -170,6 +170,19 @@ class Task:
         return False if self.loss_only else self.greater_is_better
 
 
+def longest_first(lengths: Sequence[int], batch_size: int,
+                  advance: Callable[[int], None] | None = None) -> Iterator[list[int]]:
+    """Row indices in batches of ``batch_size``, longest rows first (batches of similar length
+    need less padding); ``advance(n)`` is called after each batch of ``n`` rows is done. Every
+    task's ``predict`` batches this way and puts its results back in input order."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    for start in range(0, len(order), batch_size):
+        index = order[start:start + batch_size]
+        yield index
+        if advance is not None:
+            advance(len(index))
+
+
 #: The modules that define the built-in tasks, each ending with ``TASKS = (Task(...), ...)``.
 BUILT_IN = (
     "text",  # classification, regression

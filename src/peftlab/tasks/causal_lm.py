@@ -22,7 +22,7 @@ from torch import nn
 
 from peftlab import instruct
 from peftlab.data import Encoded, Split, text_batches
-from peftlab.tasks import ModelSpec, PredictOptions, Task
+from peftlab.tasks import ModelSpec, PredictOptions, Task, longest_first
 
 
 def _model(spec: ModelSpec) -> nn.Module:
@@ -116,11 +116,9 @@ def continue_ids(model: nn.Module, tokenizer: Any, prompts: list[list[int]], opt
     left, so that every prompt ends right where generation starts."""
     model.eval()
     device = next(model.parameters()).device
-    order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
     out = [""] * len(prompts)
     stop = _stop_ids(model, tokenizer)
-    for start in range(0, len(order), options.batch_size):
-        index = order[start:start + options.batch_size]
+    for index in longest_first([len(p) for p in prompts], options.batch_size, advance):
         longest = max(len(prompts[i]) for i in index)
         ids = torch.full((len(index), longest), tokenizer.pad_token_id, dtype=torch.long)
         mask = torch.zeros_like(ids)
@@ -135,8 +133,6 @@ def continue_ids(model: nn.Module, tokenizer: Any, prompts: list[list[int]], opt
                                        pad_token_id=tokenizer.pad_token_id, eos_token_id=stop or None)
         for i, text in zip(index, tokenizer.batch_decode(generated[:, longest:], skip_special_tokens=True)):
             out[i] = text
-        if advance is not None:
-            advance(len(index))
     return out
 
 

@@ -46,7 +46,7 @@ from peftlab.data import (
 from peftlab.errors import DataError
 from peftlab.metrics import require_text_metrics, text_metrics
 from peftlab.predict import generated_texts
-from peftlab.tasks import ModelSpec, PredictOptions, Task
+from peftlab.tasks import ModelSpec, PredictOptions, Task, longest_first
 
 if TYPE_CHECKING:
     import datasets
@@ -235,19 +235,15 @@ def generate(model: nn.Module, tokenizer: Any, split: Split, labels: Sequence[st
     ``max_new_tokens`` tokens for each source (cut at ``max_length`` tokens)."""
     model.eval()
     encoded, _ = tokenize(split, tokenizer, options.max_length)
-    order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i]["input_ids"]))
     device = next(model.parameters()).device
-    out: list[dict[str, Any]] = [{} for _ in order]
-    for start in range(0, len(order), options.batch_size):
-        index = order[start:start + options.batch_size]
+    out: list[dict[str, Any]] = [{} for _ in range(len(encoded))]
+    for index in longest_first(encoded.lengths(), options.batch_size, advance):
         batch = tokenizer.pad([{k: encoded[i][k] for k in ("input_ids", "attention_mask")} for i in index],
                               return_tensors="pt")
         texts = generated_texts(model, tokenizer, {k: v.to(device) for k, v in batch.items()},
                                 options.max_new_tokens)
         for i, text in zip(index, texts):
             out[i] = {"generated": text}
-        if advance is not None:
-            advance(len(index))
     return out
 
 

@@ -24,7 +24,7 @@ from peftlab.data import Split, tokenize_texts
 from peftlab.errors import UsageError
 from peftlab.heads import HEAD_CONFIG, HEAD_FILE, MeanPoolClassifier
 from peftlab.metrics import classification_metrics, regression_metrics
-from peftlab.tasks import ModelSpec, PredictOptions, Task
+from peftlab.tasks import ModelSpec, PredictOptions, Task, longest_first
 
 
 def _model(spec: ModelSpec, regression: bool) -> nn.Module:
@@ -88,17 +88,15 @@ def _outputs(model: nn.Module, tokenizer: Any, split: Split, options: PredictOpt
              advance: Callable[[int], None] | None) -> tuple[list[int], torch.Tensor]:
     """The model's logits for every row, batched longest first; with the row order they are in."""
     encoded, _ = tokenize_texts(split, tokenizer, options.max_length)
-    order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i]["input_ids"]))
     collate = collator(tokenizer)
     device = next(model.parameters()).device
+    order: list[int] = []
     parts = []
-    for start in range(0, len(order), options.batch_size):
-        index = order[start:start + options.batch_size]
+    for index in longest_first(encoded.lengths(), options.batch_size, advance):
         batch = collate([{k: v for k, v in encoded[i].items() if k != "labels"} for i in index])
         with options.routed(model, index):
             parts.append(model(**{k: v.to(device) for k, v in batch.items()}).logits.float().cpu())
-        if advance is not None:
-            advance(len(index))
+        order.extend(index)
     return order, torch.cat(parts) if parts else torch.zeros(0, 1)
 
 
