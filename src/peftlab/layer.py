@@ -195,6 +195,25 @@ def _nonzero(v: torch.Tensor) -> torch.Tensor:
     return torch.where(v.abs() < tiny, torch.full_like(v, tiny), v)
 
 
+def _vectors(scale: tuple[Piece, ...]) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """The product of the scale pieces' ``l_in`` and of their ``l_out`` (``None``: all ones)."""
+    if not scale:
+        return None, None
+    ins, outs = zip(*(p.scales() for p in scale))
+    return (_product([v for v in ins if v is not None]),
+            _product([v for v in outs if v is not None]))
+
+
+def _rows_scaled(t: torch.Tensor, plan: RoutePlan, vectors: list[torch.Tensor | None]) -> torch.Tensor:
+    """``t`` with each example's features multiplied by its group's vector (``None``: ones)."""
+    if all(v is None for v in vectors):
+        return t
+    ones = t.new_ones(t.shape[-1])
+    rows = torch.cat([(ones if v is None else v.to(t.dtype)).expand(len(ix), -1)
+                      for (ix, _), v in zip(plan.groups, vectors)]).index_select(0, plan.order)
+    return t * rows.view(t.shape[0], *(1,) * (t.dim() - 2), t.shape[-1])
+
+
 def _product(vectors: list[torch.Tensor]) -> torch.Tensor | None:
     out = None
     for v in vectors:
@@ -262,11 +281,8 @@ class AdaptedLayer(nn.Module):
         return self._run(x, self._scale, self._delta, self._post, self._fusion)
 
     def _run(self, x, scale, delta, post, fusion) -> torch.Tensor:
-        l_in = l_out = None
+        l_in, l_out = _vectors(scale)
         if scale:
-            ins, outs = zip(*(p.scales() for p in scale))
-            l_in = _product([v for v in ins if v is not None])
-            l_out = _product([v for v in outs if v is not None])
             y = self._scaled(x, l_in, l_out)
         else:
             # One LoRA alone on a frozen projection: base and update in one autograd node.
@@ -275,6 +291,10 @@ class AdaptedLayer(nn.Module):
             if y is not None:
                 return self._post_pieces(y, post)
             y = self.base(x)
+        return self._after_base(y, x, l_in, l_out, delta, post, fusion)
+
+    def _after_base(self, y, x, l_in, l_out, delta, post, fusion) -> torch.Tensor:
+        """The delta, post and fusion pieces on ``y``, the (scaled) base output for input ``x``."""
         base_out = y
         if delta:
             xs = x if l_in is None else x * l_in
@@ -305,9 +325,10 @@ class AdaptedLayer(nn.Module):
 
     def plan_route(self, entries: list[tuple[str, ...]], device: torch.device) -> RoutePlan:
         """Group the examples (one tuple of adapter names each) by the pieces they run here."""
+        pieces = {names: self.resolve(names) for names in dict.fromkeys(entries)}
         groups: dict[Active, list[int]] = {}
         for i, names in enumerate(entries):
-            groups.setdefault(self.resolve(names), []).append(i)
+            groups.setdefault(pieces[names], []).append(i)
         if len(groups) == 1:
             return RoutePlan(len(entries), ((None, next(iter(groups))),), None)
         index = [torch.tensor(ix, device=device) for ix in groups.values()]
@@ -315,13 +336,26 @@ class AdaptedLayer(nn.Module):
         return RoutePlan(len(entries), tuple(zip(index, groups)), order)
 
     def _routed(self, x: torch.Tensor, plan: RoutePlan) -> torch.Tensor:
+        """The batch through its groups' pieces. The frozen projection runs once for the whole
+        batch, with each example's (IA)³ input vector applied to its rows of ``x``; the rest (the
+        output vector, delta, post and fusion pieces) runs group by group on the group's rows. A
+        mixed batch so costs one large product plus each group's small pieces, not one product
+        per group."""
         if x.shape[0] != plan.batch:
             raise AdapterStateError(
                 f"routing was set for {plan.batch} examples, but a layer got a batch of "
                 f"{x.shape[0]} (the model must keep the batch as the first dimension)")
-        outs = [self._run(x if ix is None else x.index_select(0, ix), *active)
-                for ix, active in plan.groups]
-        return outs[0] if plan.order is None else torch.cat(outs).index_select(0, plan.order)
+        if plan.order is None:
+            return self._run(x, *plan.groups[0][1])
+        vectors = [_vectors(active.scale) for _, active in plan.groups]
+        y = self.base(_rows_scaled(x, plan, [l_in for l_in, _ in vectors]))
+        outs = []
+        for (ix, active), (l_in, l_out) in zip(plan.groups, vectors):
+            y_g = y.index_select(0, ix)
+            x_g = x.index_select(0, ix) if active.delta or active.fusion else None
+            outs.append(self._after_base(y_g if l_out is None else y_g * l_out, x_g, l_in, l_out,
+                                         active.delta, active.post, active.fusion))
+        return torch.cat(outs).index_select(0, plan.order)
 
     @staticmethod
     def _post_pieces(y: torch.Tensor, post: tuple[Piece, ...]) -> torch.Tensor:
