@@ -155,12 +155,12 @@ def trivial_scores(report: dict[str, Any]) -> dict[str, float]:
 
 
 def targets(report: dict[str, Any], command: str, seconds: float, preset: str,
-            other: dict[str, Any] | None = None) -> str:
+            other: dict[str, Any] | None = None, title: str = "GLUE-small targets") -> str:
     """The issue's targets against this report, with the numbers; ``other``: a second report whose
     full fine-tuning is another baseline (same tasks)."""
     scores = report["summary"]["scores"]
     trivial = trivial_scores(report)
-    lines = ["# GLUE-small targets", "", "```", command, "```", "",
+    lines = [f"# {title}", "", "```", command, "```", "",
              f"Wall time: {seconds / 60:.1f} min ({report['machine'].get('torch_threads')} torch threads, "
              f"{report['machine'].get('cpu_count')} CPUs). Equivalent: `{report['command']}`.", ""]
     lines.append("A constant prediction scores " + ", ".join(f"{t} {100 * v:.1f}" for t, v in trivial.items())

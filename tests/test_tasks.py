@@ -89,3 +89,38 @@ def test_an_unknown_task_is_refused_before_anything_is_written(work, tmp_path):
                                  "--task", "f1-classification", "--out", str(tmp_path / "bad")])
     assert result.exit_code == 2 and "classification" in result.output
     assert not (tmp_path / "bad").exists()
+
+
+# ---- --task auto: the columns name the task ------------------------------------------------------
+AUTO_CASES = [
+    ([{"text": "a fine day", "label": "pos"}, {"text": "a dull day", "label": "neg"}], "classification"),
+    ([{"text": "a fine day", "label": 0.5}, {"text": "a dull day", "label": 1.5}], "regression"),
+    ([{"text": "a fine day", "target": "pos"}, {"text": "a dull day", "target": "neg"}], "classification"),
+    ([{"prompt": "2+2=", "completion": "4"}], "causal-lm"),
+    ([{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}],
+     "causal-lm"),
+    ([{"tokens": ["John", "lives", "here"], "ner_tags": ["B-PER", "O", "O"]}], "token-classification"),
+    ([{"document": "a long text about cats", "summary": "cats"}], "seq2seq"),
+    ([{"source": "hello", "target": "bonjour"}], "seq2seq"),
+]
+
+
+@pytest.mark.parametrize(("rows", "task"), AUTO_CASES, ids=[t for _, t in AUTO_CASES])
+def test_auto_reads_the_task_from_the_columns(tmp_path, rows, task):
+    from peftlab.data import load_task
+
+    for split in ("train", "validation"):
+        _write_jsonl(tmp_path / f"{split}.jsonl", rows)
+    assert load_task(tmp_path).task == task
+
+
+def test_columns_that_fit_two_tasks_are_refused_with_the_choice(tmp_path):
+    from peftlab.data import load_task
+    from peftlab.errors import DataError
+
+    row = {"tokens": ["hi"], "tags": ["O"], "prompt": "say hi", "completion": "hi"}
+    for split in ("train", "validation"):
+        _write_jsonl(tmp_path / f"{split}.jsonl", [row])
+    with pytest.raises(DataError, match=r"fit several tasks \(causal-lm, token-classification\); choose one "
+                                        "with --task"):
+        load_task(tmp_path)

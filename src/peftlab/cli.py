@@ -76,9 +76,10 @@ def train(
         "--set", help="Method setting as key=value, repeatable (e.g. --set r=16 --set targets=query,value).")
     ] = None,
     task: Annotated[str, typer.Option(
-        help="auto (int labels: classification, float: regression), classification, regression, "
-             "causal-lm (rows of text, prompt/completion, or chat messages), "
-             "token-classification, seq2seq.")] = "auto",
+        help="auto (prompt/completion or messages rows: causal-lm; tokens+tags: token-classification; "
+             "document/summary or source/target: seq2seq; else int labels: classification, float: "
+             "regression), classification, regression, causal-lm (rows of text, prompt/completion, or "
+             "chat messages), token-classification, seq2seq.")] = "auto",
     epochs: Annotated[float, typer.Option(help="Passes over the training data.")] = 3.0,
     lr: Annotated[str | None, typer.Option(
         help="Learning rate (default: the method's, see docs), or 'auto': chosen by successive halving "

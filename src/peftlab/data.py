@@ -738,6 +738,8 @@ def load_task(source: str | Path | DataSource, splits: tuple[str, ...] = ("train
     if task not in ("auto", *REGISTRY):
         raise DataError(f"unknown task {task!r}; use one of auto, {', '.join(REGISTRY)}")
     src = DataSource.of(source)
+    if task == "auto" and labelled:
+        task = recognized_task(src, splits[0]) or task
     unread = [o for o in RENDERING if getattr(src, o) is not None
               and (task == "auto" or o not in REGISTRY[task].data_options)]
     if unread:
@@ -748,6 +750,23 @@ def load_task(source: str | Path | DataSource, splits: tuple[str, ...] = ("train
         return REGISTRY[task].load(src, splits=splits, max_samples=max_samples, num_labels=num_labels,
                                    labels=labels, labelled=labelled)
     return load_texts(src, splits, task, max_samples, num_labels, labels, labelled)
+
+
+def recognized_task(source: DataSource, split: str) -> str | None:
+    """The task whose :attr:`~peftlab.tasks.Task.recognizes` claims the columns of ``split``, or
+    ``None`` (text/label rows, or data that cannot be opened: the loader then says why)."""
+    from peftlab.tasks import REGISTRY
+
+    try:
+        ds, where = _Opened(source, (split,)).split(split, source.label_column)
+    except DataError:
+        return None
+    names = frozenset(ds.column_names)
+    found = [name for name, t in REGISTRY.items() if t.recognizes is not None and t.recognizes(names)]
+    if len(found) > 1:
+        raise DataError(f"{where.path}: columns {sorted(names)} fit several tasks ({', '.join(found)}); "
+                        "choose one with --task")
+    return found[0] if found else None
 
 
 def _options(names: Sequence[str]) -> str:

@@ -140,6 +140,10 @@ class Task:
     data_options: tuple[str, ...] = ()
     #: Whether ``predict`` runs each row with its own adapter under ``PredictOptions.routing``.
     routes: bool = False
+    #: For ``--task auto``: whether a dataset with these column names is unmistakably this task's
+    #: (``None``: never chosen by columns; text/label rows are classification or regression by
+    #: their labels).
+    recognizes: Callable[[frozenset[str]], bool] | None = None
 
     def score(self, outputs: np.ndarray, labels: np.ndarray, num_labels: int,
               names: Sequence[str] | None = None) -> dict[str, float]:

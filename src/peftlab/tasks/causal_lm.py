@@ -141,5 +141,6 @@ TASKS = (
          primary="perplexity", greater_is_better=False, model=_model, heads=lambda model: (),
          tokenize=tokenize, collator=collator, predict=generate, labelled="text", load=instruct.load,
          data_options=("chat_template", "loss_on"),
-         architectures=("ForCausalLM", "LMHeadModel"), routes=True),
+         architectures=("ForCausalLM", "LMHeadModel"), routes=True,
+         recognizes=lambda names: {"prompt", "completion"} <= names or "messages" in names),
 )

@@ -57,6 +57,17 @@ SOURCE_COLUMNS = ("text", "source", "document", "article", "dialogue", "input", 
 TARGET_COLUMNS = ("target", "summary", "highlights", "output", "tgt")
 
 
+def recognizes(names: frozenset[str]) -> bool:
+    """A source column and a target column that no other task uses: ``summary``, ``highlights``
+    or ``tgt``, or ``target`` beside ``source``/``src``. ``text``/``target`` rows can be class
+    labels, and ``output`` is instruction data's (``instruction``/``input``/``output``) too, so
+    those need ``--task seq2seq``."""
+    if names & {"label", "score"} or not names & set(SOURCE_COLUMNS):
+        return False
+    return bool(names & {"summary", "highlights", "tgt"}) or (
+        "target" in names and bool(names & {"source", "src"}))
+
+
 class Examples(Sequence[dict[str, Any]]):
     """A split's validated rows as ``{"text", "target"}`` dicts, read on demand from Arrow columns
     (memory-mapped for files); ``target`` is ``None`` in unlabelled data."""
@@ -251,5 +262,6 @@ TASKS = (
     Task(name="seq2seq", about="a text -> a text (summaries, translations): T5, BART, Marian, ...",
          primary="rougeL", greater_is_better=True, model=_model, heads=lambda model: (),
          tokenize=tokenize, collator=collator, predict=generate, text_metrics=text_metrics, load=load,
-         labelled="target", architectures=("ForConditionalGeneration", "MarianMTModel", "ForTextToText")),
+         labelled="target", architectures=("ForConditionalGeneration", "MarianMTModel", "ForTextToText"),
+         recognizes=recognizes),
 )

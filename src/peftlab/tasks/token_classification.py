@@ -536,5 +536,6 @@ TASKS = (
          primary="f1", greater_is_better=True, model=_model, heads=heads, tokenize=tokenize,
          collator=collator, predict=predict, metrics=_metrics, named_metrics=named_metrics,
          predicted=lambda logits: np.asarray(logits).argmax(-1), load=load,
-         architectures=("ForTokenClassification",)),
+         architectures=("ForTokenClassification",),
+         recognizes=lambda names: bool(names & set(WORD_COLUMNS)) and bool(names & set(TAG_COLUMNS))),
 )
