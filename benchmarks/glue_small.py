@@ -197,7 +197,8 @@ def targets(report: dict[str, Any], command: str, seconds: float, preset: str,
                          f"{100 * fu['mean']:.1f} ({gain:+.1f}; paper, BERT-base: {paper}): "
                          + ("met" if gain > 0 else "MISSED")
                          + (f" — but both are within 2 points of the trivial predictor ({100 * floor:.1f}): "
-                            "no evidence either way" if weak else ""))
+                            "no evidence either way" if weak else "")
+                         + _significance(report["summary"].get("fusion_gain_ci95", {}).get(task)))
         else:
             lines.append(f"- Fusion vs single-task Pfeiffer on {task}: not measured")
     if preset == "everyday":
@@ -206,6 +207,15 @@ def targets(report: dict[str, Any], command: str, seconds: float, preset: str,
     if report.get("skipped"):
         lines.append(f"\n{len(report['skipped'])} run(s) skipped; see report.md.")
     return "\n".join(lines) + "\n"
+
+
+def _significance(paired: dict[str, Any] | None) -> str:
+    """``; paired 95% interval [-1.2, +2.5] points: not significant`` (empty when not measured)."""
+    if not paired or any(v != v for v in paired["ci95"]):
+        return ""
+    low, high = (100 * v for v in paired["ci95"])
+    return (f"; paired 95% interval of the gain [{low:+.1f}, {high:+.1f}] points over {paired['seeds']} "
+            f"seed(s): {'significant' if paired['significant'] else 'not significant'}")
 
 
 if __name__ == "__main__":

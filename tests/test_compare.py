@@ -101,7 +101,7 @@ def test_compare_writes_report_files_and_plots(compared):
 
 
 def test_every_measured_column_is_a_finite_number(compared):
-    _, report = compared
+    out, report = compared
     meas = report["measurements"]
     assert set(meas) == {"ia3", "fusion", "full"}
     for method, m in meas.items():
@@ -123,7 +123,11 @@ def test_every_measured_column_is_a_finite_number(compared):
             assert 0.0 <= cell["mean"] <= 1.0 and cell["n"] == 1 and cell["std"] == 0.0
         assert math.isfinite(scores[method]["average"])
     for task in ("sent", "pairs"):
-        assert math.isfinite(report["summary"]["fusion_gain"][task])
+        gain, paired = report["summary"]["fusion_gain"][task], report["summary"]["fusion_gain_ci95"][task]
+        low, high = paired["ci95"]
+        assert math.isfinite(gain) and low <= gain <= high and paired["seeds"] == 1
+        assert paired["significant"] == (low > 0 or high < 0)
+    assert "Δ 95% interval (paired)" in (out / "report.md").read_text()
     assert report["versions"]["peftlab"] == peftlab.__version__ and report["machine"]["cpu_count"]
 
 

@@ -701,6 +701,34 @@ def test_bootstrap_intervals_cover_the_true_score_about_95_percent_of_the_time()
     assert 0.90 <= hits / trials <= 0.99
 
 
+def test_paired_intervals_cover_the_true_gain_and_see_what_overlapping_intervals_hide():
+    """A is right 75% of the time; B is A with a random fifth of A's errors fixed: a true gain of
+    0.25 · 0.2 = 5 points, on the same examples. The paired interval of B − A covers the true
+    gain about 95% of the time and excludes 0, while B's and A's own intervals overlap."""
+    import numpy as np
+
+    from peftlab.metrics import bootstrap_ci
+
+    rng = np.random.default_rng(1)
+    hits, excludes_zero, overlaps, trials = 0, 0, 0, 120
+    for t in range(trials):
+        labels = rng.integers(0, 2, 500)
+        a = np.where(rng.random(500) < 0.75, labels, 1 - labels)
+        b = np.where((a != labels) & (rng.random(500) < 0.2), labels, a)
+        true_gain = 0.05
+        low, high = bootstrap_ci("classification", "accuracy", [(b, labels)], resamples=300, seed=t,
+                                 against=[(a, labels)])
+        hits += low <= true_gain <= high
+        excludes_zero += low > 0
+        a_ci = bootstrap_ci("classification", "accuracy", [(a, labels)], resamples=300, seed=t)
+        b_ci = bootstrap_ci("classification", "accuracy", [(b, labels)], resamples=300, seed=t)
+        overlaps += b_ci[0] <= a_ci[1]
+    assert 0.88 <= hits / trials <= 0.995
+    assert excludes_zero / trials > 0.9 and overlaps / trials > 0.9
+    with pytest.raises(ValueError, match="same examples"):
+        bootstrap_ci("classification", "accuracy", [(a, labels)], against=[(a, 1 - labels)])
+
+
 @pytest.mark.parametrize("classes, num_classes", [(2, None), (3, None), (3, 4), (2, 2)])
 def test_classification_metrics_equal_scikit_learns(classes, num_classes):
     """peftlab computes them from the confusion matrix, without importing scikit-learn; they must

@@ -323,8 +323,9 @@ def test_other_tasks_refuse_the_rendering_options(tmp_path):
 def test_instruction_rows_train_without_task(llama, tmp_path):
     """--task auto recognises messages (and prompt/completion) rows as causal-LM data."""
     data = _rows(tmp_path / "data", [{"messages": CONVERSATION}])
-    result = runner.invoke(app, ["train", "--model", str(llama["chat"]), "--data", str(data), "--method", "lora",
-                                 "--epochs", "1", "--out", str(tmp_path / "run"), "--quiet"])
+    result = runner.invoke(app, ["train", "--model", str(llama["chat"]), "--data", str(data),
+                                 "--method", "lora", "--epochs", "1", "--out", str(tmp_path / "run"),
+                                 "--quiet"])
     assert result.exit_code == 0, result.output + repr(result.exception)
     assert json.loads((tmp_path / "run" / "metrics.json").read_text())["task"] == "causal-lm"
 

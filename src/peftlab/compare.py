@@ -36,6 +36,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from rich.console import Console
 
@@ -611,8 +612,9 @@ def summarize(report: dict[str, Any]) -> dict[str, Any]:
     """Per method and task: ``score`` (mean over seeds), ``std``, ``n``, ``ci95`` (a bootstrap
     interval over validation examples and seeds, :func:`peftlab.metrics.bootstrap_ci`), ``lr``,
     ``steps`` and ``rank`` (ties wherever intervals overlap); each method's average over tasks
-    (only when it has every task); fusion minus its stage-1 adapter per task; and, per task,
-    whether the ranking found any significant difference."""
+    (only when it has every task); fusion minus its stage-1 adapter per task, with a paired
+    interval (``fusion_gain_ci95``); and, per task, whether the ranking found any significant
+    difference."""
     runs: dict[str, dict[str, list[dict[str, Any]]]] = {}
     for r in report["runs"]:
         runs.setdefault(r["method"], {}).setdefault(r["task"], []).append(r)
@@ -636,14 +638,41 @@ def summarize(report: dict[str, Any]) -> dict[str, Any]:
         if level is not None:
             constant[task] = level
             learned[task] = {m: bool(iv[0] > level) for m, iv in intervals.items()}
-    gains = {}
+    gains, gain_intervals = {}, {}
     single = scores.get(FUSION_MEMBER_METHOD, {}).get("tasks", {})
     for task, cell in scores.get(FUSION, {}).get("tasks", {}).items():
         if task in single:
             gains[task] = cell["mean"] - single[task]["mean"]
-    return {"scores": scores, "fusion_gain": gains, "significant_difference": significant,
-            "constant": constant, "above_constant": learned,
+            gain_intervals[task] = _gain_interval(
+                report, task, runs[FUSION][task], runs[FUSION_MEMBER_METHOD][task],
+                report.get("summary", {}).get("fusion_gain_ci95", {}).get(task))
+    return {"scores": scores, "fusion_gain": gains, "fusion_gain_ci95": gain_intervals,
+            "significant_difference": significant, "constant": constant, "above_constant": learned,
             "fusion_gain_mean": statistics.mean(gains.values()) if gains else None}
+
+
+def _gain_interval(report: dict[str, Any], task: str, fused: list[dict[str, Any]],
+                   single: list[dict[str, Any]], previous: dict[str, Any] | None) -> dict[str, Any]:
+    """The fusion's gain over its single-task adapter on ``task``: a paired bootstrap interval over
+    the seeds both have (and the validation examples), and whether it excludes 0."""
+    from peftlab.train import PREDICTIONS_FILE, read_predictions
+
+    by_seed = {r["seed"]: r["run_dir"] for r in single}
+    pairs = sorted((r["run_dir"], by_seed[r["seed"]]) for r in fused if r["seed"] in by_seed)
+    dirs = [list(p) for p in pairs]
+    if previous and previous.get("runs") == dirs:
+        return previous
+    found = [(read_predictions(Path(a)), read_predictions(Path(b))) for a, b in pairs
+             if (Path(a) / PREDICTIONS_FILE).is_file() and (Path(b) / PREDICTIONS_FILE).is_file()]
+    info = report["tasks"][task]
+    # Predictions are saved in the eval set's order (longest first), the same for every run of a
+    # task. Earlier runs were saved in the order of transformers' length-grouped eval sampler,
+    # shuffled by the seed; those cannot be paired and get no interval.
+    same = all(np.array_equal(f[1], s[1]) for f, s in found)
+    ci = (bootstrap_ci(info["task"], fused[0]["metric"], [f for f, _ in found], info["num_labels"] or None,
+                       against=[s for _, s in found])
+          if found and len(found) == len(pairs) and same else (math.nan, math.nan))
+    return {"ci95": list(ci), "significant": bool(ci[0] > 0 or ci[1] < 0), "seeds": len(pairs), "runs": dirs}
 
 
 def _constant_level(report: dict[str, Any], task: str) -> float | None:

@@ -214,26 +214,40 @@ def _correlation(metric: str, predictions: np.ndarray, labels: np.ndarray) -> fl
 
 
 def bootstrap_ci(task: str, metric: str, runs: list[tuple[np.ndarray, np.ndarray]],
-                 num_classes: int | None = None, resamples: int = 1000,
-                 seed: int = 0) -> tuple[float, float]:
+                 num_classes: int | None = None, resamples: int = 1000, seed: int = 0,
+                 against: list[tuple[np.ndarray, np.ndarray]] | None = None) -> tuple[float, float]:
     """95% percentile-bootstrap interval of the mean score over ``runs`` (one ``(predictions,
     labels)`` pair per seed). With one seed the validation examples are resampled; with several,
     the seeds are resampled and then the examples of each drawn seed (a two-level bootstrap), so
     the interval holds both the seed-to-seed and the finite-validation-set variation. A resample
-    whose metric is undefined (a constant prediction has no correlation) is left out."""
+    whose metric is undefined (a constant prediction has no correlation) is left out.
+
+    ``against``: another method's runs on the same examples, paired with ``runs`` by position
+    (seed). The interval is then of the difference ``runs − against``, each resample drawing the
+    same seeds and examples for both: a paired bootstrap, which sees a consistent gain that two
+    overlapping intervals would hide. The difference is significant where it excludes 0."""
     if not runs:
         return (math.nan, math.nan)
     rng = np.random.default_rng(seed)
     runs = [(np.asarray(p), np.asarray(y)) for p, y in runs]
+    others = [(np.asarray(p), np.asarray(y)) for p, y in against] if against is not None else None
+    if others is not None and (len(others) != len(runs) or any(
+            len(y) != len(z) or not np.array_equal(y, z) for (_, y), (_, z) in zip(runs, others))):
+        raise ValueError("a paired interval needs runs on the same examples, with equal labels, in pairs")
     if task == "classification" and num_classes is None:
-        num_classes = max(2, *(int(max(p.max(initial=0), y.max(initial=0))) + 1 for p, y in runs))
+        num_classes = max(2, *(int(max(p.max(initial=0), y.max(initial=0))) + 1
+                               for p, y in runs + (others or [])))
     means = []
     for _ in range(resamples):
-        drawn = [runs[i] for i in rng.integers(len(runs), size=len(runs))] if len(runs) > 1 else runs
+        drawn = rng.integers(len(runs), size=len(runs)) if len(runs) > 1 else range(len(runs))
         values = []
-        for predictions, labels in drawn:
+        for i in drawn:
+            predictions, labels = runs[i]
             idx = rng.integers(len(labels), size=len(labels))
-            values.append(score(task, metric, predictions[idx], labels[idx], num_classes))
+            value = score(task, metric, predictions[idx], labels[idx], num_classes)
+            if others is not None:
+                value -= score(task, metric, others[i][0][idx], labels[idx], num_classes)
+            values.append(value)
         if all(math.isfinite(v) for v in values):
             means.append(float(np.mean(values)))
     if not means:

@@ -216,6 +216,15 @@ def numeric_rows(report: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     return header, rows
 
 
+def _gain_text(paired: dict[str, Any] | None) -> str:
+    """``[+0.5, +3.1]: significant`` for a fusion's paired gain interval."""
+    if not paired or not all(_finite(v) for v in paired["ci95"]):
+        return "n/a"
+    low, high = (100 * v for v in paired["ci95"])
+    verdict = "significant" if paired["significant"] else "no significant difference"
+    return f"[{low:+.1f}, {high:+.1f}]: {verdict}"
+
+
 def _md_table(header: list[str], rows: list[list[str]], numeric: bool = True) -> list[str]:
     def esc(x: str) -> str:
         return x.replace("|", "\\|")
@@ -290,9 +299,14 @@ def markdown(report: dict[str, Any], plots: list[str] | None = None) -> str:
                   f"Stage 1: a Pfeiffer adapter per task. Stage 2: for each target task, a fusion of all "
                   f"{len(tasks)} tasks' stage-1 adapters, trained with the head on the target task "
                   f"(lr {s['fusion_lr']:g}).", ""]
-        lines += _md_table(["task", "single-task Pfeiffer", "Fusion", "Δ points"],
+        paired = report.get("summary", {}).get("fusion_gain_ci95", {})
+        lines += _md_table(["task", "single-task Pfeiffer", "Fusion", "Δ points", "Δ 95% interval (paired)"],
                            [[t, cell(pf.get(t)), cell(fu.get(t)),
-                             f"{100 * gains[t]:+.1f}" if _finite(gains.get(t)) else "n/a"] for t in tasks])
+                             f"{100 * gains[t]:+.1f}" if _finite(gains.get(t)) else "n/a",
+                             _gain_text(paired.get(t))] for t in tasks])
+        lines += ["", "The interval resamples the validation examples (and seeds) the two share, the same "
+                  "draws for both, so it measures the difference itself; where it excludes 0 the "
+                  "difference is significant, otherwise there is no significant difference."]
     lines += learning_rate_lines(report)
     if plots:
         lines += ["", "## Plots", ""] + [f"![{p}]({p})" for p in plots]

@@ -380,6 +380,16 @@ def _make_trainer_class(adapter_run: bool, generates: bool = False) -> type:
         def evaluate(self, *args: Any, **kwargs: Any) -> Any:
             return super().evaluate(*args, **{**self.generation, **kwargs})
 
+        def _get_eval_sampler(self, eval_dataset: Any) -> Any:
+            # In order: the eval sets are already longest first, and transformers' length-grouped
+            # eval sampler (on with group_by_length) would shuffle them by the seed, so saved
+            # predictions of different runs could not be paired example by example.
+            from transformers.trainer_utils import has_length
+
+            if eval_dataset is None or not has_length(eval_dataset) or self.args.world_size > 1:
+                return super()._get_eval_sampler(eval_dataset)
+            return torch.utils.data.SequentialSampler(eval_dataset)
+
         def compute_loss(self, model: nn.Module, inputs: dict[str, Any], return_outputs: bool = False,
                          num_items_in_batch: Any = None) -> Any:
             result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
