@@ -117,15 +117,15 @@ def texts(n: int) -> list[str]:
 def offline(model_dir: str, folder: Path, names: list[str], pool: list[str]) -> dict[tuple[str, str], dict]:
     """What ``peftlab predict`` gives each adapter alone, for every text of ``pool``."""
     import peftlab
-    from peftlab.cli import _Trained
     from peftlab.data import Split
     from peftlab.predict import predict_split
     from peftlab.train import load_model
+    from peftlab.trained import Trained
 
     out = {}
     rows = [{"text": t, "text_pair": None} for t in pool]
     for name in names:
-        trained = _Trained(folder / name)
+        trained = Trained(folder / name)
         model, tokenizer, _ = load_model(model_dir, "classification", 2, trained.pooling(), trained.labels())
         for member in FUSED if name == "fusion" else ():
             peftlab.attach(model).load(folder / member, with_extras=False)

@@ -30,13 +30,14 @@ from test_cli import _save_bert, _tokenizer
 from typer.testing import CliRunner
 
 import peftlab
-from peftlab.cli import _Trained, app
+from peftlab.cli import app
 from peftlab.data import Split
 from peftlab.errors import UsageError
 from peftlab.heads import set_label_names
 from peftlab.predict import RowRouting, predict_split
 from peftlab.serve import Batcher, Job, Pool, ServeError, Server, create_app
 from peftlab.train import load_model, task_head
+from peftlab.trained import Trained
 
 KINDS = {
     "lora": lambda: peftlab.LoRAConfig(r=4),
@@ -85,7 +86,7 @@ def _pool(saved: dict, names: list[str] | None = None, **options) -> Pool:
 
 def _offline(saved: dict, name: str, texts: list[str]) -> list[dict]:
     """What ``peftlab predict`` gives adapter ``name`` alone (a fusion: its members loaded first)."""
-    trained = _Trained(saved["root"] / name)
+    trained = Trained(saved["root"] / name)
     model, tokenizer, _ = load_model(str(saved["model"]), "classification", 2, "cls", trained.labels())
     adapters = peftlab.attach(model)
     for member in FUSED if name == "fusion" else ():
@@ -257,7 +258,7 @@ def test_regression_values_of_mixed_adapters_equal_each_alone(tmp_path):
     rows = [{"text": t, "text_pair": None} for t in TEXTS]
     for name in ("lora", "compacter"):
         fresh, fresh_tokenizer, _ = load_model(str(folder), "regression", 1, "cls")
-        _Trained(tmp_path / name).attach_to(fresh)
+        Trained(tmp_path / name).attach_to(fresh)
         alone = predict_split(fresh, fresh_tokenizer, "regression", Split("x", Path("x"), rows), None)
         got = [out[0]["value"] for (a, _), out in zip(asked, outputs) if a == name]
         assert got == pytest.approx([r["value"] for r in alone], abs=1e-5)

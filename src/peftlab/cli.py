@@ -22,6 +22,7 @@ from typing import Annotated, Any
 import typer
 
 from peftlab.errors import NonFiniteLossError, PeftlabError, UsageError
+from peftlab.trained import Trained, predict_task
 
 app = typer.Typer(
     name="peftlab", no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
@@ -179,150 +180,6 @@ def _leave_process_group() -> None:
         dist.destroy_process_group()
 
 
-# ---- finding what a path holds --------------------------------------------------------------------
-class _Trained:
-    """What ``--adapter PATH`` points at: a run directory, an adapter directory, or a fully
-    fine-tuned model folder; with the run's record when there is one."""
-
-    def __init__(self, path: Path) -> None:
-        from peftlab.io import CONFIG_FILE
-        from peftlab.train import ADAPTER_DIR, MODEL_DIR, RUN_FILE
-
-        path = Path(path)
-        self.adapter: Path | None = None
-        self.full_model: Path | None = None
-        self.run: dict[str, Any] = {}
-        run_dir = None
-        if (path / RUN_FILE).is_file():
-            run_dir = path
-            if (path / ADAPTER_DIR / CONFIG_FILE).is_file():
-                self.adapter = path / ADAPTER_DIR
-            elif (path / MODEL_DIR / "config.json").is_file():
-                self.full_model = path / MODEL_DIR
-            else:
-                raise UsageError(f"{path} is a run that has not finished (no {ADAPTER_DIR}/ or "
-                                 f"{MODEL_DIR}/); finish it with peftlab train --resume")
-        elif (path / CONFIG_FILE).is_file():
-            self.adapter = path
-            run_dir = path.parent if (path.parent / RUN_FILE).is_file() else None
-        elif (path / "config.json").is_file():
-            self.full_model = path
-            run_dir = path.parent if (path.parent / RUN_FILE).is_file() else None
-        elif not path.exists():
-            raise UsageError(f"{path} does not exist; pass a run directory or an adapter directory")
-        else:
-            raise UsageError(f"{path} is not an adapter directory (no {CONFIG_FILE}) nor a run "
-                             "directory; pass what peftlab train wrote")
-        if run_dir is not None:
-            try:
-                self.run = json.loads((run_dir / RUN_FILE).read_text())
-            except (OSError, ValueError):
-                self.run = {}
-        self.run_dir = run_dir
-        self.config: dict[str, Any] = {}
-        if self.adapter is not None:
-            from peftlab.io import read_config
-
-            self.config = read_config(self.adapter)
-
-    def base_model(self, given: str | None) -> str:
-        if self.full_model is not None:
-            return str(self.full_model)
-        model = given or self.run.get("args", {}).get("model")
-        if not model:
-            raise UsageError("pass --model: the base model the adapter was trained on (no run.json "
-                             "next to the adapter records it)")
-        return str(model)
-
-    def attach_to(self, model: Any, name: str | None = None) -> str:
-        """Load the adapter into ``model`` (as ``name``, default: its own) after checking it was
-        trained on this base model; returns the adapter's name (activated)."""
-        from peftlab import attach
-        from peftlab.io import fingerprint
-
-        adapters = attach(model)
-        assert self.adapter is not None
-        name = adapters.load(self.adapter, name)
-        adapters.activate(name)
-        recorded = self.config.get("base_model", {})
-        current = fingerprint(model, adapters)
-        if isinstance(recorded, dict) and recorded.get("shape_sha256") not in (None, current["shape_sha256"]):
-            raise UsageError(
-                f"{self.adapter} was trained on a different base model (parameter shapes differ: "
-                f"{recorded.get('parameters')} vs {current['parameters']} base parameters); pass "
-                "the --model it was trained on")
-        return name
-
-    def pooling(self) -> str:
-        """How the trained head reads the backbone: recorded in the adapter (``cls`` for adapters
-        from before pooling was recorded); a full model folder declares its own."""
-        if self.adapter is None:
-            return "auto"
-        head = self.config.get("head")
-        return str(head.get("pooling", "cls")) if isinstance(head, dict) else "cls"
-
-    def labels(self) -> list[str] | None:
-        """The class names of a classification head, in id order: recorded in the adapter, the
-        run, or a full model's config.json; ``None`` where none are recorded (older adapters)."""
-        from peftlab.heads import check_label_names
-
-        if self.adapter is not None and "id2label" in self.config:
-            return check_label_names(self.config["id2label"], str(self.adapter))
-        if isinstance(self.run.get("labels"), list):
-            return [str(n) for n in self.run["labels"]]
-        if self.full_model is not None and not self.run:
-            config = json.loads((self.full_model / "config.json").read_text())
-            if config.get("problem_type") != "regression" and isinstance(config.get("id2label"), dict):
-                return check_label_names(config["id2label"], str(self.full_model / "config.json"))
-        return None
-
-    def load(self, model: str | None, task: str, num_labels: int,
-             labels: tuple[str, ...] | list[str] | None) -> tuple[Any, Any, str]:
-        """The trained model, ready to run: the base model with the adapter attached (or the
-        fully fine-tuned model), its tokenizer, and the base model's id."""
-        from peftlab.train import load_model
-
-        model_id = self.base_model(model)
-        net, tokenizer, _ = load_model(model_id, task, num_labels, self.pooling(), labels)
-        self.restore_template(tokenizer)
-        if self.adapter is not None:
-            self.attach_to(net)
-        return net, tokenizer, model_id
-
-    def restore_template(self, tokenizer: Any) -> None:
-        """Give ``tokenizer`` the chat template that the run rendered its rows with."""
-        if self.run.get("chat_template"):
-            tokenizer.chat_template = self.run["chat_template"]
-
-    def task_and_labels(self, data_task: str) -> tuple[str, int | None]:
-        """The task and head size recorded by the run, else by a full model's config.json (so
-        that a head is never silently re-initialised), else left to the data."""
-        if self.run.get("task"):
-            task = self.run["task"]
-            return task, self.run.get("num_labels") or None  # 0: a task without classes
-        if self.full_model is not None:
-            config = json.loads((self.full_model / "config.json").read_text())
-            known = _saved_task(config)
-            if known is not None and known.labelled not in ("class", "value"):
-                return known.name, None  # a language model's config may still hold an id2label
-            if config.get("problem_type") == "regression":
-                return "regression", 1
-            labels = config.get("id2label")
-            if isinstance(labels, dict) and data_task != "causal-lm":
-                named = known.name if known is not None and known.labelled == "class" else "classification"
-                return (data_task if data_task != "auto" else named), len(labels)
-        return data_task, None
-
-
-def _saved_task(config: dict[str, Any]) -> Any:
-    """The task of a saved full model, from its architecture (``BertForTokenClassification``);
-    ``None`` when no task knows it."""
-    from peftlab.tasks import REGISTRY
-
-    names = [str(a) for a in config.get("architectures") or []]
-    return next((t for t in REGISTRY.values() if any(a.endswith(t.architectures) for a in names)), None)
-
-
 def _has_classes(task: str) -> bool:
     """Whether ``task``'s head names its classes (the names a trained model recorded are used)."""
     from peftlab.tasks import task_for
@@ -361,7 +218,7 @@ def eval_(
         from peftlab.io import write_atomic
         from peftlab.train import collator, evaluate, json_bytes, left_out_note, resolve_max_length
 
-        trained = _Trained(adapter)
+        trained = Trained(adapter)
         run_task, num_labels = trained.task_and_labels(task)
         # A language model's config may hold an id2label too: class names only for tasks with classes.
         names = trained.labels() if run_task == "auto" or _has_classes(run_task) else None
@@ -430,8 +287,8 @@ def predict(
             raise UsageError("--batch-size and --max-new-tokens must be positive")
         if out.is_dir():
             raise UsageError(f"--out {out} is a directory; give a file name such as preds.jsonl")
-        trained = _Trained(adapter)
-        task_name, num_labels = _predict_task(trained, task)
+        trained = Trained(adapter)
+        task_name, num_labels = predict_task(trained, task)
         names = trained.labels() if _has_classes(task_name) else None
         with tempfile.TemporaryDirectory(prefix="peftlab-stdin-") as tmp:
             path = str(read_stdin(sys.stdin, Path(tmp))) if data == "-" else data
@@ -458,28 +315,6 @@ def predict(
         out.parent.mkdir(parents=True, exist_ok=True)
         write_atomic(out, jsonl_bytes(predictions))
         console.print(f"wrote {len(predictions)} predictions ({task_data.task}) to {out}")
-
-
-def _predict_task(trained: _Trained, asked: str) -> tuple[str, int | None]:
-    """The task of the trained model: what its run recorded, else what a full model's config
-    says (its architecture and problem type)."""
-    if asked != "auto":
-        return trained.task_and_labels(asked)
-    task, num_labels = trained.task_and_labels("auto")
-    if task != "auto":
-        return task, num_labels
-    if trained.full_model is not None:
-        config = json.loads((trained.full_model / "config.json").read_text())
-        found = _saved_task(config)
-        if found is not None and found.labelled in ("class", "value"):
-            regression = config.get("problem_type") == "regression"
-            return ("regression", 1) if regression else (found.name, len(config.get("id2label") or {}) or 2)
-        if found is not None:
-            return found.name, None
-        names = [str(a) for a in config.get("architectures") or []]
-        raise UsageError(f"{trained.full_model} is a {names or 'model'} whose task peftlab does not know; "
-                         "pass --task")
-    raise UsageError(f"{trained.adapter} has no run.json saying its task; pass --task")
 
 
 class _Progress:
@@ -521,7 +356,7 @@ def merge(
     with _errors():
         from peftlab.methods import method_for, presets
 
-        trained = _Trained(adapter)
+        trained = Trained(adapter)
         if trained.adapter is None:
             raise UsageError(f"{adapter} holds a fully fine-tuned model: it is already a plain model")
         method = trained.config.get("method")
@@ -559,7 +394,7 @@ def merge(
                          f"probe sentence: {diff:.2e}); load it with from_pretrained({str(out)!r})")
 
 
-def _refuse_mean_pooling(trained: _Trained, doing: str) -> None:
+def _refuse_mean_pooling(trained: Trained, doing: str) -> None:
     if trained.pooling() == "mean":
         raise UsageError(
             f"{trained.adapter} was trained with a mean-pooling head, which plain transformers "
@@ -581,7 +416,7 @@ def export(
 
         if format != "peft":
             raise UsageError(f"unknown --format {format!r}; supported: peft")
-        trained = _Trained(adapter)
+        trained = Trained(adapter)
         if trained.adapter is None:
             raise UsageError(f"{adapter} holds a fully fine-tuned model, not an adapter")
         try:
@@ -639,7 +474,7 @@ def combine(
             raise UsageError(f"--head-from {head_from}: give 1..{len(adapter)} (an --adapter), or 0 "
                              "for no head")
         _check_new_dir(out)
-        sources = [_Trained(p) for p in adapter]
+        sources = [Trained(p) for p in adapter]
         for path, trained in zip(adapter, sources):
             if trained.adapter is None:
                 raise UsageError(f"{path} holds a fully fine-tuned model, not an adapter")
@@ -718,7 +553,7 @@ def describe(path: Path) -> dict[str, Any]:
 
     from peftlab.io import EXTRA, WEIGHTS_FILE
 
-    trained = _Trained(path)
+    trained = Trained(path)
     if trained.adapter is None:
         raise UsageError(f"{path} holds a fully fine-tuned model, not an adapter")
     config = trained.config

@@ -44,6 +44,7 @@ from peftlab.adapter_set import AdapterSet, attach
 from peftlab.config import check_value, clip
 from peftlab.errors import AdapterLoadError, AdapterNameError, AdapterStateError, PeftlabError, UsageError
 from peftlab.layer import AdaptedLayer
+from peftlab.trained import Trained, predict_task
 
 try:  # the [serve] extra; the pool, batcher and metrics work without it
     from fastapi import FastAPI, Request
@@ -251,12 +252,10 @@ class Job:
     arrived: float = dataclasses.field(default_factory=time.monotonic)
 
 
-def _trained(path: str | Path) -> Any:
+def _trained(path: str | Path) -> Trained:
     """What a path given to the server holds (a run or adapter directory): the record that
     ``peftlab predict`` reads (its task, labels, base model and pooling)."""
-    from peftlab.cli import _Trained  # one reader of run and adapter directories, shared with the CLI
-
-    trained = _Trained(Path(path))
+    trained = Trained(Path(path))
     if trained.adapter is None:
         raise UsageError(f"{path} holds a fully fine-tuned model; serve loads adapters on one base model")
     return trained
@@ -326,7 +325,7 @@ class Pool:
         self.served[served.name] = served
         return served
 
-    def _check_fits(self, trained: Any) -> None:
+    def _check_fits(self, trained: Trained) -> None:
         """The adapter's run (where recorded) was for this task, on this base model."""
         recorded = trained.run.get("task")
         if recorded and recorded != self.task:
@@ -338,7 +337,7 @@ class Pool:
             raise ServeError(422, f"{trained.adapter} was trained on a different base model (parameter "
                                   "shapes differ); serve it with the base model it was trained on")
 
-    def _admit(self, name: str, trained: Any, path: str | Path) -> Served:
+    def _admit(self, name: str, trained: Trained, path: str | Path) -> Served:
         """Keep the head that loading ``name`` brought (a head task needs one) and describe it."""
         from peftlab.io import WEIGHTS_FILE
 
@@ -451,11 +450,9 @@ class Pool:
         return None
 
 
-def _task_of(trained: Any, asked: str) -> tuple[str, int | None]:
+def _task_of(trained: Trained, asked: str) -> tuple[str, int | None]:
     """The task and head size to serve, as ``peftlab predict`` decides them for the first adapter."""
-    from peftlab.cli import _predict_task
-
-    task, num_labels = _predict_task(trained, asked)
+    task, num_labels = predict_task(trained, asked)
     if task == "classification" and not num_labels:
         labels = trained.labels()
         if labels is None:
