@@ -537,8 +537,9 @@ def test_budgets_in_steps_and_minutes_and_early_stopping(work, tmp_path):
 
 
 def test_early_stopping_waits_for_half_the_planned_steps(work, tmp_path):
-    # At a vanishing rate nothing improves after the first evaluation; it still trains half.
+    # At a vanishing rate nothing improves after the first evaluation; it still trains half (and
+    # all of it if the held-out score never rose above a constant prediction's).
     _ok(_train(work, tmp_path / "flat", "--patience", "1", "--eval-every", "1", "--epochs", "4",
                "--lr", "1e-12", method="ia3"))
     metrics = json.loads((tmp_path / "flat" / "metrics.json").read_text())
-    assert metrics["planned_steps"] // 2 <= metrics["steps"] < metrics["planned_steps"]
+    assert metrics["planned_steps"] // 2 <= metrics["steps"] <= metrics["planned_steps"]

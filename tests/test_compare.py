@@ -652,6 +652,53 @@ def test_the_rate_search_never_reads_the_validation_split(work, tmp_path, monkey
     assert len({t.score for t in results[0].trials}) > 1  # the trials did differ from each other
 
 
+def test_equal_held_out_scores_are_told_apart_by_the_held_out_loss(work, tmp_path, monkeypatch):
+    """All four candidates at the constant prediction (CoLA's Matthews 0 in short trials): rung 2
+    gets the two with the lowest held-out loss, and the lower of those wins."""
+    from peftlab.data import load_task
+    from peftlab.lr_search import Trial, search_lr
+    from peftlab.train import TrainOptions
+
+    prior = default_lr("lora")
+    loss = {prior * 0.5: 0.70, prior: 0.66, prior * 2: 0.61, prior * 4: 0.64}
+    monkeypatch.setattr("peftlab.lr_search.MIN_TRIAL_STEPS", 1)
+    monkeypatch.setattr("peftlab.lr_search._trial", lambda opts, data, lr, rung, steps, metric: Trial(
+        lr, rung, steps, 0.0, loss[lr] - 0.01 * rung * (lr == prior * 4)))
+    opts = TrainOptions(model=str(work["bert"]), data=str(work["sent"]), method="lora", out=tmp_path / "x",
+                        epochs=2, batch_size=4, max_length=16, quiet=True)
+    search = search_lr(opts, load_task(work["sent"]), prior)
+    assert sorted(t.lr for t in search.trials if t.rung == 2) == [prior * 2, prior * 4]
+    assert search.lr == prior * 2  # 0.61 against 0.62
+    assert Trial(1.0, 1, 1, 0.5, 9.0).rank() > Trial(2.0, 1, 1, 0.4, 0.1).rank()  # the score first
+
+
+def test_early_stopping_never_stops_a_run_still_at_the_constant_prediction(work, tmp_path):
+    """Patience counts only once the held-out score has risen above a constant prediction's."""
+    from types import SimpleNamespace
+
+    from transformers import TrainerControl, TrainerState
+
+    from peftlab.tasks import task_for
+    from peftlab.train import TrainOptions, _budget_callbacks
+
+    opts = TrainOptions(model="m", data="d", method="lora", out=tmp_path, patience=1)
+    [stopper] = _budget_callbacks(opts, task_for("classification"), floor=0.6)
+    args = SimpleNamespace(metric_for_best_model="accuracy", greater_is_better=True)
+    state, control = TrainerState(max_steps=100), TrainerControl()
+
+    def evaluate(step: int, accuracy: float) -> bool:
+        state.global_step = step
+        stopper.on_evaluate(args, state, control, {"eval_accuracy": accuracy})
+        if state.best_metric is None or accuracy > state.best_metric:  # as the Trainer then does
+            state.best_metric = accuracy
+        return control.should_training_stop
+
+    assert not any(evaluate(step, 0.6) for step in (60, 70, 80, 90))  # flat at the floor: keeps going
+    assert not evaluate(91, 0.7)  # it moved
+    assert evaluate(92, 0.65)  # one evaluation without improvement: patience 1 is spent
+    assert _budget_callbacks(dataclasses.replace(opts, patience=None), task_for("classification"), 0.6) == []
+
+
 def test_compare_runs_on_a_decoder_only_model(work):
     from peftlab.compare import CompareOptions, run_compare
 

@@ -11,7 +11,8 @@ pick each method's rate by **successive halving** (Jamieson & Talwalkar 2016, ar
    the grid leans upwards, since the priors come from longer runs) each train for
    ``budget / 8`` of the real run's steps.
 3. Rung 2: the better half trains again from scratch for ``budget / 4`` of the steps; the best
-   of rung 2 is chosen. Together the rungs cost ``budget`` × the real run's training steps
+   of rung 2 is chosen. Equal scores are told apart by the held-out loss (then by closeness
+   to the prior). Together the rungs cost ``budget`` × the real run's training steps
    (``budget`` = 1 by default).
 
 A budget too small to tell rates apart is not searched: when rung 1 would train fewer than
@@ -48,12 +49,20 @@ MIN_TRIAL_STEPS = 5
 
 @dataclasses.dataclass(frozen=True)
 class Trial:
-    """One candidate rate trained for ``steps`` in ``rung``; ``score`` on the held-out slice."""
+    """One candidate rate trained for ``steps`` in ``rung``; ``score`` and ``loss`` on the
+    held-out slice."""
 
     lr: float
     rung: int
     steps: int
     score: float
+    loss: float = math.inf
+
+    def rank(self) -> tuple[float, float]:
+        """Higher is better: the score, then (between equal scores) the lower held-out loss. Short
+        trials often tie exactly, all at the constant prediction (CoLA's Matthews 0) or on a few
+        examples of 200; the loss still tells the rates apart."""
+        return (self.score, -self.loss if math.isfinite(self.loss) else -math.inf)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -109,10 +118,10 @@ def search_lr(opts: Any, data: TaskData, prior: float, metric: str | None = None
                         f"(< {MIN_TRIAL_STEPS}), too few to tell rates apart: the default is kept")
     split = held_out_split(data)
     trials = [_trial(opts, split, lr, 1, rung1, metric) for lr in candidates(prior)]
-    best = sorted(trials, key=lambda t: -t.score)[: len(trials) // 2]
+    best = sorted(trials, key=Trial.rank, reverse=True)[: len(trials) // 2]
     trials += [_trial(opts, split, t.lr, 2, 2 * rung1, metric) for t in sorted(best, key=lambda t: t.lr)]
     final = [t for t in trials if t.rung == 2]
-    chosen = max(final, key=lambda t: (t.score, -abs(math.log(t.lr / prior))))
+    chosen = max(final, key=lambda t: (*t.rank(), -abs(math.log(t.lr / prior))))
     return LRSearch(chosen.lr, metric, len(split["validation"]), tuple(trials))
 
 
@@ -130,4 +139,6 @@ def _trial(opts: Any, data: TaskData, lr: float, rung: int, steps: int, metric: 
     value = result["eval"].get(metric, math.nan)
     if metric in ("perplexity", "loss", "mse"):  # lower is better: ranked by its negative
         value = -value
-    return Trial(lr, rung, steps, value if math.isfinite(value) else -math.inf)
+    loss = result["eval"].get("loss", math.inf)
+    return Trial(lr, rung, steps, value if math.isfinite(value) else -math.inf,
+                 loss if math.isfinite(loss) else math.inf)

@@ -44,7 +44,7 @@ from torch import nn
 
 from peftlab.adapter_set import attach
 from peftlab.config import AdapterConfig, check_value
-from peftlab.data import DataSource, TaskData, load_task, parse_split_names, tokenize
+from peftlab.data import DataSource, Split, TaskData, load_task, parse_split_names, tokenize
 from peftlab.distributed import any_process, check_launch, local, save_adapter
 from peftlab.errors import ConfigError, DataError, NonFiniteLossError, UsageError
 from peftlab.heads import MeanPoolClassifier, label_names, pooling_of, resolve_pooling
@@ -416,9 +416,11 @@ def _best_step(state: Any) -> int | None:
     return int(best.rpartition("-")[2]) if best else None
 
 
-def _budget_callbacks(opts: TrainOptions) -> list[Any]:
+def _budget_callbacks(opts: TrainOptions, task: Task, floor: float | None = None) -> list[Any]:
     """Early stopping after ``patience`` evaluations without improvement, and the wall-time
-    budget: a method that stops learning, or runs out of time, stops spending."""
+    budget: a method that stops learning, or runs out of time, stops spending. ``floor``: the
+    held-out score of a constant prediction; a run that has not yet scored above it has not begun
+    to learn, and is not stopped early (see :func:`constant_floor`)."""
     from transformers import EarlyStoppingCallback, TrainerCallback
 
     class WallClock(TrainerCallback):
@@ -437,8 +439,20 @@ def _budget_callbacks(opts: TrainOptions) -> list[Any]:
         def on_evaluate(self, args: Any, state: Any, control: Any, metrics: Any, **kw: Any) -> None:
             stopping = control.should_training_stop  # another budget may already have stopped it
             super().on_evaluate(args, state, control, metrics, **kw)
-            if not stopping and state.global_step < MIN_FRACTION * state.max_steps:
+            early = state.global_step < MIN_FRACTION * state.max_steps
+            if not stopping and (early or self.unmoved(state, metrics)):
+                self.early_stopping_patience_counter = 0  # patience counts from the first move
                 control.should_training_stop = False
+
+        def unmoved(self, state: Any, metrics: dict[str, float]) -> bool:
+            """Whether every held-out score so far is at or below the constant prediction's.
+            CoLA with MiniLM sits at Matthews 0 for its first 200 steps, then learns (0.16 after
+            375): judged like a run that stopped learning, it was stopped at the constant level."""
+            value = metrics.get(f"eval_{task.select_metric}")
+            if floor is None or not task.select_greater or value is None:
+                return False
+            best = value if state.best_metric is None else max(state.best_metric, value)
+            return best <= floor + 1e-9
 
     out: list[Any] = []
     if opts.patience:
@@ -663,6 +677,7 @@ class _Sets:
     truncated: dict[str, int]
     held_out: bool
     left_out: dict[str, int] = dataclasses.field(default_factory=dict)  # rows with nothing left to learn
+    floor: float | None = None  # the selection set's constant-prediction score (early stopping)
 
 
 class _EvalOutputs:
@@ -751,7 +766,21 @@ def _tokenized(opts: TrainOptions, data: TaskData, tokenizer: Any, max_length: i
     select = (tokenize(fit["validation"], tokenizer, data.task, max_length)[0].by_length()
               if opts.patience else eval_set)
     return _Sets(train_set, eval_set, select, {"train": cut_train, "validation": cut_eval},
-                 bool(opts.patience), {"train": train_set.left_out, "validation": eval_set.left_out})
+                 bool(opts.patience), {"train": train_set.left_out, "validation": eval_set.left_out},
+                 constant_floor(data, fit["validation"]) if opts.patience else None)
+
+
+def constant_floor(data: TaskData, split: Split) -> float | None:
+    """The score of the best constant prediction on ``split`` by the task's checkpoint-selection
+    metric (the majority class's accuracy; 0 for a correlation), for tasks whose rows hold one
+    class or value each; ``None`` for the others."""
+    from peftlab.metrics import constant_score
+
+    task = task_for(data.task)
+    if task.labelled not in ("class", "value") or not task.select_greater:
+        return None
+    labels = np.asarray([r["label"] for r in split.rows])
+    return constant_score(data.task, task.select_metric, labels, max(2, data.num_labels))
 
 
 def _report_data(console: Console, opts: TrainOptions, data: TaskData, sets: _Sets, max_length: int) -> None:
@@ -849,7 +878,8 @@ def _make_trainer(opts: TrainOptions, m: _Model, data: TaskData, sets: _Sets, ar
     trainer = _make_trainer_class(m.adapters is not None, task.generates)(
         model=m.model, args=args, train_dataset=sets.train, eval_dataset=sets.select,
         data_collator=task.collator(m.tokenizer, m.model), compute_metrics=outputs,
-        callbacks=_callbacks(m.trainable(), console, opts.quiet, task.primary) + _budget_callbacks(opts),
+        callbacks=(_callbacks(m.trainable(), console, opts.quiet, task.primary)
+                   + _budget_callbacks(opts, task, sets.floor)),
     )
     for replaced in (ProgressCallback, PrinterCallback):  # our progress bar replaces both
         trainer.remove_callback(replaced)
