@@ -738,8 +738,9 @@ def load_task(source: str | Path | DataSource, splits: tuple[str, ...] = ("train
     if task not in ("auto", *REGISTRY):
         raise DataError(f"unknown task {task!r}; use one of auto, {', '.join(REGISTRY)}")
     src = DataSource.of(source)
+    opened = _Opened(src, splits)  # a DatasetDict (saved, or from the Hub) is read once for both uses
     if task == "auto" and labelled:
-        task = recognized_task(src, splits[0]) or task
+        task = recognized_task(opened, splits[0]) or task
     unread = [o for o in RENDERING if getattr(src, o) is not None
               and (task == "auto" or o not in REGISTRY[task].data_options)]
     if unread:
@@ -749,16 +750,16 @@ def load_task(source: str | Path | DataSource, splits: tuple[str, ...] = ("train
     if task != "auto" and REGISTRY[task].load is not None:
         return REGISTRY[task].load(src, splits=splits, max_samples=max_samples, num_labels=num_labels,
                                    labels=labels, labelled=labelled)
-    return load_texts(src, splits, task, max_samples, num_labels, labels, labelled)
+    return load_texts(src, splits, task, max_samples, num_labels, labels, labelled, opened)
 
 
-def recognized_task(source: DataSource, split: str) -> str | None:
+def recognized_task(opened: _Opened, split: str) -> str | None:
     """The task whose :attr:`~peftlab.tasks.Task.recognizes` claims the columns of ``split``, or
     ``None`` (text/label rows, or data that cannot be opened: the loader then says why)."""
     from peftlab.tasks import REGISTRY
 
     try:
-        ds, where = _Opened(source, (split,)).split(split, source.label_column)
+        ds, where = opened.split(split, opened.source.label_column)
     except DataError:
         return None
     names = frozenset(ds.column_names)
@@ -778,9 +779,10 @@ def _options(names: Sequence[str]) -> str:
 def load_texts(source: str | Path | DataSource, splits: tuple[str, ...] = ("train", "validation"),
                task: str = "auto", max_samples: dict[str, int | None] | None = None,
                num_labels: int | None = None, labels: Sequence[str] | None = None,
-               labelled: bool = True) -> TaskData:
+               labelled: bool = True, opened: _Opened | None = None) -> TaskData:
     """:func:`load_task` for rows of a text (or text pair) and a label: what a task without its
-    own ``load`` reads, and what a task's ``load`` may fall back to."""
+    own ``load`` reads, and what a task's ``load`` may fall back to. ``opened``: the source as
+    :func:`load_task` already opened it."""
     from peftlab.tasks import REGISTRY
 
     if not labelled and task == "auto":
@@ -794,7 +796,7 @@ def load_texts(source: str | Path | DataSource, splits: tuple[str, ...] = ("trai
     if given:
         raise DataError(f"{_options(given)} for rows of prompt/completion or chat messages (--task "
                         "causal-lm); these rows hold texts, which no template renders: drop the option")
-    opened = _Opened(src, splits)
+    opened = opened or _Opened(src, splits)
     max_samples = max_samples or {}
     causal = task != "auto" and REGISTRY[task].labelled == "text"  # the text is all it learns
     columns: Columns | None = None
