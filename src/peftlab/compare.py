@@ -36,14 +36,13 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from rich.console import Console
 
 from peftlab.data import TaskData, load_task
 from peftlab.errors import NonFiniteLossError, UsageError
 from peftlab.measure import FULL, FUSION, FUSION_MEMBER_METHOD, Measurement, data_batch, peak_rss_bytes
-from peftlab.metrics import bootstrap_ci, constant_score, ranks_with_ties
+from peftlab.metrics import bootstrap_ci, constant_score, ranks_with_ties, same_labels
 from peftlab.tasks import task_for
 from peftlab.train import default_lr, method_names
 
@@ -668,7 +667,7 @@ def _gain_interval(report: dict[str, Any], task: str, fused: list[dict[str, Any]
     # Predictions are saved in the eval set's order (longest first), the same for every run of a
     # task. Earlier runs were saved in the order of transformers' length-grouped eval sampler,
     # shuffled by the seed; those cannot be paired and get no interval.
-    same = all(np.array_equal(f[1], s[1]) for f, s in found)
+    same = all(same_labels(f[1], s[1]) for f, s in found)
     ci = (bootstrap_ci(info["task"], fused[0]["metric"], [f for f, _ in found], info["num_labels"] or None,
                        against=[s for _, s in found])
           if found and len(found) == len(pairs) and same else (math.nan, math.nan))

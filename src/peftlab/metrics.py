@@ -213,6 +213,13 @@ def _correlation(metric: str, predictions: np.ndarray, labels: np.ndarray) -> fl
     return float(np.corrcoef(x, y)[0, 1])
 
 
+def same_labels(a: np.ndarray, b: np.ndarray) -> bool:
+    """Whether two runs' saved labels are the same examples in the same order (float labels, as
+    saved through float32, equal to 1e-6)."""
+    a, b = np.asarray(a), np.asarray(b)
+    return a.shape == b.shape and bool(np.allclose(a, b, rtol=0.0, atol=1e-6))
+
+
 def bootstrap_ci(task: str, metric: str, runs: list[tuple[np.ndarray, np.ndarray]],
                  num_classes: int | None = None, resamples: int = 1000, seed: int = 0,
                  against: list[tuple[np.ndarray, np.ndarray]] | None = None) -> tuple[float, float]:
@@ -232,7 +239,7 @@ def bootstrap_ci(task: str, metric: str, runs: list[tuple[np.ndarray, np.ndarray
     runs = [(np.asarray(p), np.asarray(y)) for p, y in runs]
     others = [(np.asarray(p), np.asarray(y)) for p, y in against] if against is not None else None
     if others is not None and (len(others) != len(runs) or any(
-            len(y) != len(z) or not np.array_equal(y, z) for (_, y), (_, z) in zip(runs, others))):
+            not same_labels(y, z) for (_, y), (_, z) in zip(runs, others))):
         raise ValueError("a paired interval needs runs on the same examples, with equal labels, in pairs")
     if task == "classification" and num_classes is None:
         num_classes = max(2, *(int(max(p.max(initial=0), y.max(initial=0))) + 1
