@@ -138,6 +138,28 @@ def test_learning_rates_are_the_defaults_unless_given_per_method(compared):
     for method, lr in rates.items():
         run = json.loads((out / "runs" / "seed0" / "sent" / method / "metrics.json").read_text())
         assert run["lr"] == lr
+        # checkpoints are picked by the metric the comparison judges by
+        args = json.loads((out / "runs" / "seed0" / "sent" / method / "run.json").read_text())["args"]
+        assert args["select_metric"] == report["tasks"]["sent"]["metric"] == "accuracy"
+
+
+def test_checkpoints_and_patience_follow_the_judged_metric_and_its_constant_level(work, tmp_path):
+    """CoLA is judged by Matthews: held-out accuracy sits at the majority share while Matthews
+    already moves, so compare selects by Matthews, whose constant level is 0."""
+    from peftlab.data import load_task
+    from peftlab.tasks import task_for
+    from peftlab.train import TrainOptions, constant_floor, selection
+
+    classification = task_for("classification")
+    opts = TrainOptions(model="m", data="d", method="lora", out=tmp_path, patience=1,
+                        select_metric="matthews")
+    assert selection(opts, classification) == ("matthews", True)
+    assert selection(dataclasses.replace(opts, select_metric=None), classification) == ("accuracy", True)
+    assert selection(dataclasses.replace(opts, select_metric="loss"), classification) == ("loss", False)
+    data = load_task(work["sent"])  # validation labels alternate 0, 1
+    assert constant_floor(data, data["validation"], "matthews") == 0.0
+    assert constant_floor(data, data["validation"], "accuracy") == 0.5
+    assert constant_floor(data, data["validation"], "loss") is None
 
 
 def test_measured_parameters_and_file_size_match_the_adapter(work, compared):

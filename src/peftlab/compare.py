@@ -492,7 +492,7 @@ def _single_run(opts: CompareOptions, tasks: dict[str, dict[str, Any]], task: st
         max_train_samples=opts.max_train_samples, max_eval_samples=opts.max_eval_samples,
         lr=opts.lrs.get(method), group_by_length=opts.group_by_length, name=method, checkpoints=False,
         max_steps=opts.max_steps, max_minutes=opts.max_minutes, patience=opts.patience,
-        pooling=opts.pooling, quiet=True)
+        select_metric=t["metric"], pooling=opts.pooling, quiet=True)
     search = None
     if opts.lr_search and method not in opts.lrs:
         search = search_lr(train_opts, t["data"], default_lr(method), metric=t["metric"])

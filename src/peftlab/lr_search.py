@@ -38,6 +38,7 @@ from typing import Any
 
 from peftlab.data import Split, TaskData
 from peftlab.errors import DataError, NonFiniteLossError
+from peftlab.metrics import LOWER_IS_BETTER
 from peftlab.tasks import task_for
 
 FACTORS = (0.5, 1.0, 2.0, 4.0)
@@ -137,7 +138,7 @@ def _trial(opts: Any, data: TaskData, lr: float, rung: int, steps: int, metric: 
         except NonFiniteLossError:
             return Trial(lr, rung, steps, -math.inf)
     value = result["eval"].get(metric, math.nan)
-    if metric in ("perplexity", "loss", "mse"):  # lower is better: ranked by its negative
+    if metric in LOWER_IS_BETTER:  # ranked by its negative
         value = -value
     loss = result["eval"].get("loss", math.inf)
     return Trial(lr, rung, steps, value if math.isfinite(value) else -math.inf,

@@ -213,6 +213,10 @@ def _correlation(metric: str, predictions: np.ndarray, labels: np.ndarray) -> fl
     return float(np.corrcoef(x, y)[0, 1])
 
 
+#: Metrics where a lower value is better (the others: higher is better).
+LOWER_IS_BETTER = frozenset({"loss", "perplexity", "mse"})
+
+
 def same_labels(a: np.ndarray, b: np.ndarray) -> bool:
     """Whether two runs' saved labels are the same examples in the same order (float labels, as
     saved through float32, equal to 1e-6)."""

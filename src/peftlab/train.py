@@ -178,7 +178,7 @@ _RESUME_KEYS = ("model", "data", "method", "sets", "task", "epochs", "lr", "batc
                 "seed", "max_train_samples", "max_eval_samples", "eval_every", "save_every",
                 "max_grad_norm", "warmup", "name", "lr_search", "max_steps", "max_minutes", "patience",
                 "pooling", "train_file", "validation_file", "data_config", "split_names", "text_column",
-                "pair_column", "label_column", "labels", "chat_template", "loss_on")
+                "pair_column", "label_column", "labels", "chat_template", "loss_on", "select_metric")
 # What runs from before those data options existed recorded, in effect.
 _RESUME_DEFAULTS: dict[str, Any] = {"split_names": []}
 
@@ -272,6 +272,10 @@ class TrainOptions:
     max_steps: int | None = None  # a budget in steps, whatever the epochs (equal-steps comparisons)
     max_minutes: float | None = None  # a budget in training wall time (equal-time comparisons)
     patience: int | None = None  # early stopping on held-out training data, in evaluations
+    # The held-out metric that stops early and picks the checkpoint (default: the task's primary;
+    # compare passes the metric it judges by, e.g. CoLA's Matthews, where accuracy sits at the
+    # majority share long after the model has begun to tell the classes apart).
+    select_metric: str | None = None
     pooling: str = "auto"  # a classification head's reading of the backbone (peftlab.heads)
     train_file: str | None = None  # instead of --data: a file (or saved Dataset) per split
     validation_file: str | None = None
@@ -448,8 +452,9 @@ def _budget_callbacks(opts: TrainOptions, task: Task, floor: float | None = None
             """Whether every held-out score so far is at or below the constant prediction's.
             CoLA with MiniLM sits at Matthews 0 for its first 200 steps, then learns (0.16 after
             375): judged like a run that stopped learning, it was stopped at the constant level."""
-            value = metrics.get(f"eval_{task.select_metric}")
-            if floor is None or not task.select_greater or value is None:
+            metric, greater = selection(opts, task)
+            value = metrics.get(f"eval_{metric}")
+            if floor is None or not greater or value is None:
                 return False
             best = value if state.best_metric is None else max(state.best_metric, value)
             return best <= floor + 1e-9
@@ -767,20 +772,29 @@ def _tokenized(opts: TrainOptions, data: TaskData, tokenizer: Any, max_length: i
               if opts.patience else eval_set)
     return _Sets(train_set, eval_set, select, {"train": cut_train, "validation": cut_eval},
                  bool(opts.patience), {"train": train_set.left_out, "validation": eval_set.left_out},
-                 constant_floor(data, fit["validation"]) if opts.patience else None)
+                 constant_floor(data, fit["validation"], selection(opts, task_for(data.task))[0])
+                 if opts.patience else None)
 
 
-def constant_floor(data: TaskData, split: Split) -> float | None:
-    """The score of the best constant prediction on ``split`` by the task's checkpoint-selection
-    metric (the majority class's accuracy; 0 for a correlation), for tasks whose rows hold one
-    class or value each; ``None`` for the others."""
-    from peftlab.metrics import constant_score
+def selection(opts: TrainOptions, task: Task) -> tuple[str, bool]:
+    """The held-out metric that picks checkpoints and stops early, and whether higher is better."""
+    from peftlab.metrics import LOWER_IS_BETTER
 
-    task = task_for(data.task)
-    if task.labelled not in ("class", "value") or not task.select_greater:
+    if opts.select_metric is None or opts.select_metric == task.select_metric:
+        return task.select_metric, task.select_greater
+    return opts.select_metric, opts.select_metric not in LOWER_IS_BETTER
+
+
+def constant_floor(data: TaskData, split: Split, metric: str) -> float | None:
+    """The score of the best constant prediction on ``split`` by ``metric`` (the majority class's
+    accuracy; 0 for a correlation), for tasks whose rows hold one class or value each and metrics
+    where higher is better; ``None`` for the others."""
+    from peftlab.metrics import LOWER_IS_BETTER, constant_score
+
+    if task_for(data.task).labelled not in ("class", "value") or metric in LOWER_IS_BETTER:
         return None
     labels = np.asarray([r["label"] for r in split.rows])
-    return constant_score(data.task, task.select_metric, labels, max(2, data.num_labels))
+    return constant_score(data.task, metric, labels, max(2, data.num_labels))
 
 
 def _report_data(console: Console, opts: TrainOptions, data: TaskData, sets: _Sets, max_length: int) -> None:
@@ -848,8 +862,8 @@ def _training_arguments(opts: TrainOptions, task: Task, out: Path, lr: float, to
         save_steps=save_every,
         save_total_limit=2,
         load_best_model_at_end=bool(opts.patience),
-        metric_for_best_model=task.select_metric,
-        greater_is_better=task.select_greater,
+        metric_for_best_model=selection(opts, task)[0],
+        greater_is_better=selection(opts, task)[1],
         seed=opts.seed,
         report_to="none",
         # Without an accelerator, accelerate only sets up multi-process CPU training (gloo) when
