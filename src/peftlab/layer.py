@@ -338,9 +338,9 @@ class AdaptedLayer(nn.Module):
     def _routed(self, x: torch.Tensor, plan: RoutePlan) -> torch.Tensor:
         """The batch through its groups' pieces. The frozen projection runs once for the whole
         batch, with each example's (IA)³ input vector applied to its rows of ``x``; the rest (the
-        output vector, delta, post and fusion pieces) runs group by group on the group's rows, and
-        rows with none of those keep the product as it is. A mixed batch so costs one large
-        product plus each group's small pieces, not one product per group."""
+        output vector, delta, post and fusion pieces) runs group by group on the group's rows. A
+        mixed batch so costs one large product plus each group's small pieces, not one product
+        per group."""
         if x.shape[0] != plan.batch:
             raise AdapterStateError(
                 f"routing was set for {plan.batch} examples, but a layer got a batch of "
@@ -349,16 +349,13 @@ class AdaptedLayer(nn.Module):
             return self._run(x, *plan.groups[0][1])
         vectors = [_vectors(active.scale) for _, active in plan.groups]
         y = self.base(_rows_scaled(x, plan, [l_in for l_in, _ in vectors]))
-        outs, rows = [], []
+        outs = []
         for (ix, active), (l_in, l_out) in zip(plan.groups, vectors):
-            if l_out is None and not (active.delta or active.post or active.fusion):
-                continue  # nothing after the product: these rows of ``y`` are the output
             y_g = y.index_select(0, ix)
             x_g = x.index_select(0, ix) if active.delta or active.fusion else None
             outs.append(self._after_base(y_g if l_out is None else y_g * l_out, x_g, l_in, l_out,
                                          active.delta, active.post, active.fusion))
-            rows.append(ix)
-        return y.index_copy(0, torch.cat(rows), torch.cat(outs)) if outs else y
+        return torch.cat(outs).index_select(0, plan.order)
 
     @staticmethod
     def _post_pieces(y: torch.Tensor, post: tuple[Piece, ...]) -> torch.Tensor:
