@@ -126,6 +126,17 @@ def any_process(flag: bool, device: torch.device | None = None) -> bool:
     return flag
 
 
+def summed(values: list[float], device: torch.device | None = None) -> list[float]:
+    """``values`` added up over all processes (each process's own where there is one)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        t = torch.tensor(values, dtype=torch.float64, device=device)
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        return t.tolist()
+    return list(values)
+
+
 def _is_main() -> bool:
     import torch.distributed as dist
 

@@ -45,7 +45,7 @@ from torch import nn
 from peftlab.adapter_set import attach
 from peftlab.config import AdapterConfig, check_value
 from peftlab.data import DataSource, Split, TaskData, load_task, parse_split_names, tokenize
-from peftlab.distributed import any_process, check_launch, local, save_adapter
+from peftlab.distributed import any_process, check_launch, local, save_adapter, summed
 from peftlab.errors import ConfigError, DataError, NonFiniteLossError, UsageError
 from peftlab.heads import MeanPoolClassifier, label_names, pooling_of, resolve_pooling
 from peftlab.io import WEIGHTS_FILE, replacing_dir, write_atomic
@@ -366,7 +366,13 @@ def world() -> tuple[int, int]:
 
 
 # ---- the Trainer subclass ---------------------------------------------------------------------
-def _make_trainer_class(adapter_run: bool, generates: bool = False) -> type:
+def predicted_tokens(labels: torch.Tensor) -> int:
+    """How many tokens a causal language model's loss averages over: those with a label, after
+    the shift by one (position 0 predicts nothing)."""
+    return int(labels[..., 1:].ne(-100).sum())
+
+
+def _make_trainer_class(adapter_run: bool, generates: bool = False, token_mean: bool = False) -> type:
     from transformers import Seq2SeqTrainer, Trainer
 
     from peftlab.checkpoints import with_checkpoints
@@ -377,9 +383,30 @@ def _make_trainer_class(adapter_run: bool, generates: bool = False) -> type:
         """Trainer that stops on a non-finite loss; an adapter run checkpoints only the adapter
         and its head (:mod:`peftlab.checkpoints`), full fine-tuning the whole model. A task
         judged on generated text evaluates by generating (``Seq2SeqTrainer`` with
-        ``predict_with_generate``), with ``generation``'s arguments to ``generate``."""
+        ``predict_with_generate``), with ``generation``'s arguments to ``generate``. A language
+        model's (``token_mean``) evaluation loss is the mean over all predicted tokens, not
+        transformers' mean of batch means, which weighs a batch of short texts like one of long
+        ones and so depends on the batch size."""
 
         generation: dict[str, Any] = {}
+        _token_loss = [0.0, 0.0]  # this evaluation's summed token losses and token count
+
+        def evaluation_loop(self, *args: Any, **kwargs: Any) -> Any:
+            self._token_loss = [0.0, 0.0]
+            output = super().evaluation_loop(*args, **kwargs)
+            if token_mean:
+                total, count = summed(self._token_loss, self.args.device)
+                key = f"{kwargs.get('metric_key_prefix', 'eval')}_loss"
+                if count and key in output.metrics:
+                    output.metrics[key] = total / count
+            return output
+
+        def prediction_step(self, model: nn.Module, inputs: dict[str, Any], *args: Any, **kwargs: Any) -> Any:
+            loss, logits, labels = super().prediction_step(model, inputs, *args, **kwargs)
+            if token_mean and loss is not None:
+                n = predicted_tokens(inputs["labels"])
+                self._token_loss = [self._token_loss[0] + float(loss) * n, self._token_loss[1] + n]
+            return loss, logits, labels
 
         def evaluate(self, *args: Any, **kwargs: Any) -> Any:
             return super().evaluate(*args, **{**self.generation, **kwargs})
@@ -889,7 +916,7 @@ def _make_trainer(opts: TrainOptions, m: _Model, data: TaskData, sets: _Sets, ar
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
     task = task_for(data.task)
-    trainer = _make_trainer_class(m.adapters is not None, task.generates)(
+    trainer = _make_trainer_class(m.adapters is not None, task.generates, task.loss_only)(
         model=m.model, args=args, train_dataset=sets.train, eval_dataset=sets.select,
         data_collator=task.collator(m.tokenizer, m.model), compute_metrics=outputs,
         callbacks=(_callbacks(m.trainable(), console, opts.quiet, task.primary)
@@ -1092,8 +1119,10 @@ def evaluate_with_predictions(model: nn.Module, dataset: Any, collate: Callable[
     for batch in loader:
         batch = {k: v.to(device) for k, v in batch.items()}
         out = model(**batch)
-        loss_sum += float(out.loss) * len(batch["input_ids"])
-        n += len(batch["input_ids"])
+        # A language model's loss is a mean over tokens, the others' over rows; weigh by the same.
+        weight = predicted_tokens(batch["labels"]) if spec.loss_only else len(batch["input_ids"])
+        loss_sum += float(out.loss) * weight
+        n += weight
         if spec.generates:
             from peftlab.predict import decode_ids, generated_texts
 

@@ -28,7 +28,14 @@ from peftlab.tasks import ModelSpec, PredictOptions, Task, longest_first
 def _model(spec: ModelSpec) -> nn.Module:
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(spec.source, config=spec.config)
+    model = AutoModelForCausalLM.from_pretrained(spec.source, config=spec.config)
+    if getattr(model, "loss_type", "") is None:
+        # transformers names a model's loss after its class; "GPT2LMHeadModel" matches no name,
+        # so Trainer, not knowing the loss shifts the labels, would count each text's first token
+        # as predicted and divide the summed loss by too many (GPT-2's loss and gradients came
+        # out 5/6 of the true ones on 6-token texts). The loss itself falls back to this one.
+        model.loss_type = "ForCausalLM"
+    return model
 
 
 def tokenize(split: Split, tokenizer: Any, max_length: int) -> tuple[Encoded, int]:
