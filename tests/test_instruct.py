@@ -185,8 +185,8 @@ def test_loss_is_the_cross_entropy_of_the_completion_tokens(tmp_path):
     batch = collator(tokenizer, "causal-lm")(encoded.features)
     with torch.no_grad():
         assert model(**batch).loss.item() == pytest.approx(total / count, rel=1e-5)
-    for batch_size in (1, 2, 8):  # batches of 5 + 2 and of 5 tokens weigh 7 : 5, not 1 : 1
-        metrics = evaluate(model, encoded, collator(tokenizer, "causal-lm"), "causal-lm", batch_size=batch_size)
+    for size in (1, 2, 8):  # batches of 5 + 2 and of 5 tokens weigh 7 : 5, not 1 : 1
+        metrics = evaluate(model, encoded, collator(tokenizer, "causal-lm"), "causal-lm", batch_size=size)
         assert metrics["loss"] == pytest.approx(total / count, rel=1e-5)
         assert metrics["perplexity"] == pytest.approx(torch.tensor(total / count).exp().item(), rel=1e-5)
 
