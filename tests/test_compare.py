@@ -12,7 +12,9 @@ import json
 import math
 import random
 import re
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -674,24 +676,50 @@ def test_the_rate_search_never_reads_the_validation_split(work, tmp_path, monkey
     assert len({t.score for t in results[0].trials}) > 1  # the trials did differ from each other
 
 
-def test_equal_held_out_scores_are_told_apart_by_the_held_out_loss(work, tmp_path, monkeypatch):
-    """All four candidates at the constant prediction (CoLA's Matthews 0 in short trials): rung 2
-    gets the two with the lowest held-out loss, and the lower of those wins."""
+def _search_with(work: dict, tmp_path: Path, monkeypatch: Any, score: Callable[[float, int], float],
+                 loss: Callable[[float, int], float], floor: float = 0.5) -> Any:
+    """``search_lr`` around LoRA's default where a trial at rate ``lr`` in ``rung`` scores
+    ``score(lr, rung)`` and ``loss(lr, rung)`` on a held-out slice whose constant prediction
+    scores ``floor``."""
     from peftlab.data import load_task
     from peftlab.lr_search import Trial, search_lr
     from peftlab.train import TrainOptions
 
-    prior = default_lr("lora")
-    loss = {prior * 0.5: 0.70, prior: 0.66, prior * 2: 0.61, prior * 4: 0.64}
     monkeypatch.setattr("peftlab.lr_search.MIN_TRIAL_STEPS", 1)
     monkeypatch.setattr("peftlab.lr_search._trial", lambda opts, data, lr, rung, steps, metric: Trial(
-        lr, rung, steps, 0.0, loss[lr] - 0.01 * rung * (lr == prior * 4)))
+        lr, rung, steps, score(lr, rung), loss(lr, rung)))
+    monkeypatch.setattr("peftlab.lr_search._constant_score", lambda split, metric: floor)
     opts = TrainOptions(model=str(work["bert"]), data=str(work["sent"]), method="lora", out=tmp_path / "x",
                         epochs=2, batch_size=4, max_length=16, quiet=True)
-    search = search_lr(opts, load_task(work["sent"]), prior)
+    return search_lr(opts, load_task(work["sent"]), default_lr("lora"))
+
+
+def test_equal_held_out_scores_are_told_apart_by_the_held_out_loss(work, tmp_path, monkeypatch):
+    """All four candidates equal (a few examples of 200 in short trials): rung 2 gets the two
+    with the lowest held-out loss, and the lower of those wins."""
+    from peftlab.lr_search import Trial
+
+    prior = default_lr("lora")
+    loss = {prior * 0.5: 0.70, prior: 0.66, prior * 2: 0.61, prior * 4: 0.64}
+    search = _search_with(work, tmp_path, monkeypatch, score=lambda lr, rung: 0.8,
+                          loss=lambda lr, rung: loss[lr] - 0.01 * rung * (lr == prior * 4))
     assert sorted(t.lr for t in search.trials if t.rung == 2) == [prior * 2, prior * 4]
-    assert search.lr == prior * 2  # 0.61 against 0.62
+    assert search.lr == prior * 2 and search.note is None  # 0.61 against 0.62
     assert Trial(1.0, 1, 1, 0.5, 9.0).rank() > Trial(2.0, 1, 1, 0.4, 0.1).rank()  # the score first
+
+
+def test_finalists_still_at_the_constant_prediction_keep_the_default_rate(work, tmp_path, monkeypatch):
+    """CoLA in short trials: every finalist at Matthews 0, the constant prediction's score. Which
+    one has the lower loss is noise; the search keeps the default and says why."""
+    prior = default_lr("lora")
+    search = _search_with(work, tmp_path, monkeypatch, floor=0.0,
+                          score=lambda lr, rung: 0.1 if rung == 1 and lr == prior * 4 else 0.0,
+                          loss=lambda lr, rung: lr)  # the smallest rate has the lowest loss
+    assert len(search.trials) == 6 and search.lr == prior
+    assert "constant prediction" in search.note and search.to_dict()["note"] == search.note
+    above = _search_with(work, tmp_path, monkeypatch, floor=0.0, loss=lambda lr, rung: lr,
+                         score=lambda lr, rung: 0.1 if lr == prior * 4 else 0.0)
+    assert above.lr == prior * 4 and above.note is None  # one finalist learned: it is chosen
 
 
 def test_early_stopping_never_stops_a_run_still_at_the_constant_prediction(work, tmp_path):

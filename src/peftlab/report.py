@@ -115,8 +115,9 @@ def learning_rate_lines(report: dict[str, Any]) -> list[str]:
                          f"searched: {s['skipped']}")
             continue
         final = ", ".join(f"{t['lr']:g} → {points(t['score'])}" for t in s["trials"] if t["rung"] == 2)
+        note = f"; {s['note']}" if s.get("note") else ""
         lines.append(f"- {r['method']} · {r['task']} · seed {r['seed']}: **{s['lr']:g}** ({final}; "
-                     f"{s['metric']} on {s['held_out_examples']} held-out examples)")
+                     f"{s['metric']} on {s['held_out_examples']} held-out examples{note})")
     return lines
 
 

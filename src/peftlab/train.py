@@ -755,7 +755,7 @@ def _choose_lr(opts: TrainOptions, data: TaskData, prior: float, console: Consol
                          "single-process run first, then pass it as --lr")
     _say(console, opts.quiet, f"choosing the learning rate around {prior:g} on held-out training data")
     search = search_lr(opts, data, prior)
-    _say(console, opts.quiet, f"learning rate: {search.lr:g} (" + (search.skipped or ", ".join(
+    _say(console, opts.quiet, f"learning rate: {search.lr:g} (" + (search.skipped or search.note or ", ".join(
         f"{t.lr:g}: {t.score:.4f}" for t in search.trials if t.rung == 2)) + ")")
     return search.lr, search
 
