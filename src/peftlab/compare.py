@@ -32,12 +32,13 @@ import shlex
 import shutil
 import statistics
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 from rich.console import Console
+from torch import nn
 
 from peftlab.data import TaskData, load_task
 from peftlab.errors import NonFiniteLossError, UsageError
@@ -352,8 +353,6 @@ def run_compare(opts: CompareOptions, console: Console | None = None,
     ``fusion`` (target -> seed -> attention per module and member), ``skipped``, ``summary``
     (:func:`summarize`), ``wall_seconds`` and ``peak_rss_bytes``."""
     from peftlab import report as reporting
-    from peftlab.measure import measure_methods
-    from peftlab.train import load_model
 
     console = console or Console(stderr=True)
     opts.check()
@@ -364,104 +363,142 @@ def run_compare(opts: CompareOptions, console: Console | None = None,
     fusion = FUSION in opts.methods and len(names) >= 2
     singles = [m for m in opts.methods if m != FUSION]
     stage1 = singles + ([FUSION_MEMBER_METHOD] if fusion and FUSION_MEMBER_METHOD not in singles else [])
-    budget = _Budget(opts.time_budget)
-    first = tasks[names[0]]["data"]
+    base, tokenizer, heads = _load_base(opts, tasks[names[0]]["data"])
+
+    out.mkdir(parents=True, exist_ok=True)
+    report = previous if previous is not None else _new_report(opts, tasks, stage1)
+    if FUSION in opts.methods and not fusion:
+        report["skipped"].append({"method": FUSION, "task": None, "seed": None, "reason": (
+            "fusion needs at least 2 tasks to fuse (give several --data folders)")})
+    plan = _pending(_plan(opts.seeds, names, stage1, fusion), report, out)
+    measured = [m for m in opts.methods if (m != FUSION or fusion) and m not in report["measurements"]]
+    comparison = _Comparison(opts, tasks, out, console, report, on_update)
+    with comparison.progress:
+        comparison.job = comparison.progress.add_task("measuring", total=len(measured) + len(plan))
+        if measured:
+            comparison.measure(base, tokenizer, heads, measured)
+        del base
+        comparison.save()
+        for cell in plan:
+            comparison.run_cell(*cell)
+    comparison.save(plots=True)
+    if not opts.quiet:
+        Console().print(reporting.terminal_table(report))
+        console.print(f"report: {out / 'report.md'} ({comparison.budget.elapsed / 60:.1f} min)")
+    return report
+
+
+def _load_base(opts: CompareOptions, first: TaskData) -> tuple[nn.Module, Any, list[str]]:
+    """The model, tokenizer and head names that the measurements use (with the first task's
+    head), checked against ``--max-length``."""
+    from peftlab.train import load_model
+
     base, tokenizer, heads = load_model(opts.model, first.task, first.num_labels, opts.pooling)
     limit = getattr(base.config, "max_position_embeddings", None)
     if isinstance(limit, int) and opts.max_length > limit:
         raise UsageError(f"--max-length {opts.max_length} is longer than the model's {limit} positions")
+    return base, tokenizer, heads
 
-    out.mkdir(parents=True, exist_ok=True)
-    report = previous if previous is not None else _new_report(opts, tasks, stage1)
-    skipped: list[dict[str, Any]] = report["skipped"]
-    if FUSION in opts.methods and not fusion:
-        skipped.append({"method": FUSION, "task": None, "seed": None,
-                        "reason": "fusion needs at least 2 tasks to fuse (give several --data folders)"})
-    earlier_seconds = report["wall_seconds"]
 
-    def save(plots: bool = False) -> None:
-        report["wall_seconds"] = earlier_seconds + budget.elapsed
-        report["peak_rss_bytes"] = peak_rss_bytes()
-        report["summary"] = summarize(report)
-        reporting.write_report(out, report, plots=plots)
-        if on_update is not None:
-            on_update(report)
-
-    plan: list[tuple[int, str, str]] = []
-    for seed in opts.seeds:
+def _plan(seeds: Sequence[int], names: list[str], stage1: list[str], fusion: bool) -> list[Cell]:
+    """Every cell in the order they run: per seed, each task's single methods, then the fusions
+    (which need every task's stage-1 adapter of that seed)."""
+    plan: list[Cell] = []
+    for seed in seeds:
         plan += [(seed, t, m) for t in names for m in stage1]
         plan += [(seed, t, FUSION) for t in names] if fusion else []
-    plan = _pending(plan, report, out)
-    measured = [m for m in opts.methods if (m != FUSION or fusion) and m not in report["measurements"]]
-    progress = _progress(console, opts.quiet)
+    return plan
 
-    def say(message: str) -> None:
-        if not opts.quiet:
-            progress.console.print(message)
 
-    warned: set[str] = set()
-    with progress:
-        job = progress.add_task("measuring", total=len(measured) + len(plan))
+class _Comparison:
+    """A comparison under way: the report it fills (saved after every step), its time budget and
+    its progress bar."""
 
-        def measured_one(m: Measurement) -> None:
-            report["measurements"][m.method] = m.to_dict()
-            say(f"measured {m.method}: {m.trainable_parameters:,} params, step "
-                f"{m.step_seconds * 1e3:.0f} ms, train memory {m.train_memory_bytes / 2**20:.0f} MiB")
-            progress.advance(job)
+    def __init__(self, opts: CompareOptions, tasks: dict[str, dict[str, Any]], out: Path, console: Console,
+                 report: dict[str, Any], on_update: Callable[[dict[str, Any]], None] | None) -> None:
+        self.opts, self.tasks, self.out, self.console = opts, tasks, out, console
+        self.report, self.on_update = report, on_update
+        self.budget = _Budget(opts.time_budget)
+        self.earlier_seconds = report["wall_seconds"]  # of the runs this one resumes
+        self.progress = _progress(console, opts.quiet)
+        self.job: Any = None
+        self.warned: set[str] = set()  # tasks whose truncation was reported
 
-        if measured:
-            batch = data_batch(first["train"].rows, tokenizer, opts.batch_size, opts.max_length)
-            measure_methods(base, measured, batch, heads, members=len(names), steps=opts.measure_steps,
-                            on_done=measured_one)
-        del base
-        save()
-        for seed, task, method in plan:
-            progress.update(job, description=f"seed {seed} · {task} · {method}")
-            reason = None
-            if not budget.fits(method):
-                reason = f"time budget of {opts.time_budget:g} min reached"
-            elif method == FUSION:
-                done = {(r["task"], r["seed"]) for r in report["runs"] if r["method"] == FUSION_MEMBER_METHOD}
-                lacking = [t for t in names if (t, seed) not in done]
-                if lacking:
-                    reason = f"stage-1 {FUSION_MEMBER_METHOD} adapters missing for {lacking}"
-            if reason is not None:
-                skipped.append({"method": method, "task": task, "seed": seed, "reason": reason})
-                progress.advance(job)
-                continue
-            started = time.perf_counter()
-            try:
-                if method == FUSION:
-                    run = _fusion_run(opts, tasks, task, seed, out, console)
-                else:
-                    run = _single_run(opts, tasks, task, method, seed, out, console)
-            except NonFiniteLossError as e:  # one diverged run should not end a long comparison
-                skipped.append({"method": method, "task": task, "seed": seed, "reason": f"diverged: {e}"})
-                say(f"[red]seed {seed} · {task} · {method} diverged[/]: {e}")
-                progress.advance(job)
-                save()
-                continue
+    def save(self, plots: bool = False) -> None:
+        from peftlab import report as reporting
+
+        self.report["wall_seconds"] = self.earlier_seconds + self.budget.elapsed
+        self.report["peak_rss_bytes"] = peak_rss_bytes()
+        self.report["summary"] = summarize(self.report)
+        reporting.write_report(self.out, self.report, plots=plots)
+        if self.on_update is not None:
+            self.on_update(self.report)
+
+    def say(self, message: str) -> None:
+        if not self.opts.quiet:
+            self.progress.console.print(message)
+
+    def measure(self, base: nn.Module, tokenizer: Any, heads: list[str], methods: list[str]) -> None:
+        """Step time, memory and sizes of ``methods`` on a batch of the first task."""
+        from peftlab.measure import measure_methods
+
+        def done(m: Measurement) -> None:
+            self.report["measurements"][m.method] = m.to_dict()
+            self.say(f"measured {m.method}: {m.trainable_parameters:,} params, step "
+                     f"{m.step_seconds * 1e3:.0f} ms, train memory {m.train_memory_bytes / 2**20:.0f} MiB")
+            self.progress.advance(self.job)
+
+        first = next(iter(self.tasks.values()))["data"]
+        batch = data_batch(first["train"].rows, tokenizer, self.opts.batch_size, self.opts.max_length)
+        measure_methods(base, methods, batch, heads, members=len(self.tasks), steps=self.opts.measure_steps,
+                        on_done=done)
+
+    def run_cell(self, seed: int, task: str, method: str) -> None:
+        """Train and evaluate one cell and add it to the report, or record why it was skipped."""
+        self.progress.update(self.job, description=f"seed {seed} · {task} · {method}")
+        reason = self._cannot_run(seed, method)
+        if reason is not None:
+            self.report["skipped"].append({"method": method, "task": task, "seed": seed, "reason": reason})
+            self.progress.advance(self.job)
+            return
+        started = time.perf_counter()
+        try:
             if method == FUSION:
-                report["fusion"].setdefault(task, {})[str(seed)] = run.pop("fusion_weights")
+                run = _fusion_run(self.opts, self.tasks, task, seed, self.out, self.console)
             else:
-                cut = run.get("truncated", 0)
-                if cut and task not in warned:
-                    warned.add(task)
-                    say(f"[yellow]warning:[/] {cut} {task} training examples are longer than "
-                        f"--max-length {opts.max_length} and were truncated")
-            seconds = time.perf_counter() - started
-            budget.record(method, seconds)
-            run["wall_seconds"] = seconds
-            report["runs"].append(run)
-            say(f"seed {seed} · {task} · {method}: {tasks[task]['metric']} {_pct(run['score'])} "
-                f"({seconds:.0f} s)")
-            progress.advance(job)
-            save()
-    save(plots=True)
-    if not opts.quiet:
-        Console().print(reporting.terminal_table(report))
-        console.print(f"report: {out / 'report.md'} ({budget.elapsed / 60:.1f} min)")
-    return report
+                run = _single_run(self.opts, self.tasks, task, method, seed, self.out, self.console)
+        except NonFiniteLossError as e:  # one diverged run should not end a long comparison
+            self.report["skipped"].append({"method": method, "task": task, "seed": seed,
+                                           "reason": f"diverged: {e}"})
+            self.say(f"[red]seed {seed} · {task} · {method} diverged[/]: {e}")
+        else:
+            self._add(run, seed, task, method, time.perf_counter() - started)
+        self.progress.advance(self.job)
+        self.save()
+
+    def _cannot_run(self, seed: int, method: str) -> str | None:
+        if not self.budget.fits(method):
+            return f"time budget of {self.opts.time_budget:g} min reached"
+        if method == FUSION:
+            runs = self.report["runs"]
+            done = {(r["task"], r["seed"]) for r in runs if r["method"] == FUSION_MEMBER_METHOD}
+            lacking = [t for t in self.tasks if (t, seed) not in done]
+            if lacking:
+                return f"stage-1 {FUSION_MEMBER_METHOD} adapters missing for {lacking}"
+        return None
+
+    def _add(self, run: dict[str, Any], seed: int, task: str, method: str, seconds: float) -> None:
+        if method == FUSION:
+            self.report["fusion"].setdefault(task, {})[str(seed)] = run.pop("fusion_weights")
+        elif run.get("truncated", 0) and task not in self.warned:
+            self.warned.add(task)
+            self.say(f"[yellow]warning:[/] {run['truncated']} {task} training examples are longer than "
+                     f"--max-length {self.opts.max_length} and were truncated")
+        self.budget.record(method, seconds)
+        run["wall_seconds"] = seconds
+        self.report["runs"].append(run)
+        self.say(f"seed {seed} · {task} · {method}: {self.tasks[task]['metric']} {_pct(run['score'])} "
+                 f"({seconds:.0f} s)")
 
 
 def _pct(x: float | None) -> str:
