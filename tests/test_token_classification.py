@@ -27,7 +27,7 @@ import peftlab
 from peftlab.cli import app
 from peftlab.data import load_task, tokenize
 from peftlab.errors import DataError, UsageError
-from peftlab.metrics import entity_tags, tag_metrics
+from peftlab.metrics import entity_tags, tag_counts, tag_metrics, tag_score
 from peftlab.tasks import task_for
 from peftlab.tasks.token_classification import aligned, named_metrics
 
@@ -130,6 +130,28 @@ def test_plain_tags_are_judged_by_the_accuracy_per_word():
     assert named_metrics(prompted, labels, names) == {"accuracy": 0.8, "f1": 0.8}
     # No names: the ids are plain tags.
     assert task_for(TASK).score(logits, labels, 3) == {"accuracy": 0.8, "f1": 0.8}
+
+
+def test_sentence_counts_give_seqevals_scores_on_any_resample():
+    """A bootstrap over sentences sums per-sentence counts instead of running seqeval per resample;
+    the sums must give seqeval's numbers on every subset, repeats included."""
+    names = LABELS
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, len(names), (40, 9))
+    for i, n in enumerate(rng.integers(1, 9, 40)):
+        labels[i, n:] = -100
+    guess = np.where(rng.random(labels.shape) < 0.7, labels, rng.integers(0, len(names), labels.shape))
+    counts = tag_counts(guess, labels, names)
+    for _ in range(10):
+        idx = rng.integers(0, 40, 40)
+        true = [[names[t] for t in row[row != -100]] for row in labels[idx]]
+        found = [[names[g] for g in g_row[row != -100]] for g_row, row in zip(guess[idx], labels[idx])]
+        expected = tag_metrics(true, found, entities=True)
+        assert {m: tag_score(m, counts[idx]) for m in expected} == pytest.approx(expected)
+    plain = tag_counts(guess, labels, ["DET", "NOUN", "VERB", "ADJ", "ADV"])
+    assert tag_score("f1", plain) == tag_score("accuracy", plain) == tag_score("accuracy", counts)
+    with pytest.raises(ValueError, match="needs entity tags"):
+        tag_score("precision", plain)
 
 
 # ---- reading and aligning ------------------------------------------------------------------------
@@ -362,3 +384,47 @@ def test_words_that_cannot_be_read_get_no_tag_in_predictions(readme_run, tmp_pat
     # [CLS] mary lives [SEP]: the zero-width space has no sub-word, and "in rome" is cut off.
     assert [t is None for t in row["tags"]] == [False, True, False, True, True]
     assert [s is None for s in row["scores"]] == [False, True, False, True, True]
+
+
+# ---- compare ------------------------------------------------------------------------------------
+def test_compare_ranks_methods_on_tagging_tasks_with_intervals_and_the_constant_level(work, tmp_path,
+                                                                                      monkeypatch):
+    """Two NER tasks: every method (rates searched on held-out sentences, early stopping on), the
+    fusion of both tasks' adapters, entity F1 with bootstrap intervals over sentences, and the
+    constant level as seqeval scores it."""
+    from peftlab.compare import CompareOptions, run_compare
+
+    monkeypatch.setattr("peftlab.lr_search.MIN_TRIAL_STEPS", 1)  # tiny data: a step or two per trial
+    tasks = [_ner(tmp_path / name, n_train=40, n_val=12) for name in ("people", "places")]
+    report = run_compare(CompareOptions(
+        model=str(work["bert"]), data=tuple(map(str, tasks)), out=tmp_path / "report",
+        methods=("lora", "ia3", "fusion"), epochs=2, batch_size=8, max_length=16, quiet=True))
+    assert not report["skipped"]
+    assert {(r["task"], r["method"]) for r in report["runs"]} == {
+        (t, m) for t in ("people", "places") for m in ("lora", "ia3", "pfeiffer", "fusion")}
+    for run in report["runs"]:
+        assert run["metric"] == "f1" and run["score"] == run["metrics"]["f1"]
+        if run["method"] != "fusion":  # what peftlab train wrote
+            trained = json.loads((Path(run["run_dir"]) / "metrics.json").read_text())
+            assert run["score"] == trained["eval"]["f1"]
+    assert {r["lr_search"]["metric"] for r in report["runs"] if r["method"] != "fusion"} == {"f1"}
+    for method, cell in report["summary"]["scores"].items():
+        for task, numbers in cell["tasks"].items():
+            low, high = numbers["ci95"]
+            assert low <= numbers["score"] <= high, (method, task)
+    rows = [json.loads(line) for line in (tasks[0] / "validation.jsonl").read_text().splitlines()]
+    by_seqeval = max(tag_metrics([r["tags"] for r in rows], [[tag] * len(r["tags"]) for r in rows],
+                                 entities=True)["f1"] for tag in LABELS)
+    assert report["summary"]["constant"]["people"] == pytest.approx(by_seqeval)
+    assert report["tasks"]["people"]["labels"] == LABELS
+    assert set(report["measurements"]) == {"lora", "ia3", "fusion"}  # measured on per-word labels
+
+
+def test_compare_refuses_a_metric_tags_do_not_have(work, tmp_path):
+    for split, words in (("train", ["mary", "lives"]), ("validation", ["anna", "works"])):
+        _write(tmp_path / "pos" / f"{split}.jsonl", [{"tokens": words, "tags": ["NOUN", "VERB"]}])
+    result = runner.invoke(app, ["compare", "--model", str(work["bert"]), "--data", str(tmp_path / "pos"),
+                                 "--methods", "lora", "--out", str(tmp_path / "out"),
+                                 "--metric", "pos=recall"])
+    _bad(result, "--metric pos=recall: this token-classification task is judged by one of f1, accuracy")
+    assert not (tmp_path / "out").exists()

@@ -43,7 +43,7 @@ from torch import nn
 from peftlab.data import TaskData, load_task
 from peftlab.errors import NonFiniteLossError, UsageError
 from peftlab.measure import FULL, FUSION, FUSION_MEMBER_METHOD, Measurement, data_batch, peak_rss_bytes
-from peftlab.metrics import bootstrap_ci, constant_score, ranks_with_ties, same_labels
+from peftlab.metrics import TAGS, bootstrap_ci, constant_score, entity_tags, ranks_with_ties, same_labels
 from peftlab.tasks import task_for
 from peftlab.train import default_lr, method_names
 
@@ -57,7 +57,8 @@ def all_methods() -> tuple[str, ...]:
 #: AdapterFusion's learning rate for stage 2 (the paper's setting).
 FUSION_LR = 5e-5
 #: Metrics a run can be judged by (higher is better).
-METRICS = {"classification": ("accuracy", "f1", "matthews"), "regression": ("pearson", "spearman")}
+METRICS = {"classification": ("accuracy", "f1", "matthews"), "regression": ("pearson", "spearman"),
+           TAGS: ("f1", "precision", "recall", "accuracy")}
 REPORT_JSON = "report.json"
 
 
@@ -232,11 +233,15 @@ def _load_tasks(opts: CompareOptions) -> dict[str, dict[str, Any]]:
         data = load_task(folder, max_samples={"train": opts.max_train_samples,
                                               "validation": opts.max_eval_samples})
         if data.task not in METRICS:
-            raise UsageError(f"--data {folder}: compare needs classification or regression labels")
+            raise UsageError(f"--data {folder}: compare needs classification, regression or token-"
+                             f"classification labels, not {data.task} data")
         metric = opts.metrics.get(name, task_for(data.task).primary)
-        if metric not in METRICS[data.task]:
-            raise UsageError(f"--metric {name}={metric}: a {data.task} task is judged by one of "
-                             f"{', '.join(METRICS[data.task])}")
+        judged_by = METRICS[data.task]
+        if data.task == TAGS and not entity_tags(data.labels or ()):
+            judged_by = ("f1", "accuracy")  # tags that mark no entities are judged word by word
+        if metric not in judged_by:
+            raise UsageError(f"--metric {name}={metric}: this {data.task} task is judged by one of "
+                             f"{', '.join(judged_by)}")
         tasks[name] = {"folder": str(Path(folder).expanduser().resolve()), "data": data, "metric": metric}
     return tasks
 
@@ -297,6 +302,7 @@ def _new_report(opts: CompareOptions, tasks: dict[str, dict[str, Any]], stage1: 
     return {
         "peftlab_compare": 1, "command": opts.command(), "model": opts.model,
         "tasks": {n: {"data": t["folder"], "task": t["data"].task, "num_labels": t["data"].num_labels,
+                      "labels": None if t["data"].labels is None else list(t["data"].labels),
                       "metric": t["metric"], "train_examples": len(t["data"]["train"]),
                       "eval_examples": len(t["data"]["validation"])} for n, t in tasks.items()},
         "methods": list(opts.methods), "settings": {
@@ -449,7 +455,7 @@ class _Comparison:
             self.progress.advance(self.job)
 
         first = next(iter(self.tasks.values()))["data"]
-        batch = data_batch(first["train"].rows, tokenizer, self.opts.batch_size, self.opts.max_length)
+        batch = data_batch(first["train"], first.task, tokenizer, self.opts.batch_size, self.opts.max_length)
         measure_methods(base, methods, batch, heads, members=len(self.tasks), steps=self.opts.measure_steps,
                         on_done=done)
 
@@ -706,7 +712,7 @@ def _gain_interval(report: dict[str, Any], task: str, fused: list[dict[str, Any]
     # shuffled by the seed; those cannot be paired and get no interval.
     same = all(same_labels(f[1], s[1]) for f, s in found)
     ci = (bootstrap_ci(info["task"], fused[0]["metric"], [f for f, _ in found], info["num_labels"] or None,
-                       against=[s for _, s in found])
+                       against=[s for _, s in found], names=info.get("labels"))
           if found and len(found) == len(pairs) and same else (math.nan, math.nan))
     return {"ci95": list(ci), "significant": bool(ci[0] > 0 or ci[1] < 0), "seeds": len(pairs), "runs": dirs}
 
@@ -719,7 +725,8 @@ def _constant_level(report: dict[str, Any], task: str) -> float | None:
     for r in report["runs"]:
         if r["task"] == task and (Path(r["run_dir"]) / PREDICTIONS_FILE).is_file():
             _, labels = read_predictions(Path(r["run_dir"]))
-            return constant_score(info["task"], r["metric"], labels, max(2, info["num_labels"]))
+            return constant_score(info["task"], r["metric"], labels, max(2, info["num_labels"]),
+                                  info.get("labels"))
     return None
 
 
@@ -739,7 +746,8 @@ def _cell(report: dict[str, Any], method: str, task: str, runs: list[dict[str, A
     else:
         found = [read_predictions(Path(d)) for d in dirs if (Path(d) / PREDICTIONS_FILE).is_file()]
         info = report["tasks"][task]
-        ci = (bootstrap_ci(info["task"], runs[0]["metric"], found, info["num_labels"] or None)
+        ci = (bootstrap_ci(info["task"], runs[0]["metric"], found, info["num_labels"] or None,
+                           names=info.get("labels"))
               if len(found) == len(dirs) else (math.nan, math.nan))
         cell["ci95"] = list(ci)
     cell["interval_runs"] = dirs

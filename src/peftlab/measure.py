@@ -51,12 +51,15 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from peftlab.loop import adapter_loss, step
+
+if TYPE_CHECKING:
+    from peftlab.data import Split
 
 #: Methods measured by :func:`measure_method`, besides the adapter presets of ``peftlab.train``.
 FULL = "full"
@@ -167,17 +170,24 @@ def synthetic_batch(vocab_size: int, batch_size: int, length: int, num_labels: i
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
 
 
-def data_batch(rows: Sequence[dict[str, Any]], tokenizer: Any, batch_size: int,
+def data_batch(split: Split, task: str, tokenizer: Any, batch_size: int,
                length: int) -> dict[str, torch.Tensor]:
-    """``batch_size`` rows (repeated if too few) tokenised and padded to exactly ``length``."""
-    rows = [rows[i % len(rows)] for i in range(batch_size)]
-    texts = [r["text"] for r in rows]
-    pairs = [r.get("text_pair") for r in rows]
-    enc = tokenizer(texts, *([pairs] if pairs[0] is not None else []), truncation=True,
-                    max_length=length, padding="max_length", return_tensors="pt")
-    batch = {k: v for k, v in enc.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
-    labels = [r["label"] for r in rows]
-    batch["labels"] = torch.tensor(labels, dtype=torch.float if isinstance(labels[0], float) else torch.long)
+    """``batch_size`` examples of ``split`` (repeated if too few), tokenised for ``task`` as
+    training does and padded to exactly ``length`` tokens (per-token labels with -100)."""
+    from peftlab.data import tokenize
+    from peftlab.train import collator
+
+    rows = split.rows
+    index = [i % len(rows) for i in range(batch_size)]
+    picked = rows.take(index) if hasattr(rows, "take") else [rows[i] for i in index]
+    encoded, _ = tokenize(dataclasses.replace(split, rows=picked), tokenizer, task, length)
+    batch = dict(collator(tokenizer, task)(list(encoded)))
+    pad = {"input_ids": tokenizer.pad_token_id or 0, "labels": -100}
+    left = getattr(tokenizer, "padding_side", "right") == "left"
+    for key, value in batch.items():
+        if value.dim() == 2 and value.shape[1] < length:
+            widths = (length - value.shape[1], 0) if left else (0, length - value.shape[1])
+            batch[key] = torch.nn.functional.pad(value, widths, value=pad.get(key, 0))
     return batch
 
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 import math
 import re
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
@@ -224,9 +224,67 @@ def same_labels(a: np.ndarray, b: np.ndarray) -> bool:
     return a.shape == b.shape and bool(np.allclose(a, b, rtol=0.0, atol=1e-6))
 
 
+#: The task whose predictions and labels are per word (rows padded with -100).
+TAGS = "token-classification"
+
+
+def tag_counts(predictions: np.ndarray, labels: np.ndarray, names: Sequence[str]) -> np.ndarray:
+    """Per sentence, the sums that :func:`tag_metrics` are ratios of: words, words tagged right
+    and, for entity tags, entities found right, predicted and true. Entities never cross a
+    sentence (seqeval reads them sentence by sentence), so a resample of sentences scores as the
+    sum of its rows (:func:`tag_score`) without running seqeval again. ``predictions``: tag ids
+    per token; where longer than ``labels`` (prompt tuning's virtual tokens come first) they are
+    read from their end."""
+    predictions, labels = np.asarray(predictions), np.asarray(labels)
+    predictions = predictions[:, predictions.shape[1] - labels.shape[1]:]
+    entities = entity_tags(names)
+    if entities:
+        require_seqeval()
+        from seqeval.metrics.sequence_labeling import get_entities
+    rows = []
+    for guessed_ids, true_ids in zip(predictions, labels):
+        keep = true_ids != -100
+        true = [names[t] for t in true_ids[keep]]
+        guessed = [names[g] for g in guessed_ids[keep]]
+        row = [len(true), sum(t == g for t, g in zip(true, guessed))]
+        if entities:
+            spans, found = set(get_entities(true)), set(get_entities(guessed))
+            row += [len(spans & found), len(found), len(spans)]
+        rows.append(row)
+    return np.asarray(rows, dtype=np.float64).reshape(len(rows), 5 if entities else 2)
+
+
+def tag_score(metric: str, counts: np.ndarray) -> float:
+    """``metric`` (accuracy, or seqeval's micro precision, recall and F1) of sentences'
+    :func:`tag_counts`; without entity tags F1 is the accuracy, as in :func:`tag_metrics`."""
+    total = counts.sum(0)
+    if metric == "accuracy" or (metric == "f1" and len(total) == 2):
+        return float(total[1] / total[0]) if total[0] else math.nan
+    if len(total) == 2:
+        raise ValueError(f"{metric} needs entity tags (B-X, I-X, O)")
+    right, guessed, true = total[2:]
+    if metric == "precision":
+        return float(right / guessed) if guessed else 0.0
+    if metric == "recall":
+        return float(right / true) if true else 0.0
+    return float(2 * right / (guessed + true)) if guessed + true else 0.0
+
+
+def _scorer(task: str, metric: str, predictions: np.ndarray, labels: np.ndarray, num_classes: int | None,
+            names: Sequence[str] | None) -> tuple[int, Callable[[np.ndarray], float]]:
+    """The number of examples of one run, and its score on the examples at given indices."""
+    if task == TAGS:
+        if names is None:
+            raise ValueError("intervals of tag metrics need the tag names")
+        counts = tag_counts(predictions, labels, names)
+        return len(counts), lambda idx: tag_score(metric, counts[idx])
+    return len(labels), lambda idx: score(task, metric, predictions[idx], labels[idx], num_classes or 2)
+
+
 def bootstrap_ci(task: str, metric: str, runs: list[tuple[np.ndarray, np.ndarray]],
                  num_classes: int | None = None, resamples: int = 1000, seed: int = 0,
-                 against: list[tuple[np.ndarray, np.ndarray]] | None = None) -> tuple[float, float]:
+                 against: list[tuple[np.ndarray, np.ndarray]] | None = None,
+                 names: Sequence[str] | None = None) -> tuple[float, float]:
     """95% percentile-bootstrap interval of the mean score over ``runs`` (one ``(predictions,
     labels)`` pair per seed). With one seed the validation examples are resampled; with several,
     the seeds are resampled and then the examples of each drawn seed (a two-level bootstrap), so
@@ -236,7 +294,9 @@ def bootstrap_ci(task: str, metric: str, runs: list[tuple[np.ndarray, np.ndarray
     ``against``: another method's runs on the same examples, paired with ``runs`` by position
     (seed). The interval is then of the difference ``runs − against``, each resample drawing the
     same seeds and examples for both: a paired bootstrap, which sees a consistent gain that two
-    overlapping intervals would hide. The difference is significant where it excludes 0."""
+    overlapping intervals would hide. The difference is significant where it excludes 0.
+
+    Token classification resamples sentences, and needs the tag ``names``."""
     if not runs:
         return (math.nan, math.nan)
     rng = np.random.default_rng(seed)
@@ -248,17 +308,16 @@ def bootstrap_ci(task: str, metric: str, runs: list[tuple[np.ndarray, np.ndarray
     if task == "classification" and num_classes is None:
         num_classes = max(2, *(int(max(p.max(initial=0), y.max(initial=0))) + 1
                                for p, y in runs + (others or [])))
+    scorers = [_scorer(task, metric, p, y, num_classes, names) for p, y in runs]
+    baselines = [_scorer(task, metric, p, y, num_classes, names)[1] for p, y in others or ()]
     means = []
     for _ in range(resamples):
         drawn = rng.integers(len(runs), size=len(runs)) if len(runs) > 1 else range(len(runs))
         values = []
         for i in drawn:
-            predictions, labels = runs[i]
-            idx = rng.integers(len(labels), size=len(labels))
-            value = score(task, metric, predictions[idx], labels[idx], num_classes)
-            if others is not None:
-                value -= score(task, metric, others[i][0][idx], labels[idx], num_classes)
-            values.append(value)
+            n, scored = scorers[i]
+            idx = rng.integers(n, size=n)
+            values.append(scored(idx) - (baselines[i](idx) if baselines else 0.0))
         if all(math.isfinite(v) for v in values):
             means.append(float(np.mean(values)))
     if not means:
@@ -267,11 +326,17 @@ def bootstrap_ci(task: str, metric: str, runs: list[tuple[np.ndarray, np.ndarray
     return (float(low), float(high))
 
 
-def constant_score(task: str, metric: str, labels: np.ndarray, num_classes: int = 2) -> float:
+def constant_score(task: str, metric: str, labels: np.ndarray, num_classes: int = 2,
+                   names: Sequence[str] | None = None) -> float:
     """The best score a constant prediction reaches on ``labels``: the level a method that learned
     nothing sits at (the majority class's accuracy; 0 for correlations, which a constant has none
-    of)."""
+    of; for tags, one tag for every word, which needs the tag ``names``)."""
     labels = np.asarray(labels)
+    if task == TAGS:
+        if names is None:
+            raise ValueError("the constant level of tag metrics needs the tag names")
+        return max(tag_score(metric, tag_counts(np.full_like(labels, c), labels, names))
+                   for c in range(len(names)))
     if task != "classification":
         return 0.0
     return max(score(task, metric, np.full_like(labels, c), labels, num_classes) for c in range(num_classes))

@@ -289,6 +289,7 @@ def profile(model: str, methods: tuple[str, ...] | None = None, data: str | None
     from peftlab.compare import all_methods
     from peftlab.data import load_task
     from peftlab.measure import data_batch, measure_methods, synthetic_batch
+    from peftlab.tasks import task_for
     from peftlab.train import load_model
 
     if methods is None:
@@ -296,8 +297,9 @@ def profile(model: str, methods: tuple[str, ...] | None = None, data: str | None
     if batch_size < 1 or max_length < 2:
         raise UsageError(f"--batch-size must be >= 1 and --max-length >= 2, got {batch_size}, {max_length}")
     task = load_task(data, splits=("train",), max_samples={"train": 4 * batch_size}) if data else None
-    if task is not None and task.task == "causal-lm":
-        raise UsageError("recommend profiles classification or regression heads; --data has no labels")
+    if task is not None and task_for(task.task).labelled not in ("class", "value"):
+        raise UsageError(f"recommend profiles classification, regression or token-classification heads; "
+                         f"--data is {task.task} data")
     model_, tokenizer, heads = load_model(model, task.task if task else "classification",
                                           task.num_labels if task else 2)
     limit = getattr(model_.config, "max_position_embeddings", None)
@@ -307,7 +309,7 @@ def profile(model: str, methods: tuple[str, ...] | None = None, data: str | None
     methods = tuple(m for m in methods
                     if _fits(model_, FUSION_MEMBER_METHOD if m == FUSION else m, max_length))
     if task is not None:
-        batch = data_batch(task["train"].rows, tokenizer, batch_size, max_length)
+        batch = data_batch(task["train"], task.task, tokenizer, batch_size, max_length)
     else:
         batch = synthetic_batch(model_.config.vocab_size, batch_size, max_length)
     return measure_methods(model_, methods, batch, heads, members=members, steps=steps, on_done=on_done)

@@ -814,14 +814,20 @@ def selection(opts: TrainOptions, task: Task) -> tuple[str, bool]:
 
 def constant_floor(data: TaskData, split: Split, metric: str) -> float | None:
     """The score of the best constant prediction on ``split`` by ``metric`` (the majority class's
-    accuracy; 0 for a correlation), for tasks whose rows hold one class or value each and metrics
-    where higher is better; ``None`` for the others."""
-    from peftlab.metrics import LOWER_IS_BETTER, constant_score
+    accuracy; 0 for a correlation; one tag for every word), for tasks whose rows hold classes or a
+    value and metrics where higher is better; ``None`` for the others."""
+    from peftlab.metrics import LOWER_IS_BETTER, TAGS, constant_score
 
     if task_for(data.task).labelled not in ("class", "value") or metric in LOWER_IS_BETTER:
         return None
-    labels = np.asarray([r["label"] for r in split.rows])
-    return constant_score(data.task, metric, labels, max(2, data.num_labels))
+    if data.task != TAGS:
+        labels = np.asarray([r["label"] for r in split.rows])
+        return constant_score(data.task, metric, labels, max(2, data.num_labels))
+    tags = [r["tags"] for r in split.rows]
+    labels = np.full((len(tags), max(map(len, tags), default=0)), -100)
+    for row, words in zip(labels, tags):
+        row[:len(words)] = words
+    return constant_score(data.task, metric, labels, names=data.labels)
 
 
 def _report_data(console: Console, opts: TrainOptions, data: TaskData, sets: _Sets, max_length: int) -> None:
