@@ -48,7 +48,7 @@ import re
 import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 import torch
@@ -776,6 +776,15 @@ def _options(names: Sequence[str]) -> str:
     return f"{flags} {'are' if len(names) > 1 else 'is'}"
 
 
+class _TextSplit(NamedTuple):
+    """One split's columns as read: texts, pairs (or ``None``), where it is, unused columns."""
+
+    text: Any
+    pair: Any
+    where: _Where
+    ignored: list[str]
+
+
 def load_texts(source: str | Path | DataSource, splits: tuple[str, ...] = ("train", "validation"),
                task: str = "auto", max_samples: dict[str, int | None] | None = None,
                num_labels: int | None = None, labels: Sequence[str] | None = None,
@@ -785,82 +794,113 @@ def load_texts(source: str | Path | DataSource, splits: tuple[str, ...] = ("trai
     :func:`load_task` already opened it."""
     from peftlab.tasks import REGISTRY
 
-    if not labelled and task == "auto":
-        raise DataError("unlabelled data needs the task of the trained model")
-    if labels is not None:
-        labels = tuple(str(n) for n in labels)
-        if len(labels) < 2 or len(set(labels)) < len(labels):
-            raise DataError(f"--labels {','.join(labels)}: give at least two different class names")
     src = DataSource.of(source)
-    given = [o for o in RENDERING if getattr(src, o) is not None]
-    if given:
-        raise DataError(f"{_options(given)} for rows of prompt/completion or chat messages (--task "
-                        "causal-lm); these rows hold texts, which no template renders: drop the option")
+    labels = _checked_text_options(task, labelled, labels, src)
     opened = opened or _Opened(src, splits)
-    max_samples = max_samples or {}
     causal = task != "auto" and REGISTRY[task].labelled == "text"  # the text is all it learns
     columns: Columns | None = None
-    texts: dict[str, tuple[Any, Any, _Where, list[str], Any]] = {}
+    texts: dict[str, _TextSplit] = {}
     raw: dict[str, _Labels] = {}
     for split in splits:
         ds, where = opened.split(split, src.label_column or (columns.label if columns else None))
-        if columns is None:
-            columns = detect_columns(ds.column_names, src, where.path, labelled)
-        else:
-            needed = [c for c in (columns.text, columns.pair) if c is not None]
-            missing = [c for c in needed if c not in ds.column_names]
-            if missing:
-                raise DataError(f"{where.path} lacks column(s) {missing} that {splits[0]} has; give every "
-                                "split the same columns")
-        if len(ds) == 0:
-            raise DataError(f"{where.path} holds no examples; add rows with a text and a label")
-        text, _ = _texts(ds, columns.text, where)
-        pair = None
-        if columns.pair is not None:
-            pair, lacking = _texts(ds, columns.pair, where, optional=True)
-            if lacking >= 0:
-                count = _count_blank(pair)
-                if count == len(pair) and src.pair_column is None:
-                    pair = None  # the pair column is empty everywhere: single texts
-                else:
-                    raise DataError(f"{where.row(lacking)}: no {columns.pair!r}, but other rows have one "
-                                    f"({count} of {len(pair)} rows lack it); give every row a "
-                                    f"{columns.pair} or none")
+        columns = _text_columns(ds, where, src, columns, splits[0], labelled)
+        used = {*columns.used(), columns.pair}
+        texts[split] = _TextSplit(*_text_and_pair(ds, where, src, columns), where,
+                                  [c for c in ds.column_names if c not in used])
         label_col = columns.label if columns.label in ds.column_names else None
         if causal:
-            unused = []
-            if pair is not None:
-                unused.append(columns.pair)
-            if label_col is not None and _column(ds, label_col).null_count < len(ds):
-                unused.append(label_col)
-            if unused:
-                raise DataError(f"{where.path}: causal-lm learns only {columns.text!r}, but the rows also "
-                                f"have {unused}, which would be ignored. Put everything the model should "
-                                f"learn into {columns.text!r}, or drop those columns or pick another --task")
+            _check_only_text(ds, where, columns, texts[split].pair is not None, label_col)
         elif labelled:
             if label_col is None:
                 raise DataError(f"{where.path}: no label column among {ds.column_names} (looked for "
                                 f"{', '.join(LABEL_COLUMNS)}); name it with --label-column, use --task "
                                 "causal-lm, or peftlab predict for unlabelled text")
             raw[split] = _labels(ds, label_col, where)
-        used = set(columns.used()) | ({columns.pair} if columns.pair else set())
-        ignored = [c for c in ds.column_names if c not in used]
-        texts[split] = (text, pair, where, ignored, ds)
     assert columns is not None
-    pairs = {s: texts[s][1] is not None for s in splits}
+    pairs = {s: texts[s].pair is not None for s in splits}
     if len(set(pairs.values())) > 1:
         raise DataError(f"splits disagree on {columns.pair!r} ({pairs}); a task is either single-text or "
                         "pairs")
-
     first = raw.get(splits[0])
     if task == "auto":
         task = "regression" if first is not None and first.kind == "float" else "classification"
-    kind = REGISTRY[task].labelled
-    names: tuple[str, ...] | None = None
-    note = ""
-    ids: dict[str, np.ndarray | None] = {s: None for s in splits}
+    names, note, ids, num_labels = _label_ids(REGISTRY[task].labelled, labelled, raw, texts, labels,
+                                              num_labels)
+    loaded = {}
+    for s in splits:
+        rows = Rows(texts[s].text, texts[s].pair, ids.get(s))
+        kept = sample_indices(len(rows), (max_samples or {}).get(s))
+        loaded[s] = Split(s, Path(texts[s].where.path), rows if kept is None else rows.take(kept),
+                          tuple(texts[s].ignored))
+    return TaskData(task, num_labels, loaded, pairs[splits[0]], names, columns, note)
+
+
+def _checked_text_options(task: str, labelled: bool, labels: Sequence[str] | None,
+                          src: DataSource) -> tuple[str, ...] | None:
+    """The class names given (as strings), after refusing what text rows cannot use."""
+    if not labelled and task == "auto":
+        raise DataError("unlabelled data needs the task of the trained model")
+    if labels is not None:
+        labels = tuple(str(n) for n in labels)
+        if len(labels) < 2 or len(set(labels)) < len(labels):
+            raise DataError(f"--labels {','.join(labels)}: give at least two different class names")
+    given = [o for o in RENDERING if getattr(src, o) is not None]
+    if given:
+        raise DataError(f"{_options(given)} for rows of prompt/completion or chat messages (--task "
+                        "causal-lm); these rows hold texts, which no template renders: drop the option")
+    return labels
+
+
+def _text_columns(ds: Any, where: _Where, src: DataSource, columns: Columns | None, first: str,
+                  labelled: bool) -> Columns:
+    """The text, pair and label columns: detected in the first split, the same in the others."""
+    if columns is None:
+        columns = detect_columns(ds.column_names, src, where.path, labelled)
+    else:
+        missing = [c for c in (columns.text, columns.pair) if c is not None and c not in ds.column_names]
+        if missing:
+            raise DataError(f"{where.path} lacks column(s) {missing} that {first} has; give every "
+                            "split the same columns")
+    if len(ds) == 0:
+        raise DataError(f"{where.path} holds no examples; add rows with a text and a label")
+    return columns
+
+
+def _text_and_pair(ds: Any, where: _Where, src: DataSource, columns: Columns) -> tuple[Any, Any]:
+    """The split's texts, and its pairs (``None`` for single texts, as when the pair column is
+    empty in every row); some rows with a pair and some without are refused."""
+    text, _ = _texts(ds, columns.text, where)
+    if columns.pair is None:
+        return text, None
+    pair, lacking = _texts(ds, columns.pair, where, optional=True)
+    if lacking < 0:
+        return text, pair
+    count = _count_blank(pair)
+    if count == len(pair) and src.pair_column is None:
+        return text, None
+    raise DataError(f"{where.row(lacking)}: no {columns.pair!r}, but other rows have one "
+                    f"({count} of {len(pair)} rows lack it); give every row a {columns.pair} or none")
+
+
+def _check_only_text(ds: Any, where: _Where, columns: Columns, has_pair: bool, label_col: str | None) -> None:
+    """Causal-LM learns the text column alone: pairs or labels it would ignore are refused."""
+    unused = [columns.pair] if has_pair else []
+    if label_col is not None and _column(ds, label_col).null_count < len(ds):
+        unused.append(label_col)
+    if unused:
+        raise DataError(f"{where.path}: causal-lm learns only {columns.text!r}, but the rows also "
+                        f"have {unused}, which would be ignored. Put everything the model should "
+                        f"learn into {columns.text!r}, or drop those columns or pick another --task")
+
+
+def _label_ids(kind: str, labelled: bool, raw: dict[str, _Labels], texts: dict[str, _TextSplit],
+               labels: tuple[str, ...] | None, num_labels: int | None
+               ) -> tuple[tuple[str, ...] | None, str, dict[str, np.ndarray], int]:
+    """Class names, how they were found, each split's label ids (class ids or values) and the
+    head's width, for a task whose labels are of ``kind``."""
+    ids: dict[str, np.ndarray] = {}
     if kind == "class" and labelled:
-        assert first is not None
+        first = raw[next(iter(texts))]
         if labels is not None:
             names, note = labels, "class names given"
         elif num_labels is not None:
@@ -868,36 +908,23 @@ def load_texts(source: str | Path | DataSource, splits: tuple[str, ...] = ("trai
             if first.declared is not None:
                 names = first.declared
         else:
-            names, note = _class_names(first, texts[splits[0]][2].path)
-        for s in splits:
-            ids[s] = _class_ids(raw[s], names, texts[s][2])
-        num_labels = len(names)
-    elif kind == "class":
-        num_labels = len(labels) if labels is not None else (num_labels or 2)
-        names = labels
-    elif kind == "value":
-        if num_labels not in (None, 1):
-            raise DataError(f"the data has float labels (regression), but the head has {num_labels} classes; "
-                            "use integer class labels or a regression adapter")
-        for s in splits if labelled else ():
-            lab = raw[s]
-            if lab.kind == "name":
-                i = 0
-                raise DataError(f"{texts[s][2].row(i)}: label {lab.values[i].as_py()!r} is not a number; "
-                                "regression needs numeric labels (drop --task regression for class names)")
-            ids[s] = lab.values.to_numpy().astype(np.float64)
-        num_labels = 1
-    else:
-        num_labels = 0
-    loaded = {}
-    for s in splits:
-        text, pair, where, ignored, _ = texts[s]
-        rows = Rows(text, pair, ids[s])
-        kept = sample_indices(len(rows), max_samples.get(s))
-        if kept is not None:
-            rows = rows.take(kept)
-        loaded[s] = Split(s, Path(where.path), rows, tuple(ignored))
-    return TaskData(task, num_labels, loaded, pairs[splits[0]], names, columns, note)
+            names, note = _class_names(first, next(iter(texts.values())).where.path)
+        for s in texts:
+            ids[s] = _class_ids(raw[s], names, texts[s].where)
+        return names, note, ids, len(names)
+    if kind == "class":
+        return labels, "", ids, len(labels) if labels is not None else (num_labels or 2)
+    if kind != "value":
+        return None, "", ids, 0
+    if num_labels not in (None, 1):
+        raise DataError(f"the data has float labels (regression), but the head has {num_labels} classes; "
+                        "use integer class labels or a regression adapter")
+    for s in texts if labelled else ():
+        if raw[s].kind == "name":
+            raise DataError(f"{texts[s].where.row(0)}: label {raw[s].values[0].as_py()!r} is not a number; "
+                            "regression needs numeric labels (drop --task regression for class names)")
+        ids[s] = raw[s].values.to_numpy().astype(np.float64)
+    return None, "", ids, 1
 
 
 def sample_indices(n: int, keep: int | None) -> list[int] | None:
