@@ -854,16 +854,19 @@ def _checked_text_options(task: str, labelled: bool, labels: Sequence[str] | Non
 def _text_columns(ds: Any, where: _Where, src: DataSource, columns: Columns | None, first: str,
                   labelled: bool) -> Columns:
     """The text, pair and label columns: detected in the first split, the same in the others."""
-    if columns is None:
-        columns = detect_columns(ds.column_names, src, where.path, labelled)
-    else:
-        missing = [c for c in (columns.text, columns.pair) if c is not None and c not in ds.column_names]
-        if missing:
-            raise DataError(f"{where.path} lacks column(s) {missing} that {first} has; give every "
-                            "split the same columns")
-    if len(ds) == 0:
-        raise DataError(f"{where.path} holds no examples; add rows with a text and a label")
+    columns = columns or detect_columns(ds.column_names, src, where.path, labelled)
+    _check_split(ds, where, (columns.text, columns.pair), first, "with a text and a label")
     return columns
+
+
+def _check_split(ds: Any, where: _Where, needed: Sequence[str | None], first: str, rows_like: str) -> None:
+    """A split with rows and the ``needed`` columns (``None``: not needed) that ``first`` has."""
+    missing = [c for c in needed if c is not None and c not in ds.column_names]
+    if missing:
+        raise DataError(f"{where.path} lacks column(s) {missing} that {first} has; give every "
+                        "split the same columns")
+    if len(ds) == 0:
+        raise DataError(f"{where.path} holds no examples; add rows {rows_like}")
 
 
 def _text_and_pair(ds: Any, where: _Where, src: DataSource, columns: Columns) -> tuple[Any, Any]:

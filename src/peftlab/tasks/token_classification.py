@@ -50,6 +50,7 @@ from peftlab.data import (
     Split,
     TaskData,
     _blank,
+    _check_split,
     _class_ids,
     _class_names,
     _column,
@@ -348,14 +349,8 @@ def load(source: str | Path | DataSource, splits: tuple[str, ...] = ("train", "v
     read: dict[str, tuple[Any, _Labels | None, np.ndarray | None, _Where, list[str]]] = {}
     for split in splits:
         ds, where = opened.split(split, src.label_column or (columns.label if columns else None))
-        if columns is None:
-            columns = _columns(ds.column_names, src, where.path, labelled)
-        missing = [c for c in (columns.text, columns.label) if c is not None and c not in ds.column_names]
-        if missing:
-            raise DataError(f"{where.path} lacks column(s) {missing} that {splits[0]} has; give every "
-                            "split the same columns")
-        if len(ds) == 0:
-            raise DataError(f"{where.path} holds no examples; add rows such as {EXAMPLE}")
+        columns = columns or _columns(ds.column_names, src, where.path, labelled)
+        _check_split(ds, where, (columns.text, columns.label), splits[0], f"such as {EXAMPLE}")
         words = _words(ds, columns.text, where, split_text=not labelled and columns.text == "text")
         tags, starts = _tags(ds, columns.label, where, words) if labelled else (None, None)
         ignored = [c for c in ds.column_names if c not in columns.used()]
