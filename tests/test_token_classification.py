@@ -316,6 +316,13 @@ def test_training_learns_the_tags_and_records_their_names(work, readme_run):
     assert config["label2id"] == {n: i for i, n in enumerate(LABELS)}
 
 
+def test_the_readme_comparison_ranks_both_methods_at_the_models_length(readme_run):
+    report = json.loads((readme_run / "ner-compare" / "report.json").read_text())
+    assert {r["method"] for r in report["runs"]} == {"lora", "ia3"} and not report["skipped"]
+    assert report["settings"]["max_length"] == 64  # no --max-length: 128, cut to the model's 64 positions
+    assert "--max-length" not in report["command"]
+
+
 def test_eval_reproduces_the_training_metrics(work, readme_run):
     run = readme_run / "runs" / "ner"
     trained = json.loads((run / "metrics.json").read_text())["eval"]

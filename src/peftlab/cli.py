@@ -862,7 +862,8 @@ def compare(
     ] = "all",
     epochs: Annotated[float, typer.Option(help="Passes over each task's training data.")] = 3.0,
     batch_size: Annotated[int, typer.Option(help="Batch size (training and measurements).")] = 16,
-    max_length: Annotated[int, typer.Option(help="Tokens per example; longer ones are truncated.")] = 128,
+    max_length: Annotated[int | None, typer.Option(
+        help="Tokens per example; longer ones are truncated (default 128, or the model's limit).")] = None,
     seeds: Annotated[str, typer.Option(
         help="Comma-separated seeds; scores are the mean over them, with 95% bootstrap intervals.")] = "0",
     max_train_samples: Annotated[int | None, typer.Option(help="Fixed random subset per task.")] = None,

@@ -45,7 +45,7 @@ from peftlab.errors import NonFiniteLossError, UsageError
 from peftlab.measure import FULL, FUSION, FUSION_MEMBER_METHOD, Measurement, data_batch, peak_rss_bytes
 from peftlab.metrics import TAGS, bootstrap_ci, constant_score, entity_tags, ranks_with_ties, same_labels
 from peftlab.tasks import task_for
-from peftlab.train import default_lr, method_names
+from peftlab.train import default_lr, method_names, resolve_max_length
 
 
 def all_methods() -> tuple[str, ...]:
@@ -74,7 +74,7 @@ class CompareOptions:
     methods: tuple[str, ...] = dataclasses.field(default_factory=all_methods)
     epochs: float = 3.0
     batch_size: int = 16
-    max_length: int = 128
+    max_length: int | None = None  # default: 128, or the model's limit (as peftlab train)
     seeds: tuple[int, ...] = (0,)
     max_train_samples: int | None = None
     max_eval_samples: int | None = None
@@ -99,8 +99,9 @@ class CompareOptions:
         """The ``peftlab compare`` command line that repeats this run."""
         args = ["peftlab", "compare", "--model", self.model, "--data", ",".join(self.data),
                 "--methods", ",".join(self.methods), "--out", str(self.out), "--epochs", f"{self.epochs:g}",
-                "--batch-size", str(self.batch_size), "--max-length", str(self.max_length),
-                "--seeds", ",".join(map(str, self.seeds))]
+                "--batch-size", str(self.batch_size)]
+        args += ["--max-length", str(self.max_length)] if self.max_length is not None else []
+        args += ["--seeds", ",".join(map(str, self.seeds))]
         for flag, value in (("--max-train-samples", self.max_train_samples),
                             ("--max-eval-samples", self.max_eval_samples),
                             ("--time-budget", self.time_budget)):
@@ -156,7 +157,7 @@ class CompareOptions:
                         ("--max-eval-samples", self.max_eval_samples), ("measure_steps", self.measure_steps)):
             if n is not None and n < 1:
                 raise UsageError(f"{flag} must be positive, got {n}")
-        if self.max_length < 2:
+        if self.max_length is not None and self.max_length < 2:
             raise UsageError(f"--max-length must be at least 2, got {self.max_length}")
         for flag, budget in (("--max-steps", self.max_steps), ("--max-minutes", self.max_minutes),
                              ("--patience", self.patience)):
@@ -373,6 +374,9 @@ def run_compare(opts: CompareOptions, console: Console | None = None,
 
     out.mkdir(parents=True, exist_ok=True)
     report = previous if previous is not None else _new_report(opts, tasks, stage1)
+    # The command repeats what was asked; the runs use the length that follows from it.
+    opts = dataclasses.replace(opts, max_length=resolve_max_length(opts.max_length, base))
+    report["settings"]["max_length"] = opts.max_length
     if FUSION in opts.methods and not fusion:
         report["skipped"].append({"method": FUSION, "task": None, "seed": None, "reason": (
             "fusion needs at least 2 tasks to fuse (give several --data folders)")})
@@ -396,13 +400,11 @@ def run_compare(opts: CompareOptions, console: Console | None = None,
 
 def _load_base(opts: CompareOptions, first: TaskData) -> tuple[nn.Module, Any, list[str]]:
     """The model, tokenizer and head names that the measurements use (with the first task's
-    head), checked against ``--max-length``."""
+    head), checked against ``--max-length`` before anything is written."""
     from peftlab.train import load_model
 
     base, tokenizer, heads = load_model(opts.model, first.task, first.num_labels, opts.pooling)
-    limit = getattr(base.config, "max_position_embeddings", None)
-    if isinstance(limit, int) and opts.max_length > limit:
-        raise UsageError(f"--max-length {opts.max_length} is longer than the model's {limit} positions")
+    resolve_max_length(opts.max_length, base)
     return base, tokenizer, heads
 
 
