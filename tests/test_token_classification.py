@@ -435,3 +435,13 @@ def test_compare_refuses_a_metric_tags_do_not_have(work, tmp_path):
                                  "--metric", "pos=recall"])
     _bad(result, "--metric pos=recall: this token-classification task is judged by one of f1, accuracy")
     assert not (tmp_path / "out").exists()
+
+
+def test_recommend_profiles_on_tagged_sentences(work, tmp_path):
+    """The measuring batch comes from the tagging rows, with a label per sub-word."""
+    from peftlab.recommend import profile
+
+    measured = profile(str(work["bert"]), methods=("lora", "ia3"), data=str(_ner(tmp_path / "ner")),
+                       batch_size=4, max_length=16, steps=1)
+    assert set(measured) == {"lora", "ia3"}
+    assert all(m.step_seconds > 0 and m.train_memory_bytes > 0 for m in measured.values())
