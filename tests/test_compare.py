@@ -647,7 +647,9 @@ def test_compare_chooses_each_rate_on_held_out_training_data(work, monkeypatch):
     prior = default_lr("ia3")
     assert [t["lr"] for t in search["trials"] if t["rung"] == 1] == [prior * f for f in (0.5, 1, 2, 4)]
     finalists = [t for t in search["trials"] if t["rung"] == 2]
-    assert len(finalists) == 2 and search["lr"] in [t["lr"] for t in finalists]
+    assert len(finalists) == 2
+    # a finalist, or the default when no finalist beat a constant prediction on the 2 held out
+    assert search["lr"] in [t["lr"] for t in finalists] or (search["note"] and search["lr"] == prior)
     assert search["held_out_examples"] == 2  # 10% of the 24 training examples
     assert run["lr"] == search["lr"] == report["summary"]["scores"]["ia3"]["tasks"]["sent"]["lr"]
     assert report["settings"]["learning_rates"] == {"ia3": "auto"}
