@@ -269,22 +269,23 @@ def test_csv_files_work_like_jsonl(work):
     assert metrics["task"] == "classification" and metrics["train_examples"] == 16
 
 
-def test_causal_lm_on_a_decoder_reports_perplexity(work):
-    path = work["root"] / "gpt2"
+@pytest.mark.parametrize("method", ["lora", "prompt-tuning"])
+def test_causal_lm_on_a_decoder_reports_perplexity(work, method, tmp_path):
+    path = tmp_path / "gpt2"
     torch.manual_seed(0)
     T.GPT2LMHeadModel(T.GPT2Config(vocab_size=len(SPECIAL) + len(WORDS), n_embd=32, n_layer=2, n_head=2,
                                    n_positions=64)).save_pretrained(path)
     _tokenizer().save_pretrained(path)
-    data = work["root"] / "lm"
+    data = tmp_path / "lm"
     data.mkdir()
     rng = random.Random(2)
     for split, n in (("train", 16), ("validation", 40)):  # texts of 2 to 6 words
         _write_jsonl(data / f"{split}.jsonl", [{"text": " ".join(_sentence(rng, i % 2).split()[:2 + i % 5])}
                                                for i in range(n)])
-    out = work["root"] / "lm_run"
+    out = tmp_path / "lm_run"
     _ok(runner.invoke(app, ["train", "--model", str(path), "--data", str(data), "--task", "causal-lm",
-                            "--out", str(out), "--epochs", "8", "--lr", "1e-2", "--batch-size", "8",
-                            "--max-length", "16", "--quiet"]))
+                            "--method", method, "--out", str(out), "--epochs", "8", "--lr", "1e-2",
+                            "--batch-size", "8", "--max-length", "16", "--quiet"]))
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["task"] == "causal-lm" and metrics["eval"]["perplexity"] > 1.0
     assert json.loads((out / "adapter" / "adapter_config.json").read_text())["extras"] == []

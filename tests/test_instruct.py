@@ -191,6 +191,32 @@ def test_loss_is_the_cross_entropy_of_the_completion_tokens(tmp_path):
         assert metrics["perplexity"] == pytest.approx(torch.tensor(total / count).exp().item(), rel=1e-5)
 
 
+def test_behind_a_prompt_the_first_token_is_predicted_and_counted_too(tmp_path):
+    """Prompt tuning puts virtual tokens in front, so the last of them predicts a text's first
+    token: the mean over the split counts every labelled token, whatever the batches."""
+    import peftlab
+    from peftlab.methods.prompt import PromptTuningConfig
+
+    tokenizer = chat_tokenizer()
+    train, _ = _split(tmp_path, [{"text": "what did the cat do"}, {"text": "is it red"}, {"text": "a dog"}])
+    encoded, _ = tokenize(train, tokenizer, "causal-lm", 64)
+    model = tiny_llama(len(tokenizer))
+    adapters = peftlab.attach(model)
+    adapters.add("p", PromptTuningConfig(num_virtual_tokens=3))
+    adapters.activate("p")
+    collate = collator(tokenizer, "causal-lm")
+    total = count = 0.0
+    with torch.no_grad():
+        for feature in encoded.features:  # alone, the model's own mean over its (extended) labels
+            batch = collate([feature])
+            tokens = int(batch["labels"].ne(-100).sum())  # every labelled token, the first included
+            total += model(**batch).loss.item() * tokens
+            count += tokens
+    for size in (1, 2, 8):
+        assert evaluate(model, encoded, collate, "causal-lm", batch_size=size)["loss"] == pytest.approx(
+            total / count, rel=1e-5)
+
+
 # ---- the same labels as TRL --------------------------------------------------------------------------
 @pytest.mark.parametrize("rows, trl_options, loss_on", [
     ([{"prompt": "what did the cat do", "completion": " sat on the mat"},

@@ -161,6 +161,18 @@ class Group:
         return self.piece.num_virtual_tokens
 
 
+def prompts_inputs(model: nn.Module) -> bool:
+    """Whether an active adapter of ``model`` puts virtual tokens in front of its input (prompt
+    tuning). A causal language model then predicts every real token, the first one too (from the
+    last virtual position), where alone it predicts all but the first."""
+    from peftlab.adapter_set import attached
+
+    adapters = attached(model)
+    return adapters is not None and any(
+        isinstance(p, SequencePiece) and _implements(p, "prompt")
+        for name in adapters.active for p in adapters[name].pieces.values())
+
+
 def _implements(piece: SequencePiece, method: str) -> bool:
     return getattr(type(piece), method) is not getattr(SequencePiece, method)
 
