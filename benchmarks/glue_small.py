@@ -201,12 +201,31 @@ def targets(report: dict[str, Any], command: str, seconds: float, preset: str,
                          + _significance(report["summary"].get("fusion_gain_ci95", {}).get(task)))
         else:
             lines.append(f"- Fusion vs single-task Pfeiffer on {task}: not measured")
+    lines += _above_constant_lines(report["summary"].get("above_constant", {}))
     if preset == "everyday":
         lines.append(f"- Everyday run under 20 minutes: {seconds / 60:.1f} min: "
                      + ("met" if seconds < 20 * 60 else "MISSED"))
     if report.get("skipped"):
         lines.append(f"\n{len(report['skipped'])} run(s) skipped; see report.md.")
     return "\n".join(lines) + "\n"
+
+
+def _above_constant_lines(above: dict[str, dict[str, bool]]) -> list[str]:
+    """The target "every method clearly above the constant prediction on every task where full
+    fine-tuning is" (clearly: the whole 95% interval above it), task by task."""
+    lines = []
+    for task, methods in above.items():
+        if "full" not in methods:
+            continue
+        below = [m for m, up in methods.items() if not up]
+        if not methods["full"]:
+            up = [m for m, clear in methods.items() if clear]
+            lines.append(f"- Above the constant prediction on {task}: full fine-tuning is not clearly "
+                         f"above it, so no target here (clearly above: {', '.join(up) or 'none'})")
+        else:
+            lines.append(f"- Above the constant prediction on {task}, where full fine-tuning is: "
+                         + (f"MISSED by {', '.join(below)}" if below else "every method: met"))
+    return lines
 
 
 def _significance(paired: dict[str, Any] | None) -> str:
