@@ -292,6 +292,9 @@ def test_compare_bad_input_is_a_one_line_error(work):
         (["--methods", "lora", "--lr", "lora=fast"], "must be a number"),
         (["--methods", "lora", "--lr", "lora=-1"], "must be positive"),
         (["--methods", "lora", "--lr", "lora"], "method=rate"),
+        (["--task-epochs", "nosuch=2"], "--task-epochs names tasks ['nosuch'] that are not in --data"),
+        (["--task-epochs", "sent=many"], "epochs must be a number, e.g. sent=10"),
+        (["--task-epochs", "sent=0"], "the epochs must be positive"),
     ]
     for extra, message in cases:
         args = ["compare", "--model", str(work["bert"]), "--data", str(work["sent"]),
@@ -301,6 +304,24 @@ def test_compare_bad_input_is_a_one_line_error(work):
         assert message in result.output and result.output.startswith("error:"), result.output
     assert not (work["root"] / "never").exists()
     assert (busy / "keep.txt").read_text() == "mine"
+
+
+def test_a_task_may_get_its_own_epochs_for_every_method(work):
+    """CoLA learns nothing in GLUE-small's 3 epochs and something in 10: a task's own budget,
+    the same for every method on it (fusion included), keeps the comparison fair."""
+    out = work["root"] / "task-epochs"
+    result = runner.invoke(app, [
+        "compare", "--model", str(work["bert"]), "--data", f"{work['sent']},{work['pairs']}",
+        "--methods", "ia3,fusion", "--out", str(out), "--epochs", "1", "--task-epochs", "pairs=2",
+        "--batch-size", "8", "--max-length", "16", "--no-lr-search", "--patience", "0", "--quiet"])
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    report = json.loads((out / "report.json").read_text())
+    steps = {(r["task"], r["method"]): r["steps"] for r in report["runs"]}
+    assert steps == {("sent", "ia3"): 3, ("sent", "pfeiffer"): 3, ("sent", "fusion"): 3,  # 24 examples / 8
+                     ("pairs", "ia3"): 6, ("pairs", "pfeiffer"): 6, ("pairs", "fusion"): 6}
+    assert report["settings"]["task_epochs"] == {"pairs": 2.0}
+    assert "--task-epochs pairs=2" in report["command"]
+    assert "1 epoch(s) (pairs: 2)" in (out / "report.md").read_text()
 
 
 # ---- recommend: the ranking ---------------------------------------------------------------------

@@ -873,6 +873,10 @@ def compare(
     metric: Annotated[list[str] | None, typer.Option(
         "--metric", help="Metric to rank a task by, as task=metric (e.g. cola=matthews); repeatable.")
     ] = None,
+    task_epochs: Annotated[list[str] | None, typer.Option(
+        "--task-epochs", help="A task's own epochs, as task=epochs (e.g. cola=10), for every method "
+                              "alike; repeatable.")
+    ] = None,
     lr: Annotated[list[str] | None, typer.Option(
         "--lr", help="A method's learning rate as method=rate (default: the method's); repeatable.")
     ] = None,
@@ -899,7 +903,7 @@ def compare(
     """Train and measure every method on MODEL and each task in DATA; write the comparison report.
     Fully fine-tuned model copies are deleted after evaluation; adapters are kept in runs/."""
     with _errors():
-        from peftlab.compare import CompareOptions, parse_lrs, parse_metrics, run_compare
+        from peftlab.compare import CompareOptions, parse_lrs, parse_metrics, parse_task_epochs, run_compare
 
         try:
             seed_list = tuple(int(s) for s in _csv(seeds))
@@ -907,7 +911,8 @@ def compare(
             raise UsageError(f"--seeds {seeds!r}: give comma-separated integers, e.g. 0,1,2") from None
         run_compare(CompareOptions(
             model=model, data=tuple(_csv(data)), out=out, methods=_compare_methods(methods), epochs=epochs,
-            batch_size=batch_size, max_length=max_length, seeds=seed_list,
+            task_epochs=parse_task_epochs(task_epochs or []), batch_size=batch_size, max_length=max_length,
+            seeds=seed_list,
             max_train_samples=max_train_samples, max_eval_samples=max_eval_samples,
             time_budget=time_budget, metrics=parse_metrics(metric or []), fusion_lr=fusion_lr,
             lrs=parse_lrs(lr or []), lr_search=lr_search, group_by_length=group_by_length,

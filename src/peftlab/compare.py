@@ -73,6 +73,7 @@ class CompareOptions:
     out: Path
     methods: tuple[str, ...] = dataclasses.field(default_factory=all_methods)
     epochs: float = 3.0
+    task_epochs: Mapping[str, float] = dataclasses.field(default_factory=dict)  # task -> its own epochs
     batch_size: int = 16
     max_length: int | None = None  # default: 128, or the model's limit (as peftlab train)
     seeds: tuple[int, ...] = (0,)
@@ -95,6 +96,11 @@ class CompareOptions:
     def task_names(self) -> list[str]:
         return [Path(d).expanduser().resolve().name for d in self.data]
 
+    def epochs_for(self, task: str) -> float:
+        """The passes over ``task``'s training data: the same for every method, so that the
+        comparison stays fair, but a task that learns slowly (CoLA) may get more."""
+        return self.task_epochs.get(task, self.epochs)
+
     def command(self) -> str:
         """The ``peftlab compare`` command line that repeats this run."""
         args = ["peftlab", "compare", "--model", self.model, "--data", ",".join(self.data),
@@ -109,6 +115,8 @@ class CompareOptions:
                 args += [flag, f"{value:g}" if isinstance(value, float) else str(value)]
         for task, metric in self.metrics.items():
             args += ["--metric", f"{task}={metric}"]
+        for task, epochs in self.task_epochs.items():
+            args += ["--task-epochs", f"{task}={epochs:g}"]
         for method, lr in self.lrs.items():
             args += ["--lr", f"{method}={lr:g}"]
         if self.fusion_lr != FUSION_LR:
@@ -172,9 +180,13 @@ class CompareOptions:
                 raise UsageError(f"--lr names {method!r}, which is not in --methods {list(self.methods)}")
             if not (math.isfinite(lr) and lr > 0):
                 raise UsageError(f"--lr {method}={lr}: the learning rate must be positive")
-        bad = sorted(set(self.metrics) - set(names))
-        if bad:
-            raise UsageError(f"--metric names tasks {bad} that are not in --data ({names})")
+        for flag, given in (("--metric", self.metrics), ("--task-epochs", self.task_epochs)):
+            bad = sorted(set(given) - set(names))
+            if bad:
+                raise UsageError(f"{flag} names tasks {bad} that are not in --data ({names})")
+        for task, epochs in self.task_epochs.items():
+            if not (math.isfinite(epochs) and epochs > 0):
+                raise UsageError(f"--task-epochs {task}={epochs:g}: the epochs must be positive")
 
 
 def parse_metrics(items: list[str] | tuple[str, ...]) -> dict[str, str]:
@@ -184,12 +196,22 @@ def parse_metrics(items: list[str] | tuple[str, ...]) -> dict[str, str]:
 
 def parse_lrs(items: list[str] | tuple[str, ...]) -> dict[str, float]:
     """``["full=5e-5", ...]`` as a dict of learning rates per method."""
+    return _numbers(items, "--lr", "method=rate", "5e-5")
+
+
+def parse_task_epochs(items: list[str] | tuple[str, ...]) -> dict[str, float]:
+    """``["cola=10", ...]`` as a dict of epochs per task."""
+    return _numbers(items, "--task-epochs", "task=epochs", "10")
+
+
+def _numbers(items: list[str] | tuple[str, ...], flag: str, form: str, example: str) -> dict[str, float]:
     out = {}
-    for method, text in _pairs(items, "--lr", "method=rate, e.g. full=5e-5").items():
+    for key, text in _pairs(items, flag, f"{form}, e.g. {form.split('=')[0]}={example}").items():
         try:
-            out[method] = float(text)
+            out[key] = float(text)
         except ValueError:
-            raise UsageError(f"--lr {method}={text}: the rate must be a number, e.g. {method}=5e-5") from None
+            raise UsageError(f"{flag} {key}={text}: {form.split('=')[1]} must be a number, e.g. "
+                             f"{key}={example}") from None
     return out
 
 
@@ -307,7 +329,8 @@ def _new_report(opts: CompareOptions, tasks: dict[str, dict[str, Any]], stage1: 
                       "metric": t["metric"], "train_examples": len(t["data"]["train"]),
                       "eval_examples": len(t["data"]["validation"])} for n, t in tasks.items()},
         "methods": list(opts.methods), "settings": {
-            "epochs": opts.epochs, "batch_size": opts.batch_size, "max_length": opts.max_length,
+            "epochs": opts.epochs, "task_epochs": dict(opts.task_epochs), "batch_size": opts.batch_size,
+            "max_length": opts.max_length,
             "seeds": list(opts.seeds), "max_train_samples": opts.max_train_samples,
             "max_eval_samples": opts.max_eval_samples, "time_budget_minutes": opts.time_budget,
             "fusion_lr": opts.fusion_lr, "fusion_members": FUSION_MEMBER_METHOD,
@@ -532,7 +555,7 @@ def _single_run(opts: CompareOptions, tasks: dict[str, dict[str, Any]], task: st
     t = tasks[task]
     folder = _run_dir(out, seed, task, method)
     train_opts = TrainOptions(
-        model=opts.model, data=t["folder"], method=method, out=folder, epochs=opts.epochs,
+        model=opts.model, data=t["folder"], method=method, out=folder, epochs=opts.epochs_for(task),
         batch_size=opts.batch_size, max_length=opts.max_length, seed=seed,
         max_train_samples=opts.max_train_samples, max_eval_samples=opts.max_eval_samples,
         lr=opts.lrs.get(method), group_by_length=opts.group_by_length, name=method, checkpoints=False,
@@ -548,7 +571,7 @@ def _single_run(opts: CompareOptions, tasks: dict[str, dict[str, Any]], task: st
     if method == FULL:
         shutil.rmtree(folder / MODEL_DIR, ignore_errors=True)
     record = _record(task, method, seed, t["metric"], result["eval"], result["timing"]["train_seconds"],
-                     result["steps"], result["train_examples"], opts.epochs, folder)
+                     result["steps"], result["train_examples"], opts.epochs_for(task), folder)
     record["truncated"] = result["truncated"]["train"]
     record["lr"] = result["lr"]
     record["lr_search"] = None if search is None else search.to_dict()
@@ -608,7 +631,7 @@ def _fusion_run(opts: CompareOptions, tasks: dict[str, dict[str, Any]], target: 
                if opts.group_by_length else torch.utils.data.RandomSampler(train_set, generator=generator))
     loader = torch.utils.data.DataLoader(train_set, batch_size=opts.batch_size, sampler=sampler,
                                          collate_fn=collate)
-    total = max(1, math.ceil(len(loader) * opts.epochs))
+    total = max(1, math.ceil(len(loader) * opts.epochs_for(target)))
     started = time.perf_counter()
     try:
         step = len(fit(model, name, loader, total, opts.fusion_lr, extras=heads))
@@ -623,7 +646,7 @@ def _fusion_run(opts: CompareOptions, tasks: dict[str, dict[str, Any]], target: 
     write_predictions(folder, predictions, labels)
     adapters.save(name, folder / ADAPTER_DIR)
     record = _record(target, FUSION, seed, tasks[target]["metric"], metrics, seconds, step,
-                     len(train_set), opts.epochs, folder)
+                     len(train_set), opts.epochs_for(target), folder)
     record["members"] = list(tasks)
     record["lr"] = opts.fusion_lr
     write_atomic(folder / "metrics.json", json_bytes(record))

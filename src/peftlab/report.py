@@ -257,7 +257,8 @@ def markdown(report: dict[str, Any], plots: list[str] | None = None) -> str:
         f"Model `{report['model']}`; tasks: " + ", ".join(
             f"{t} ({d['train_examples']:,} train / {d['eval_examples']:,} validation, {d['metric']})"
             for t, d in tasks.items()) + ".",
-        f"{s['epochs']:g} epoch(s), batch {s['batch_size']}, max length {s['max_length']}, seeds "
+        f"{s['epochs']:g} epoch(s)" + "".join(f" ({t}: {e:g})" for t, e in s.get("task_epochs", {}).items())
+        + f", batch {s['batch_size']}, max length {s['max_length']}, seeds "
         f"{', '.join(map(str, s['seeds']))}; learning rates {rates}. Wall time "
         f"{report.get('wall_seconds', 0) / 60:.1f} min on "
         f"{machine.get('cuda') or machine.get('processor')} ({machine.get('torch_threads')} torch threads); "
