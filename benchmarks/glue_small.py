@@ -62,6 +62,8 @@ def main() -> int:
     ap.add_argument("--epochs", type=float)
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--max-length", type=int, default=128)
+    ap.add_argument("--task-epochs", action="append", default=[],
+                    help="task=epochs, a task's own budget for every method (e.g. cola=10); repeatable")
     ap.add_argument("--fusion-lr", type=float, default=5e-5)
     ap.add_argument("--lr", action="append", default=[],
                     help="method=rate (default: the method's); repeatable")
@@ -89,7 +91,7 @@ def main() -> int:
     import torch
 
     from peftlab.cli import demo_model_dir
-    from peftlab.compare import CompareOptions, load_report, parse_lrs, run_compare
+    from peftlab.compare import CompareOptions, load_report, parse_lrs, parse_task_epochs, run_compare
     from peftlab.errors import PeftlabError
 
     if args.threads:
@@ -109,14 +111,15 @@ def main() -> int:
         print(f"targets: {out / 'targets.md'}")
         return 0
     try:
-        lrs = parse_lrs(args.lr)
+        lrs, task_epochs = parse_lrs(args.lr), parse_task_epochs(args.task_epochs)
     except PeftlabError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     opts = CompareOptions(
         model=str(demo_model_dir()), data=tuple(str(args.data_dir / t) for t in tasks), out=out,
         methods=tuple((args.methods or preset["methods"]).split(",")),
-        epochs=args.epochs or preset["epochs"], batch_size=args.batch_size, max_length=args.max_length,
+        epochs=args.epochs or preset["epochs"], task_epochs=task_epochs, batch_size=args.batch_size,
+        max_length=args.max_length,
         seeds=tuple(int(s) for s in (args.seeds or preset["seeds"]).split(",")),
         max_train_samples=args.max_train_samples or preset["max_train_samples"],
         max_eval_samples=args.max_eval_samples or preset.get("max_eval_samples"),
