@@ -15,6 +15,7 @@ adds a second full fine-tuning baseline (e.g. at another ``--lr``) and ``--targe
     python benchmarks/glue_small.py --preset everyday       # 3 tasks x 5 methods x 1 seed x 1,000
     python benchmarks/glue_small.py --preset smoke          # 2 tasks x 2 methods x 64 examples
     python benchmarks/glue_small.py --tasks rte,mrpc --methods pfeiffer,fusion --seeds 0,1
+    python benchmarks/glue_small.py --task-epochs cola=10 --out DIR  # CoLA learns nothing in 3
     python benchmarks/glue_small.py --methods full --lr full=1e-4 --epochs 1 --out /tmp/full
     python benchmarks/glue_small.py --epochs 1 --out DIR --targets-only --full-from /tmp/full
 
