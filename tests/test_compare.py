@@ -77,16 +77,21 @@ def work(tmp_path_factory):
             "pairs": _task(root / "pairs", 1, pair=True)}
 
 
+def _compare_both(work: dict, out: Path, *options: str) -> dict:
+    """``peftlab compare`` over both tasks at batch 8 and length 16 without a rate search; the report."""
+    result = runner.invoke(app, [
+        "compare", "--model", str(work["bert"]), "--data", f"{work['sent']},{work['pairs']}",
+        "--out", str(out), "--batch-size", "8", "--max-length", "16", "--no-lr-search", "--quiet", *options])
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    return json.loads((out / "report.json").read_text())
+
+
 @pytest.fixture(scope="module")
 def compared(work):
     """One compare over two tasks: a mergeable method, fusion (which brings Pfeiffer) and full."""
     out = work["root"] / "report"
-    result = runner.invoke(app, [
-        "compare", "--model", str(work["bert"]), "--data", f"{work['sent']},{work['pairs']}",
-        "--methods", "ia3,fusion,full", "--out", str(out), "--epochs", "1", "--batch-size", "8",
-        "--max-length", "16", "--seeds", "0", "--lr", "full=1e-4", "--no-lr-search", "--quiet"])
-    assert result.exit_code == 0, result.output + repr(result.exception)
-    return out, json.loads((out / "report.json").read_text())
+    return out, _compare_both(work, out, "--methods", "ia3,fusion,full", "--epochs", "1", "--seeds", "0",
+                              "--lr", "full=1e-4")
 
 
 # ---- compare ------------------------------------------------------------------------------------
@@ -310,12 +315,8 @@ def test_a_task_may_get_its_own_epochs_for_every_method(work):
     """CoLA learns nothing in GLUE-small's 3 epochs and something in 10: a task's own budget,
     the same for every method on it (fusion included), keeps the comparison fair."""
     out = work["root"] / "task-epochs"
-    result = runner.invoke(app, [
-        "compare", "--model", str(work["bert"]), "--data", f"{work['sent']},{work['pairs']}",
-        "--methods", "ia3,fusion", "--out", str(out), "--epochs", "1", "--task-epochs", "pairs=2",
-        "--batch-size", "8", "--max-length", "16", "--no-lr-search", "--patience", "0", "--quiet"])
-    assert result.exit_code == 0, result.output + repr(result.exception)
-    report = json.loads((out / "report.json").read_text())
+    report = _compare_both(work, out, "--methods", "ia3,fusion", "--epochs", "1", "--task-epochs", "pairs=2",
+                           "--patience", "0")
     steps = {(r["task"], r["method"]): r["steps"] for r in report["runs"]}
     assert steps == {("sent", "ia3"): 3, ("sent", "pfeiffer"): 3, ("sent", "fusion"): 3,  # 24 examples / 8
                      ("pairs", "ia3"): 6, ("pairs", "pfeiffer"): 6, ("pairs", "fusion"): 6}
