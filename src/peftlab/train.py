@@ -392,9 +392,11 @@ def _make_trainer_class(adapter_run: bool, generates: bool = False, token_mean: 
 
         generation: dict[str, Any] = {}
         _token_loss = [0.0, 0.0]  # this evaluation's summed token losses and token count
+        _prompted = False  # whether a prompt puts virtual tokens before the texts evaluated
 
         def evaluation_loop(self, *args: Any, **kwargs: Any) -> Any:
             self._token_loss = [0.0, 0.0]
+            self._prompted = token_mean and prompts_inputs(self.model)  # once per evaluation
             output = super().evaluation_loop(*args, **kwargs)
             if token_mean:
                 total, count = summed(self._token_loss, self.args.device)
@@ -406,7 +408,7 @@ def _make_trainer_class(adapter_run: bool, generates: bool = False, token_mean: 
         def prediction_step(self, model: nn.Module, inputs: dict[str, Any], *args: Any, **kwargs: Any) -> Any:
             loss, logits, labels = super().prediction_step(model, inputs, *args, **kwargs)
             if token_mean and loss is not None:
-                n = predicted_tokens(inputs["labels"], prompts_inputs(model))
+                n = predicted_tokens(inputs["labels"], self._prompted)
                 self._token_loss = [self._token_loss[0] + float(loss) * n, self._token_loss[1] + n]
             return loss, logits, labels
 
