@@ -28,7 +28,9 @@ from peftlab.serve import Job, Pool, ServeOptions
 
 def product_per_group(self: AdaptedLayer, x: torch.Tensor, plan) -> torch.Tensor:
     outs = [self._run(x if ix is None else x.index_select(0, ix), *active) for ix, active in plan.groups]
-    return outs[0] if plan.order is None else torch.cat(outs).index_select(0, plan.order)
+    if plan.rows is None:
+        return outs[0]
+    return torch.cat(outs).index_select(0, torch.cat([ix for ix, _ in plan.groups]).argsort())
 
 
 def main() -> int:

@@ -13,7 +13,7 @@ from conftest import FAMILIES, output_of, randomize, tiny_inputs, tiny_model
 from safetensors import safe_open
 
 import peftlab
-from peftlab.layer import AdaptedLayer
+from peftlab.layer import AdaptedLayer, WeightCache, cached_weights
 from peftlab.methods.compacter import Compacter, PHMLinear, SharedRules
 from peftlab.sites import find_sites
 
@@ -128,6 +128,41 @@ def test_one_rule_tensor_serves_every_projection_of_an_adapter(bert):
     rules = adapters["c1"].shared.rules
     assert sum(p is rules for p in adapters.parameters("c1")) == 1
 
+
+
+def test_kronecker_sums_are_kept_only_under_a_weight_cache_and_never_go_stale(bert):
+    """A server keeps each W = Σ A_i ⊗ B_i between forwards; a weight changed in place or
+    replaced is seen at once, and nothing is kept while gradients are recorded."""
+    adapters = peftlab.attach(bert)
+    adapters.add("c", TINY_COMPACTER)
+    randomize(adapters.parameters("c"))
+    adapters.activate("c")
+    piece = bert.encoder.layer[1].attention.output.dense.adapters["c"]
+    inputs = tiny_inputs("bert")
+    cache = WeightCache()
+    with torch.no_grad():
+        fresh = output_of(bert, inputs)
+        with cached_weights(cache):
+            assert torch.equal(output_of(bert, inputs), fresh)
+            assert len(cache) == 2 * len(adapters["c"].pieces)  # the down and up W of each module
+            rules = piece.shared.rules
+            assert piece.down.weight(rules) is piece.down.weight(rules)  # kept, not built again
+            piece.down.w_left.mul_(2)  # in place: its version counter moves
+            doubled = output_of(bert, inputs)
+            replacement = torch.nn.Parameter(piece.up.w_right * 3)
+            while replacement._version < piece.up.w_right._version:  # so that only identity tells
+                replacement.add_(0)
+            piece.up.w_right = replacement  # replaced
+            tripled = output_of(bert, inputs)
+        assert torch.allclose(tripled, output_of(bert, inputs), atol=1e-6, rtol=0)  # as without a cache
+        piece.up.w_right.div_(3)
+        assert torch.allclose(doubled, output_of(bert, inputs), atol=1e-6, rtol=0)
+        assert not torch.allclose(doubled, fresh, atol=1e-3)
+        assert not torch.allclose(tripled, doubled, atol=1e-3)
+    cache.clear()
+    with cached_weights(cache):
+        output_of(bert, inputs).sum().backward()  # training: products are rebuilt every forward
+    assert len(cache) == 0 and piece.down.w_left.grad is not None
 
 # ---- stacking ---------------------------------------------------------------------------------
 def test_stacked_adapters_run_in_activation_order(bert):

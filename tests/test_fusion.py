@@ -346,6 +346,24 @@ def test_routing_equals_running_each_example_with_its_adapter(family):
     assert torch.allclose(routed, _one_by_one(model, adapters, inputs, ROUTE), atol=1e-5, rtol=0)
 
 
+
+def test_routing_under_autocast_keeps_the_dtype_each_example_gets_alone():
+    """Under bfloat16 autocast an (IA)³ output vector (float32) promotes its rows to float32, as
+    it does unrouted; a routed layer returns the whole batch in the promoted dtype."""
+    model, adapters = _routable("bert")
+    value = model.encoder.layer[0].attention.self.value  # LoRA, (IA)³ and the fusion act here
+    x = torch.randn(len(ROUTE), 5, value.in_features)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        with adapters.route(ROUTE):
+            routed = value(x)
+        alone = []
+        for i, entry in enumerate(ROUTE):
+            adapters.activate(*(() if entry is None else (entry,) if isinstance(entry, str) else entry))
+            alone.append(value(x[i:i + 1]))
+    assert {a.dtype for a in alone} == {torch.bfloat16, torch.float32} and routed.dtype == torch.float32
+    assert torch.allclose(routed, torch.cat([a.float() for a in alone]), atol=0.02, rtol=0.02)
+
+
 @pytest.mark.parametrize("family", ["bert", "gpt2"])
 def test_a_routed_batch_trains_each_adapter_on_its_own_examples(family):
     """Gradients through a mixed batch (one shared base product, each group's pieces on its rows)
@@ -412,7 +430,7 @@ def test_routing_with_one_or_two_groups_at_a_layer(bert):
             assert torch.allclose(routed, _one_by_one(bert, adapters, inputs, route), atol=1e-5, rtol=0)
     query = bert.encoder.layer[0].attention.self.query
     plan = query.plan_route([("lora",), (), ("lora",)], torch.device("cpu"))
-    assert [ix.tolist() for ix, _ in plan.groups] == [[0, 2], [1]] and plan.order.tolist() == [0, 2, 1]
+    assert [ix.tolist() for ix, _ in plan.groups] == [[0, 2], [1]] and plan.rows.tolist() == [0, 1, 0]
     plan = query.plan_route([("lora",), (), ("lora",)], torch.device("meta"))
     assert all(ix.device.type == "meta" for ix, _ in plan.groups)  # on the device it is asked for
 

@@ -155,6 +155,28 @@ def test_a_cancelled_or_failing_job_does_not_touch_the_rest_of_its_batch(pool, o
         batcher.submit(Job("lora", [(TEXTS[0], None)]))
 
 
+
+def test_a_pool_keeps_weight_products_between_forwards_until_it_loads_or_unloads(saved, offline):
+    pool = _pool(saved, ["pfeiffer", "compacter", "fusion"])
+
+    def answers_each_as_alone() -> None:
+        jobs = [Job(name, [(text, None)]) for name in ("compacter", "fusion", "pfeiffer") for text in TEXTS]
+        for job, got in zip(jobs, pool.run(jobs)):
+            _same(got[0], offline[job.adapter][job.inputs[0][0]])
+
+    answers_each_as_alone()
+    kept = len(pool.weights)
+    assert kept > 0  # the fusion's query-key products and Compacter's Kronecker sums
+    answers_each_as_alone()
+    assert len(pool.weights) == kept
+    pool.load(saved["root"] / "lora")
+    assert len(pool.weights) == 0
+    answers_each_as_alone()
+    pool.unload("fusion")
+    assert len(pool.weights) == 0
+    pool.load(saved["root"] / "fusion")
+    answers_each_as_alone()
+
 def test_per_row_adapters_are_refused_where_a_task_cannot_route_them(pool):
     rows = Split("x", Path("x"), [{"text": "a", "text_pair": None}])
     with pytest.raises(UsageError, match="cannot run each row with its own adapter"):

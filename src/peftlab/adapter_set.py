@@ -402,7 +402,8 @@ class AdapterSet:
         if merged:
             raise AdapterStateError(f"adapters {merged} are merged into the weights, so every "
                                     "example would use them; unmerge them before routing")
-        with routing({id(layer): layer.plan_route(routes, layer.weight.device)
+        indexes: dict[Any, Any] = {}
+        with routing({id(layer): layer.plan_route(routes, layer.weight.device, indexes)
                       for _, layer in self.layers()}), sequence_routing(self, routes):
             yield
 

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Iterator
+from typing import Any
 
 import torch
 from torch import nn
@@ -198,7 +199,8 @@ class AdaptedParameter(nn.Module):
         plan = getattr(_ROUTES, "plans", {}).get(id(self))
         return self._active if plan is None else plan.groups[0][1]
 
-    def plan_route(self, entries: list[tuple[str, ...]], device: torch.device) -> RoutePlan:
+    def plan_route(self, entries: list[tuple[str, ...]], device: torch.device,
+                   indexes: dict[Any, Any] | None = None) -> RoutePlan:
         """Routing is possible only when every example runs the same pieces here."""
         groups = {self.resolve(names) for names in entries}
         if len(groups) > 1:

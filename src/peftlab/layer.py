@@ -17,14 +17,19 @@ post and fusion pieces cannot.
 Per-example routing (:meth:`AdapterSet.route`) is a per-thread plan, looked up by the layer in
 forward: it splits the batch into groups of examples that use the same pieces here and runs each
 group with its own pieces. Being thread-local, two threads can route one model differently.
+
+Products of weights alone (a Compacter's Kronecker sums, a fusion's query-key products) are
+computed in every forward, since training changes the weights between forwards. A server that
+changes no weight between requests keeps them instead (:class:`WeightCache`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import threading
-from collections.abc import Iterator
-from typing import ClassVar, Literal, NamedTuple
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any, ClassVar, Literal, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -204,14 +209,14 @@ def _vectors(scale: tuple[Piece, ...]) -> tuple[torch.Tensor | None, torch.Tenso
             _product([v for v in outs if v is not None]))
 
 
-def _rows_scaled(t: torch.Tensor, plan: RoutePlan, vectors: list[torch.Tensor | None]) -> torch.Tensor:
-    """``t`` with each example's features multiplied by its group's vector (``None``: ones)."""
+def _rows_scaled(t: torch.Tensor, rows: torch.Tensor, vectors: list[torch.Tensor | None]) -> torch.Tensor:
+    """``t`` with each example's features multiplied by the vector of its group (``rows``: each
+    example's group; a ``None`` vector: ones)."""
     if all(v is None for v in vectors):
         return t
     ones = t.new_ones(t.shape[-1])
-    rows = torch.cat([(ones if v is None else v.to(t.dtype)).expand(len(ix), -1)
-                      for (ix, _), v in zip(plan.groups, vectors)]).index_select(0, plan.order)
-    return t * rows.view(t.shape[0], *(1,) * (t.dim() - 2), t.shape[-1])
+    table = torch.stack([ones if v is None else v.to(t.dtype) for v in vectors])
+    return t * table.index_select(0, rows).view(t.shape[0], *(1,) * (t.dim() - 2), t.shape[-1])
 
 
 def _product(vectors: list[torch.Tensor]) -> torch.Tensor | None:
@@ -259,6 +264,8 @@ class AdaptedLayer(nn.Module):
         """The pieces that run here when ``names`` are active. Members of an active fusion run
         inside it only; a member with no piece here is ``None`` (its output is the input)."""
         live = [self.adapters[n] for n in names if n in self.adapters and n not in self.merged]
+        if not live:
+            return Active()
         fused = {self.adapters[m] for p in live if p.kind == "fusion" for m in p.members
                  if m in self.adapters}
         pieces = [p for p in live if p not in fused]
@@ -323,39 +330,58 @@ class AdaptedLayer(nn.Module):
         # h + (what the member changes); when nothing else changed the output, exactly ``scaled``
         return scaled if h is base_out else h + (scaled - base_out)
 
-    def plan_route(self, entries: list[tuple[str, ...]], device: torch.device) -> RoutePlan:
-        """Group the examples (one tuple of adapter names each) by the pieces they run here."""
+    def plan_route(self, entries: list[tuple[str, ...]], device: torch.device,
+                   indexes: dict[Any, Any] | None = None) -> RoutePlan:
+        """Group the examples (one tuple of adapter names each) by the pieces they run here.
+        ``indexes``: index tensors already made for other layers, by grouping (many layers group a
+        batch alike), to reuse and add to."""
         pieces = {names: self.resolve(names) for names in dict.fromkeys(entries)}
         groups: dict[Active, list[int]] = {}
         for i, names in enumerate(entries):
             groups.setdefault(pieces[names], []).append(i)
         if len(groups) == 1:
             return RoutePlan(len(entries), ((None, next(iter(groups))),), None)
-        index = [torch.tensor(ix, device=device) for ix in groups.values()]
-        order = torch.cat(index).argsort()
-        return RoutePlan(len(entries), tuple(zip(index, groups)), order)
+        key = (tuple(map(tuple, groups.values())), device)
+        made = None if indexes is None else indexes.get(key)
+        if made is None:
+            rows = [0] * len(entries)
+            for g, ix in enumerate(groups.values()):
+                for i in ix:
+                    rows[i] = g
+            made = ([torch.tensor(ix, device=device) for ix in groups.values()],
+                    torch.tensor(rows, device=device))
+            if indexes is not None:
+                indexes[key] = made
+        return RoutePlan(len(entries), tuple(zip(made[0], groups)), made[1])
 
     def _routed(self, x: torch.Tensor, plan: RoutePlan) -> torch.Tensor:
         """The batch through its groups' pieces. The frozen projection runs once for the whole
         batch, with each example's (IA)³ input vector applied to its rows of ``x``; the rest (the
-        output vector, delta, post and fusion pieces) runs group by group on the group's rows. A
-        mixed batch so costs one large product plus each group's small pieces, not one product
-        per group."""
+        output vector, delta, post and fusion pieces) runs group by group on the group's rows,
+        which are then written over the base output's. A mixed batch so costs one large product
+        plus the small pieces of each group that has any here, not one product per group."""
         if x.shape[0] != plan.batch:
             raise AdapterStateError(
                 f"routing was set for {plan.batch} examples, but a layer got a batch of "
                 f"{x.shape[0]} (the model must keep the batch as the first dimension)")
-        if plan.order is None:
+        if plan.rows is None:
             return self._run(x, *plan.groups[0][1])
         vectors = [_vectors(active.scale) for _, active in plan.groups]
-        y = self.base(_rows_scaled(x, plan, [l_in for l_in, _ in vectors]))
-        outs = []
+        y = self.base(_rows_scaled(x, plan.rows, [l_in for l_in, _ in vectors]))
+        changed = []
         for (ix, active), (l_in, l_out) in zip(plan.groups, vectors):
+            if l_out is None and not (active.delta or active.post or active.fusion):
+                continue  # nothing more to do here: these rows keep the base output
             y_g = y.index_select(0, ix)
             x_g = x.index_select(0, ix) if active.delta or active.fusion else None
-            outs.append(self._after_base(y_g if l_out is None else y_g * l_out, x_g, l_in, l_out,
-                                         active.delta, active.post, active.fusion))
-        return torch.cat(outs).index_select(0, plan.order)
+            changed.append((ix, self._after_base(y_g if l_out is None else y_g * l_out, x_g, l_in, l_out,
+                                                 active.delta, active.post, active.fusion)))
+        dtype = functools.reduce(torch.promote_types, [out.dtype for _, out in changed], y.dtype)
+        # Written in place unless autograd may need y as it is (or the pieces promoted the dtype).
+        out = y if dtype == y.dtype and not torch.is_grad_enabled() else y.to(dtype, copy=True)
+        for ix, rows in changed:
+            out.index_copy_(0, ix, rows.to(dtype))
+        return out
 
     @staticmethod
     def _post_pieces(y: torch.Tensor, post: tuple[Piece, ...]) -> torch.Tensor:
@@ -405,12 +431,12 @@ class Active(NamedTuple):
 
 
 class RoutePlan(NamedTuple):
-    """One layer's routing: groups of examples (``None``: all of them) and the pieces each runs;
-    ``order`` puts the concatenated group outputs back in batch order."""
+    """One layer's routing: groups of examples (index tensors; ``None``: all of them) and the
+    pieces each runs; ``rows`` gives each example's group (``None`` when there is one group)."""
 
     batch: int
     groups: tuple[tuple[torch.Tensor | None, Active], ...]
-    order: torch.Tensor | None
+    rows: torch.Tensor | None
 
 
 _ROUTES = threading.local()
@@ -425,3 +451,53 @@ def routing(plans: dict[int, RoutePlan]) -> Iterator[None]:
         yield
     finally:
         _ROUTES.plans = previous
+
+
+class WeightCache:
+    """Products of weights alone, kept between forwards while :func:`cached_weights` is active
+    and no gradient is recorded. The owner promises to :meth:`clear` it whenever a weight changes
+    (``peftlab serve`` does on every load and unload); as a second guard an entry is recomputed
+    when any weight it was made from was replaced or changed in place (its version counter)."""
+
+    def __init__(self) -> None:
+        self._entries: dict[tuple[int, Any], tuple[tuple[torch.Tensor, ...], tuple[int, ...], Any]] = {}
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def clear(self) -> None:
+        self._entries.clear()
+
+    def get(self, key: tuple[int, Any], sources: tuple[torch.Tensor, ...], compute: Callable[[], Any]) -> Any:
+        versions = tuple(t._version for t in sources)
+        hit = self._entries.get(key)
+        if (hit is not None and len(hit[0]) == len(sources)
+                and all(a is b for a, b in zip(hit[0], sources)) and hit[1] == versions):
+            return hit[2]
+        value = compute()
+        self._entries[key] = (sources, versions, value)
+        return value
+
+
+_WEIGHTS = threading.local()
+
+
+@contextlib.contextmanager
+def cached_weights(cache: WeightCache) -> Iterator[None]:
+    """Let this thread's forwards keep weight products in ``cache`` while inside."""
+    previous = getattr(_WEIGHTS, "cache", None)
+    _WEIGHTS.cache = cache
+    try:
+        yield
+    finally:
+        _WEIGHTS.cache = previous
+
+
+def weight_product(owner: nn.Module, key: Any, sources: Iterable[torch.Tensor],
+                   compute: Callable[[], Any]) -> Any:
+    """``compute()``, which must depend on the tensors ``sources`` alone: computed afresh, or
+    kept in the active :class:`WeightCache` under ``(owner, key)`` while gradients are off."""
+    cache = getattr(_WEIGHTS, "cache", None)
+    if cache is None or torch.is_grad_enabled():
+        return compute()
+    return cache.get((id(owner), key), tuple(sources), compute)

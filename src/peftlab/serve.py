@@ -8,7 +8,9 @@ Four parts, each usable alone:
   and its head is kept aside (:class:`HeadBank`), since every adapter trained its own head while
   the model has one. :meth:`Pool.run` predicts a batch of requests through
   :func:`peftlab.predict.predict_split`, the function of ``peftlab predict``, with each row routed
-  to its request's adapter (:meth:`peftlab.AdapterSet.route`).
+  to its request's adapter (:meth:`peftlab.AdapterSet.route`). No weight changes between loads,
+  so products of weights alone (a fusion's, a Compacter's) are kept from one forward to the next
+  (:class:`peftlab.layer.WeightCache`, cleared on every load and unload).
 * :class:`Batcher`, dynamic batching: requests wait up to ``max_wait`` seconds for others to share
   their forward, up to ``max_batch`` examples. One worker thread runs every forward and every
   load and unload, so the model is never changed under a running forward.
@@ -43,7 +45,7 @@ from torch import nn
 from peftlab.adapter_set import AdapterSet, attach
 from peftlab.config import check_value, clip
 from peftlab.errors import AdapterLoadError, AdapterNameError, AdapterStateError, PeftlabError, UsageError
-from peftlab.layer import AdaptedLayer
+from peftlab.layer import AdaptedLayer, WeightCache, cached_weights
 from peftlab.trained import Trained, predict_task
 
 try:  # the [serve] extra; the pool, batcher and metrics work without it
@@ -281,6 +283,7 @@ class Pool:
         self.adapters = attach(model)
         self.heads = HeadBank(self.adapters)
         self.served: dict[str, Served] = {}
+        self.weights = WeightCache()
         self.base = fingerprint(model, self.adapters)["shape_sha256"]
 
     @classmethod
@@ -308,6 +311,7 @@ class Pool:
         if name is not None:
             _check_name(name)
         self._check_fits(trained)
+        self.weights.clear()
         extras = _extras_named(read_config(trained.adapter))
         self.heads.remember(extras)
         try:
@@ -359,6 +363,7 @@ class Pool:
         if name not in self.served:
             raise ServeError(404, f"no adapter named {clip(repr(name))}; adapters: {list(self.served)}")
         self.adapters.remove(name)  # refuses a fusion's member (AdapterStateError: 409)
+        self.weights.clear()
         self.heads.drop(name)
         del self.served[name]
 
@@ -424,8 +429,9 @@ class Pool:
         routing = RowRouting([j.adapter for j in good for _ in j.inputs],
                              {n: s.labels for n, s in self.served.items()})
         split = Split("request", Path("request"), rows)
-        predictions = predict_split(self.model, self.tokenizer, self.task, split, None, len(rows),
-                                    self.max_length, good[0].max_new_tokens, routing=routing)
+        with cached_weights(self.weights):
+            predictions = predict_split(self.model, self.tokenizer, self.task, split, None, len(rows),
+                                        self.max_length, good[0].max_new_tokens, routing=routing)
         start = 0
         for i, job in enumerate(jobs):
             if not isinstance(outcomes[i], BaseException):

@@ -35,7 +35,7 @@ from torch import nn
 
 from peftlab.config import AdapterConfig
 from peftlab.errors import ConfigError
-from peftlab.layer import BaseLayer, Piece, Projections
+from peftlab.layer import BaseLayer, Piece, Projections, weight_product
 from peftlab.methods import Method, Preset
 from peftlab.methods.bottleneck import (
     ACTIVATIONS,
@@ -116,6 +116,10 @@ class PHMLinear(nn.Module):
     def weight(self, rules: torch.Tensor | None = None) -> torch.Tensor:
         """``W [in, out]`` built from the factors (and the shared ``rules`` if given)."""
         rules = self.rules if rules is None else rules
+        return weight_product(self, id(rules), (self.w_left, self.w_right, rules),
+                              lambda: self._kron_sum(rules))
+
+    def _kron_sum(self, rules: torch.Tensor) -> torch.Tensor:
         b = torch.bmm(self.w_left, self.w_right)  # B_i, [n, in/n, out/n]
         # Σ_i kron(A_i, B_i): entry ((a, c), (b, d)) is Σ_i A_i[a, b]·B_i[c, d].
         w = torch.einsum("iab,icd->acbd", rules.to(b.device), b)

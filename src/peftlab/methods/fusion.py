@@ -60,6 +60,7 @@ own. Fusions are not mergeable.
 from __future__ import annotations
 
 import dataclasses
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -67,7 +68,7 @@ from torch import nn
 
 from peftlab.config import AdapterConfig
 from peftlab.errors import ConfigError
-from peftlab.layer import BaseLayer, Piece, Projections
+from peftlab.layer import BaseLayer, Piece, Projections, weight_product
 from peftlab.methods import Method
 from peftlab.methods.bottleneck import ACTIVATIONS
 from peftlab.sites import Site
@@ -137,23 +138,32 @@ class Fusion(Piece):
             parts.append(None if member is None else member.projections())
             if member is not None and parts[-1] is None:
                 return None
-        present = [p for p in parts if p is not None]
-        if not present:
+        if all(p is None for p in parts):
             return None
+        sources = [t for m in (self, *members) if m is not None for t in m.parameters()]
+        weights = weight_product(self, tuple(map(id, members)), sources,
+                                 lambda: self._bottleneck_weights(parts))
         flat = h.reshape(-1, h.shape[-1])
-        a = _activate(F.linear(flat, _cat([p.down for p in present], 0),
-                               _cat([p.down_bias for p in present], 0)), present)
-        absent = present[0].up_bias.new_zeros(flat.shape[-1])  # Δ_n = 0
+        a = _activate(F.linear(flat, weights.down, weights.down_bias), [p for p in parts if p is not None])
+        r = F.linear(flat, weights.query, weights.query_bias)  # [t, M+N]: qᵀ·K·w_j
+        m = a.shape[-1]
+        scores = torch.addmm(r[:, m:], r[:, :m] * a, weights.block) / self.temperature
+        s = self._attention(scores)
+        weighted = torch.cat([a * (s @ weights.block.t()), s], 1)
+        mixed = torch.addmm(flat, weighted, weights.up.t())  # Σ_n s_n·z_n
+        return self.value(mixed).view(h.shape)
+
+    def _bottleneck_weights(self, parts: list[Projections | None]) -> _BottleneckWeights:
+        """What :meth:`over_bottlenecks` computes from the weights alone, for members ``parts``."""
+        present = [p for p in parts if p is not None]
+        absent = present[0].up_bias.new_zeros(present[0].up_bias.shape[-1])  # Δ_n = 0
         w = torch.cat([p.up for p in present]
                       + [torch.stack([absent if p is None else p.up_bias for p in parts], 1)], 1)  # [d, M+N]
         kw = self.key.weight @ w
-        r = F.linear(flat, kw.t() @ self.query.weight, self.query.bias @ kw)  # [t, M+N]: qᵀ·K·w_j
-        block = _blocks([0 if p is None else p.down.shape[0] for p in parts], a)  # [M, N]
-        m = a.shape[-1]
-        scores = torch.addmm(r[:, m:], r[:, :m] * a, block) / self.temperature
-        s = self._attention(scores)
-        mixed = torch.addmm(flat, torch.cat([a * (s @ block.t()), s], 1), w.t())  # Σ_n s_n·z_n
-        return self.value(mixed).view(h.shape)
+        return _BottleneckWeights(
+            _cat([p.down for p in present], 0), _cat([p.down_bias for p in present], 0),
+            kw.t() @ self.query.weight, self.query.bias @ kw, w,
+            _blocks([0 if p is None else p.down.shape[0] for p in parts], w))
 
     def _attention(self, scores: torch.Tensor) -> torch.Tensor:
         """``s [..., N]``, the softmax over members; records :attr:`last_weights`."""
@@ -165,6 +175,19 @@ class Fusion(Piece):
         """``‖V − I‖²`` of this module."""
         v = self.value.weight
         return (v - torch.eye(v.shape[0], device=v.device, dtype=v.dtype)).pow(2).sum()
+
+
+class _BottleneckWeights(NamedTuple):
+    """The members' stacked down projections ``down [M, d]`` and ``down_bias [M]``; ``query [M+N,
+    d]`` and ``query_bias [M+N]`` (``P`` and ``p``: ``r = P·h + p``); ``up`` (``W``, ``[d, M+N]``);
+    ``block [M, N]``, which member each bottleneck row belongs to."""
+
+    down: torch.Tensor
+    down_bias: torch.Tensor
+    query: torch.Tensor
+    query_bias: torch.Tensor
+    up: torch.Tensor
+    block: torch.Tensor
 
 
 def _cat(tensors: list[torch.Tensor], dim: int) -> torch.Tensor:
