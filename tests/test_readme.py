@@ -29,6 +29,7 @@ def test_readme_python_examples_run(tmp_path, monkeypatch):
     assert (tmp_path / "out" / "merged-model" / "model.safetensors").is_file()
     assert (tmp_path / "out" / "moe-peft" / "adapter_model.safetensors").is_file()
     assert namespace["experts"].summary()["shared-only"].notes
+    assert len(namespace["cache"]) > 0  # the fusion's products, kept for the next batch
     bloom = namespace["bloom_adapters"].summary()
     assert bloom["lora"].sites == 2 and "roles inferred" in str(bloom)
 
