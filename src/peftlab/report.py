@@ -238,41 +238,8 @@ def _md_table(header: list[str], rows: list[list[str]], numeric: bool = True) ->
 
 def markdown(report: dict[str, Any], plots: list[str] | None = None) -> str:
     """``report.md``: the seed's table with measured cells, the numeric table, fusion, how."""
-    s = report["settings"]
-    tasks = report["tasks"]
-    first = next(iter(report.get("measurements", {}).values()), None)
-    machine = report.get("machine", {})
-    v = report.get("versions", {})
-    lrs = dict(s.get("learning_rates", {}))
-    if "fusion" in report["methods"]:
-        lrs["fusion"] = s.get("fusion_lr")
-    rates = ", ".join(f"{m} {lr:g}" if isinstance(lr, float) else f"{m} {lr}" for m, lr in lrs.items())
-    rates = rates or "the methods' defaults"
-    if "auto" in lrs.values():
-        rates += (" (auto: chosen per task and seed by successive halving on 10% of the training "
-                  "data held out; see 'Learning rates')")
-    lines = [
-        "# peftlab compare",
-        "",
-        f"Model `{report['model']}`; tasks: " + ", ".join(
-            f"{t} ({d['train_examples']:,} train / {d['eval_examples']:,} validation, {d['metric']})"
-            for t, d in tasks.items()) + ".",
-        f"{s['epochs']:g} epoch(s)" + "".join(f" ({t}: {e:g})" for t, e in s.get("task_epochs", {}).items())
-        + f", batch {s['batch_size']}, max length {s['max_length']}, seeds "
-        f"{', '.join(map(str, s['seeds']))}; learning rates {rates}. Wall time "
-        f"{report.get('wall_seconds', 0) / 60:.1f} min on "
-        f"{machine.get('cuda') or machine.get('processor')} ({machine.get('torch_threads')} torch threads); "
-        f"torch {v.get('torch')}, transformers {v.get('transformers')}, peftlab {v.get('peftlab')}.",
-        "",
-        "Command:",
-        "",
-        "```",
-        report["command"],
-        "```",
-        "",
-        "## The comparison table, measured",
-        "",
-    ]
+    lines = _header_lines(report)
+    lines += ["", "## The comparison table, measured", ""]
     lines += _md_table(["Method", "Trainable parameters", "Memory efficiency", "Modularity",
                         "Multi-task learning", "Performance trade-offs"], seed_table_rows(report),
                        numeric=False)
@@ -285,30 +252,8 @@ def markdown(report: dict[str, Any], plots: list[str] | None = None) -> str:
     lines += ranking_lines(report)
     lines += ["", "## All numbers", ""]
     lines += _md_table(*numeric_rows(report))
-    if first is not None:
-        lines += ["", f"Costs measured once, on {s.get('measured_on')} with a batch of {first['batch_size']} "
-                  f"× {first['length']} tokens: memory by {first['memory_source']} (weights + tensors "
-                  "saved for backward + gradients and AdamW moments of the trained tensors; on CUDA "
-                  "the allocator's peak), step time the median of full AdamW steps, inference the "
-                  "median no-grad forward over the base model's, timed in alternation. Trainable "
-                  "parameters exclude the task head, which every method trains along (it is saved "
-                  "with the adapter); the file size excludes it too."]
-    gains = report.get("summary", {}).get("fusion_gain", {})
-    if report.get("fusion") or gains:
-        pf = _scores(report, "pfeiffer").get("tasks", {})
-        fu = _scores(report, "fusion").get("tasks", {})
-        lines += ["", "## Multi-task: AdapterFusion over the tasks' adapters", "",
-                  f"Stage 1: a Pfeiffer adapter per task. Stage 2: for each target task, a fusion of all "
-                  f"{len(tasks)} tasks' stage-1 adapters, trained with the head on the target task "
-                  f"(lr {s['fusion_lr']:g}).", ""]
-        paired = report.get("summary", {}).get("fusion_gain_ci95", {})
-        lines += _md_table(["task", "single-task Pfeiffer", "Fusion", "Δ points", "Δ 95% interval (paired)"],
-                           [[t, cell(pf.get(t)), cell(fu.get(t)),
-                             f"{100 * gains[t]:+.1f}" if _finite(gains.get(t)) else "n/a",
-                             _gain_text(paired.get(t))] for t in tasks])
-        lines += ["", "The interval resamples the validation examples (and seeds) the two share, the same "
-                  "draws for both, so it measures the difference itself; where it excludes 0 the "
-                  "difference is significant, otherwise there is no significant difference."]
+    lines += _cost_lines(report)
+    lines += _fusion_lines(report)
     lines += learning_rate_lines(report)
     if plots:
         lines += ["", "## Plots", ""] + [f"![{p}]({p})" for p in plots]
@@ -317,6 +262,81 @@ def markdown(report: dict[str, Any], plots: list[str] | None = None) -> str:
         lines += [f"- {k['method']}" + (f" on {k['task']}, seed {k['seed']}" if k.get("task") else "")
                   + f": {k['reason']}" for k in report["skipped"]]
     return "\n".join(lines) + "\n"
+
+
+def _header_lines(report: dict[str, Any]) -> list[str]:
+    """Title, model, tasks, budget, learning rates, machine and the command."""
+    s = report["settings"]
+    machine = report.get("machine", {})
+    v = report.get("versions", {})
+    return [
+        "# peftlab compare",
+        "",
+        f"Model `{report['model']}`; tasks: " + ", ".join(
+            f"{t} ({d['train_examples']:,} train / {d['eval_examples']:,} validation, {d['metric']})"
+            for t, d in report["tasks"].items()) + ".",
+        f"{s['epochs']:g} epoch(s)" + "".join(f" ({t}: {e:g})" for t, e in s.get("task_epochs", {}).items())
+        + f", batch {s['batch_size']}, max length {s['max_length']}, seeds "
+        f"{', '.join(map(str, s['seeds']))}; learning rates {_rates_text(report)}. Wall time "
+        f"{report.get('wall_seconds', 0) / 60:.1f} min on "
+        f"{machine.get('cuda') or machine.get('processor')} ({machine.get('torch_threads')} torch threads); "
+        f"torch {v.get('torch')}, transformers {v.get('transformers')}, peftlab {v.get('peftlab')}.",
+        "",
+        "Command:",
+        "",
+        "```",
+        report["command"],
+        "```",
+    ]
+
+
+def _rates_text(report: dict[str, Any]) -> str:
+    s = report["settings"]
+    lrs = dict(s.get("learning_rates", {}))
+    if "fusion" in report["methods"]:
+        lrs["fusion"] = s.get("fusion_lr")
+    rates = ", ".join(f"{m} {lr:g}" if isinstance(lr, float) else f"{m} {lr}" for m, lr in lrs.items())
+    rates = rates or "the methods' defaults"
+    if "auto" in lrs.values():
+        rates += (" (auto: chosen per task and seed by successive halving on 10% of the training "
+                  "data held out; see 'Learning rates')")
+    return rates
+
+
+def _cost_lines(report: dict[str, Any]) -> list[str]:
+    """How memory, step time and inference were measured (nothing when they were not)."""
+    first = next(iter(report.get("measurements", {}).values()), None)
+    if first is None:
+        return []
+    return ["", f"Costs measured once, on {report['settings'].get('measured_on')} with a batch of "
+            f"{first['batch_size']} × {first['length']} tokens: memory by {first['memory_source']} "
+            "(weights + tensors saved for backward + gradients and AdamW moments of the trained "
+            "tensors; on CUDA the allocator's peak), step time the median of full AdamW steps, inference the "
+            "median no-grad forward over the base model's, timed in alternation. Trainable "
+            "parameters exclude the task head, which every method trains along (it is saved "
+            "with the adapter); the file size excludes it too."]
+
+
+def _fusion_lines(report: dict[str, Any]) -> list[str]:
+    """Fusion against single-task Pfeiffer per task, with the paired intervals."""
+    gains = report.get("summary", {}).get("fusion_gain", {})
+    if not (report.get("fusion") or gains):
+        return []
+    tasks = report["tasks"]
+    pf = _scores(report, "pfeiffer").get("tasks", {})
+    fu = _scores(report, "fusion").get("tasks", {})
+    lines = ["", "## Multi-task: AdapterFusion over the tasks' adapters", "",
+             f"Stage 1: a Pfeiffer adapter per task. Stage 2: for each target task, a fusion of all "
+             f"{len(tasks)} tasks' stage-1 adapters, trained with the head on the target task "
+             f"(lr {report['settings']['fusion_lr']:g}).", ""]
+    paired = report.get("summary", {}).get("fusion_gain_ci95", {})
+    lines += _md_table(["task", "single-task Pfeiffer", "Fusion", "Δ points", "Δ 95% interval (paired)"],
+                       [[t, cell(pf.get(t)), cell(fu.get(t)),
+                         f"{100 * gains[t]:+.1f}" if _finite(gains.get(t)) else "n/a",
+                         _gain_text(paired.get(t))] for t in tasks])
+    return lines + ["", "The interval resamples the validation examples (and seeds) the two share, the same "
+                    "draws for both, so it measures the difference itself; where it excludes 0 the "
+                    "difference is significant, otherwise there is no significant difference."]
 
 
 # ---- terminal -----------------------------------------------------------------------------------
