@@ -592,45 +592,25 @@ def _record(task: str, method: str, seed: int, metric: str, metrics: dict[str, f
 # ---- fusion (stage 2) -------------------------------------------------------------------------
 def _fusion_run(opts: CompareOptions, tasks: dict[str, dict[str, Any]], target: str, seed: int,
                 out: Path, console: Console) -> dict[str, Any]:
+    """Stage 2 for ``target``: a fusion over every task's stage-1 Pfeiffer adapter, trained with
+    the target's head on the target's data; its record, with the mean attention per module."""
     from transformers import set_seed
-    from transformers.trainer_pt_utils import LengthGroupedSampler
 
-    from peftlab.adapter_set import attach
     from peftlab.data import tokenize
     from peftlab.io import write_atomic
     from peftlab.loop import fit
-    from peftlab.train import (
-        ADAPTER_DIR,
-        collator,
-        evaluate_with_predictions,
-        json_bytes,
-        load_model,
-        write_predictions,
-    )
+    from peftlab.train import ADAPTER_DIR, collator, evaluate_with_predictions, json_bytes, write_predictions
 
     data: TaskData = tasks[target]["data"]
     set_seed(seed)
-    model, tokenizer, heads = load_model(opts.model, data.task, data.num_labels, opts.pooling)
-    adapters = attach(model)
-    for task in tasks:
-        path = _run_dir(out, seed, task, FUSION_MEMBER_METHOD) / ADAPTER_DIR
-        # The target's head comes along (the fusion's head starts from it); other tasks' heads
-        # may not fit this model's.
-        adapters.load(path, name=task, with_extras=task == target)
-    name = f"{FUSION}-{target}"
-    adapters.add_fusion(name, list(tasks))
+    model, tokenizer, heads, adapters, name = _fusion_model(opts, data, list(tasks), target, seed, out)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model.to(device)
-
     train_set, _ = tokenize(data["train"], tokenizer, data.task, opts.max_length)
     eval_set, _ = tokenize(data["validation"], tokenizer, data.task, opts.max_length)
     eval_set = eval_set.by_length()
     collate = collator(tokenizer, data.task)
-    generator = torch.Generator().manual_seed(seed)
-    sampler = (LengthGroupedSampler(opts.batch_size, lengths=train_set.lengths(), generator=generator)
-               if opts.group_by_length else torch.utils.data.RandomSampler(train_set, generator=generator))
-    loader = torch.utils.data.DataLoader(train_set, batch_size=opts.batch_size, sampler=sampler,
-                                         collate_fn=collate)
+    loader = _train_loader(opts, train_set, collate, seed)
     total = max(1, math.ceil(len(loader) * opts.epochs_for(target)))
     started = time.perf_counter()
     try:
@@ -652,6 +632,36 @@ def _fusion_run(opts: CompareOptions, tasks: dict[str, dict[str, Any]], target: 
     write_atomic(folder / "metrics.json", json_bytes(record))
     record["fusion_weights"] = weights
     return record
+
+
+def _fusion_model(opts: CompareOptions, data: TaskData, members: list[str], target: str, seed: int,
+                  out: Path) -> tuple[Any, Any, tuple[str, ...], Any, str]:
+    """The base model with each member task's stage-1 adapter loaded and a new fusion over them:
+    (model, tokenizer, head modules, adapters, the fusion's name)."""
+    from peftlab.adapter_set import attach
+    from peftlab.train import ADAPTER_DIR, load_model
+
+    model, tokenizer, heads = load_model(opts.model, data.task, data.num_labels, opts.pooling)
+    adapters = attach(model)
+    for task in members:
+        path = _run_dir(out, seed, task, FUSION_MEMBER_METHOD) / ADAPTER_DIR
+        # The target's head comes along (the fusion's head starts from it); other tasks' heads
+        # may not fit this model's.
+        adapters.load(path, name=task, with_extras=task == target)
+    name = f"{FUSION}-{target}"
+    adapters.add_fusion(name, members)
+    return model, tokenizer, heads, adapters, name
+
+
+def _train_loader(opts: CompareOptions, train_set: Any, collate: Any, seed: int) -> Any:
+    """Shuffled training batches, of similar lengths unless ``--no-group-by-length``."""
+    from transformers.trainer_pt_utils import LengthGroupedSampler
+
+    generator = torch.Generator().manual_seed(seed)
+    sampler = (LengthGroupedSampler(opts.batch_size, lengths=train_set.lengths(), generator=generator)
+               if opts.group_by_length else torch.utils.data.RandomSampler(train_set, generator=generator))
+    return torch.utils.data.DataLoader(train_set, batch_size=opts.batch_size, sampler=sampler,
+                                       collate_fn=collate)
 
 
 @torch.no_grad()
