@@ -510,6 +510,8 @@ def test_serve_command_refuses_bad_input_with_exit_2(saved, tmp_path):
     assert result.exit_code == 2 and "does not exist" in result.output
     result = runner.invoke(app, ["serve", "--adapter", str(saved["root"] / "lora"), "--max-batch", "0"])
     assert result.exit_code == 2 and "--max-batch" in result.output
+    result = runner.invoke(app, ["serve", "--adapter", str(saved["root"] / "lora"), "--threads", "0"])
+    assert result.exit_code == 2 and "--threads 0" in result.output
     result = runner.invoke(app, ["serve", "--adapter", str(saved["root"] / "lora"), "--model",
                                  str(saved["model"]), "--port", "0"])
     assert result.exit_code == 2 and "pass --task" in result.output  # no run.json says the task
@@ -566,6 +568,8 @@ def test_readme_serve_example_runs(tmp_path, monkeypatch):
             else:
                 response = _curl(line, url)
                 assert response.status_code in (200, 201), f"{line}\n{response.text}"
+                if line.endswith("/health"):
+                    assert response.json()["threads"] == 1  # the server's --threads 1
                 if "/v1/predict" in line:
                     outputs = response.json()["outputs"]
                     assert len(outputs) == line.count('"the ') and all(o["label"] in (0, 1) for o in outputs)

@@ -1005,6 +1005,9 @@ def serve(
         help="Tokens per input; longer ones are refused (default: the first adapter's run's).")] = None,
     max_new_tokens: Annotated[int, typer.Option(help="causal-lm: the most tokens a request may ask for.")
                               ] = 32,
+    threads: Annotated[int | None, typer.Option(
+        help="CPU threads of each forward (default: torch's, one per core). Fewer leave cores to "
+             "the HTTP side: see the README.")] = None,
 ) -> None:
     """Serve adapters of any kind on one base model over HTTP: POST /v1/predict with {"adapter":
     NAME, "inputs": [...]}; requests for different adapters share one forward."""
@@ -1013,7 +1016,7 @@ def serve(
         from peftlab.serve import serve as run_server
 
         options = ServeOptions(parse_adapter_args(adapter), model, task, host, port, max_batch, max_wait_ms,
-                               max_length, max_new_tokens)
+                               max_length, max_new_tokens, threads)
         run_server(options, ready=_console().print)
 
 

@@ -93,10 +93,13 @@ class ServeOptions:
     max_wait_ms: float = 5.0
     max_length: int | None = None  # default: the first adapter's run's, else 128
     max_new_tokens: int = 32
+    threads: int | None = None  # CPU threads of each forward (default: torch's, one per core)
 
     def __post_init__(self) -> None:
         if not self.adapters:
             raise UsageError("serve needs at least one --adapter NAME=PATH")
+        if self.threads is not None and not 1 <= self.threads <= 1024:
+            raise UsageError(f"--threads {self.threads}: give a number of CPU threads from 1 up")
         if self.max_batch < 1 or self.max_new_tokens < 1 or not 0 <= self.max_wait_ms <= 60_000:
             raise UsageError("--max-batch and --max-new-tokens must be positive, --max-wait-ms "
                              "between 0 and 60000")
@@ -786,7 +789,7 @@ class _Api:
 
     async def health(self) -> dict[str, Any]:
         return {"status": "ok", "task": self.pool.task, "adapters": len(self.pool.served),
-                "waiting": self.server.batcher.waiting}
+                "waiting": self.server.batcher.waiting, "threads": torch.get_num_threads()}
 
     async def metrics(self) -> Any:
         text = self.server.metrics.render(len(self.pool.served), self.server.batcher.waiting)
@@ -861,6 +864,8 @@ def serve(options: ServeOptions, ready: Callable[[str], None] | None = None) -> 
     except ImportError:
         raise UsageError("peftlab serve needs FastAPI and uvicorn: pip install 'peftlab[serve]'") from None
     check_port_free(options.host, options.port)
+    if options.threads is not None:
+        torch.set_num_threads(options.threads)
     server = Server(Pool.open(options), options.max_wait_ms / 1000)
     if ready is not None:
         ready(f"serving {len(server.pool.served)} adapters ({server.pool.task}) on "
