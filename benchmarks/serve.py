@@ -23,10 +23,15 @@ SIGKILLed after a third of them and restarted at once; the client counts connect
 (expected; a request retries every 0.1 s while the port is dead) and wrong answers (must be 0),
 and reports the seconds from the kill to the first answer of the new process.
 
+``--threads 2,1`` runs every phase once per server ``--threads`` setting, interleaved (a pair of
+servers each); the summary then has each setting's comparison and ``best``: each phase at the
+setting that served it fastest, so that mixed at its best meets each baseline at its best.
+
 Bounded: ``--requests`` per phase in all (split over ``--rounds``), ``--max-minutes`` for the whole
 run (phases left then are reported as not run).
 
     python benchmarks/serve.py --out benchmarks/results/serve/quiet.json            # full (lead)
+    python benchmarks/serve.py --threads 2,1 --out benchmarks/results/serve/threads.json
     python benchmarks/serve.py --requests 200 --rounds 1 --kill-requests 150 \\
         --out benchmarks/results/serve/smoke-under-load.json                          # smoke
 """
@@ -147,12 +152,14 @@ class ServerProcess:
     """``peftlab serve`` in a child process (the CLI, as a user runs it)."""
 
     def __init__(self, model_dir: str, folder: Path, names: list[str], max_batch: int, max_wait_ms: float,
-                 log: Path) -> None:
+                 log: Path, threads: int | None = None) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.command = [sys.executable, "-m", "peftlab.cli", "serve", "--model", model_dir, "--task",
                         "classification", "--port", str(self.port), "--max-batch", str(max_batch),
                         "--max-wait-ms", str(max_wait_ms), "--max-length", "64"]
+        if threads is not None:
+            self.command += ["--threads", str(threads)]
         for name in names:
             self.command += ["--adapter", f"{name}={folder / name}"]
         self.log = log
@@ -330,38 +337,69 @@ def load_average() -> str:
 
 
 def summarize(phases: dict[str, list[dict]], names: list[str]) -> dict[str, Any]:
-    def total(rows: list[dict]) -> dict:
-        answered, seconds = sum(r["answered"] for r in rows), sum(r["seconds"] for r in rows)
-        return {"answered": answered, "seconds": round(seconds, 2),
-                "throughput_rps": round(answered / seconds, 2) if seconds else None,
-                "p50_ms": statistics.median([r["p50_ms"] for r in rows if r["p50_ms"] is not None] or [0]),
-                "p99_ms": max([r["p99_ms"] for r in rows if r["p99_ms"] is not None] or [0]),
-                "mean_batch_size": round(statistics.fmean(r["mean_batch_size"] for r in rows), 2),
-                "server_cpu_ms_per_request": round(statistics.fmean(r["server_cpu_ms_per_request"]
-                                                                    for r in rows), 3),
-                "wrong": sum(r["wrong"] for r in rows),
-                "errors": sum(r["refused_4xx_5xx"] + r["connection_errors"] for r in rows)}
+    out = {name: _total(rows) for name, rows in phases.items() if rows}
+    return out | _compared(out, names)
 
-    out = {name: total(rows) for name, rows in phases.items() if rows}
+
+def _total(rows: list[dict]) -> dict:
+    """One phase over its rounds."""
+    answered, seconds = sum(r["answered"] for r in rows), sum(r["seconds"] for r in rows)
+    return {"answered": answered, "seconds": round(seconds, 2),
+            "throughput_rps": round(answered / seconds, 2) if seconds else None,
+            "p50_ms": statistics.median([r["p50_ms"] for r in rows if r["p50_ms"] is not None] or [0]),
+            "p99_ms": max([r["p99_ms"] for r in rows if r["p99_ms"] is not None] or [0]),
+            "mean_batch_size": round(statistics.fmean(r["mean_batch_size"] for r in rows), 2),
+            "server_cpu_ms_per_request": round(statistics.fmean(r["server_cpu_ms_per_request"]
+                                                                for r in rows), 3),
+            "wrong": sum(r["wrong"] for r in rows),
+            "errors": sum(r["refused_4xx_5xx"] + r["connection_errors"] for r in rows)}
+
+
+def _compared(out: dict[str, dict], names: list[str]) -> dict[str, Any]:
+    """Mixed against (a) and against (b), the same mix served unmixed, and the targets."""
     mixed = out.get("mixed", {}).get("throughput_rps")
     singles = {k: out[f"single {k}"]["throughput_rps"] for k in (*KINDS, "fusion") if f"single {k}" in out}
-    if mixed and singles and len(singles) == len(KINDS) + 1:
-        share = {k: sum(1 for n in names if n.startswith(k + "-") or n == k) / len(names) for k in singles}
-        same_mix = 1 / sum(share[k] / singles[k] for k in singles)
-        out["(b) same mix, unmixed"] = {"throughput_rps": round(same_mix, 2)}
-        out["ratios"] = {"mixed / (a)": round(mixed / out["(a) one at a time"]["throughput_rps"], 2)
-                         if "(a) one at a time" in out else None,
-                         "mixed / (b) same mix": round(mixed / same_mix, 3),
-                         **{f"mixed / (b) {k}": round(mixed / v, 3) for k, v in singles.items()}}
-        cpu = {name: row["server_cpu_ms_per_request"] for name, row in out.items()
-               if "server_cpu_ms_per_request" in row}
+    if not (mixed and singles and len(singles) == len(KINDS) + 1):
+        return {}
+    share = {k: sum(1 for n in names if n.startswith(k + "-") or n == k) / len(names) for k in singles}
+    same_mix = 1 / sum(share[k] / singles[k] for k in singles)
+    compared: dict[str, Any] = {"(b) same mix, unmixed": {"throughput_rps": round(same_mix, 2)}}
+    compared["ratios"] = {"mixed / (a)": round(mixed / out["(a) one at a time"]["throughput_rps"], 2)
+                          if "(a) one at a time" in out else None,
+                          "mixed / (b) same mix": round(mixed / same_mix, 3),
+                          **{f"mixed / (b) {k}": round(mixed / v, 3) for k, v in singles.items()}}
+    cpu = {name: row["server_cpu_ms_per_request"] for name, row in out.items()
+           if "server_cpu_ms_per_request" in row}
+    if all(f"single {k}" in cpu for k in singles) and "mixed" in cpu:
         same_mix_cpu = sum(share[k] * cpu[f"single {k}"] for k in singles)
-        out["server_cpu_ratios"] = {"(a) / mixed": round(cpu["(a) one at a time"] / cpu["mixed"], 2)
-                                    if "(a) one at a time" in cpu else None,
-                                    "(b) same mix / mixed": round(same_mix_cpu / cpu["mixed"], 3)}
-        out["targets"] = {"mixed >= 3x (a)": (out["ratios"]["mixed / (a)"] or 0) >= 3,
-                          "mixed >= 0.8x (b) same mix": out["ratios"]["mixed / (b) same mix"] >= 0.8}
-    return out
+        compared["server_cpu_ratios"] = {"(a) / mixed": round(cpu["(a) one at a time"] / cpu["mixed"], 2)
+                                         if "(a) one at a time" in cpu else None,
+                                         "(b) same mix / mixed": round(same_mix_cpu / cpu["mixed"], 3)}
+    compared["targets"] = {"mixed >= 3x (a)": (compared["ratios"]["mixed / (a)"] or 0) >= 3,
+                           "mixed >= 0.8x (b) same mix": compared["ratios"]["mixed / (b) same mix"] >= 0.8}
+    return compared
+
+
+def summarize_threads(phases: dict[str, list[dict]], names: list[str], threads: list[int | None]) -> dict:
+    """With several server thread counts: each count's summary, and each phase at the count that
+    served it best (each baseline at its best against mixed at its best)."""
+    by = {_label(t): summarize({p.removesuffix(_suffix(t)): rows for p, rows in phases.items()
+                                if p.endswith(_suffix(t))}, names) for t in threads}
+    best = {}
+    for phase in (p.removesuffix(_suffix(threads[0])) for p in phases if p.endswith(_suffix(threads[0]))):
+        rows = [(by[_label(t)][phase], _label(t)) for t in threads if phase in by[_label(t)]]
+        if rows:
+            top, label = max(rows, key=lambda r: r[0]["throughput_rps"] or 0)
+            best[phase] = {"throughput_rps": top["throughput_rps"], "threads": label}
+    return {"by_threads": by, "best": best | _compared(best, names)}
+
+
+def _label(threads: int | None) -> str:
+    return "default" if threads is None else str(threads)
+
+
+def _suffix(threads: int | None) -> str:
+    return f" @{_label(threads)} threads"
 
 
 def main() -> int:
@@ -375,6 +413,8 @@ def main() -> int:
     ap.add_argument("--kill-requests", type=int, default=1000, help="0: no kill run")
     ap.add_argument("--max-minutes", type=float, default=30.0)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", default="", help="the servers' --threads, a comma list run interleaved "
+                                                  "(e.g. 2,1); default: the server's default only")
     ap.add_argument("--out", type=Path, help="results JSON")
     args = ap.parse_args()
     deadline = time.monotonic() + 60 * args.max_minutes
@@ -387,13 +427,18 @@ def main() -> int:
     print(f"adapters saved and offline reference computed ({len(reference)} predictions)", flush=True)
 
     folder = work / "adapters"
-    batched = ServerProcess(model_dir, folder, names, args.max_batch, args.max_wait_ms, work / "b.log")
-    single = ServerProcess(model_dir, folder, names, 1, args.max_wait_ms, work / "a.log")
-    phases: dict[str, list[dict]] = {"mixed": [], "(a) one at a time": [],
-                                     **{f"single {k}": [] for k in (*KINDS, "fusion")}}
-    per_round = max(1, args.requests // args.rounds)
-    startup = {"batched_s": round(batched.start(), 2), "one_at_a_time_s": round(single.start(), 2)}
+    threads: list[int | None] = [int(t) for t in args.threads.split(",") if t.strip()] or [None]
+    several = len(threads) > 1
+    servers = {t: (ServerProcess(model_dir, folder, names, args.max_batch, args.max_wait_ms,
+                                 work / f"b-{_label(t)}.log", t),
+                   ServerProcess(model_dir, folder, names, 1, args.max_wait_ms,
+                                 work / f"a-{_label(t)}.log", t))
+               for t in threads}
+    plain = ["mixed", "(a) one at a time", *(f"single {k}" for k in (*KINDS, "fusion"))]
+    phases: dict[str, list[dict]] = {p + (_suffix(t) if several else ""): [] for t in threads for p in plain}
     try:
+        startup = {_label(t): {"batched_s": round(b.start(), 2), "one_at_a_time_s": round(a.start(), 2)}
+                   for t, (b, a) in servers.items()}
         for r in range(args.rounds):
             order = list(phases)
             order = order[r % len(order):] + order[:r % len(order)]  # rotate: no phase always first
@@ -401,26 +446,33 @@ def main() -> int:
                 if time.monotonic() > deadline:
                     print(f"time limit reached: {phase} round {r} not run", flush=True)
                     continue
-                asked = _asked(phase, names, pool, per_round, args.seed + r)
-                server = single if phase.startswith("(a)") else batched
-                result = run_phase(server, asked, reference, args.clients)
-                phases[phase].append(result)
-                print(f"round {r} {phase}: {json.dumps(result)}", flush=True)
+                t = next(t for t in threads if not several or phase.endswith(_suffix(t)))
+                per_round = max(1, args.requests // args.rounds)
+                asked = _asked(phase.removesuffix(_suffix(t)), names, pool, per_round, args.seed + r)
+                server = servers[t][1] if phase.startswith("(a)") else servers[t][0]
+                phases[phase].append(run_phase(server, asked, reference, args.clients))
+                print(f"round {r} {phase}: {json.dumps(phases[phase][-1])}", flush=True)
         kill = None
         if args.kill_requests and time.monotonic() < deadline:
-            single.stop()
-            kill = kill_run(batched, requests_for(names, pool, args.kill_requests, args.seed + 1000),
-                            reference, args.clients)
+            for t, (b, a) in servers.items():  # the first setting's batched server alone is left
+                a.stop()
+                if t != threads[0]:
+                    b.stop()
+            kill = kill_run(servers[threads[0]][0], requests_for(names, pool, args.kill_requests,
+                                                                 args.seed + 1000), reference, args.clients)
             print(f"kill run: {json.dumps(kill)}", flush=True)
     finally:
-        batched.stop()
-        single.stop()
+        for b, a in servers.values():
+            b.stop()
+            a.stop()
+    summary = summarize_threads(phases, names, threads) if several else summarize(phases, names)
     report = {"command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
               "model": "all-MiniLM-L6-v2 (packaged), mean pooling, max length 64", "adapters": names,
               "fusion_members": list(FUSED), "clients": args.clients, "max_batch": args.max_batch,
               "max_wait_ms": args.max_wait_ms, "rounds": args.rounds, "requests_per_phase": args.requests,
               "started": started, "finished_load_average": load_average(), "server_startup": startup,
-              "phases": phases, "summary": summarize(phases, names), "kill": kill,
+              "server_threads": [_label(t) for t in threads], "phases": phases, "summary": summary,
+              "kill": kill,
               "torch_threads": torch.get_num_threads(), "cpus": os.cpu_count()}
     print(json.dumps(report["summary"], indent=2))
     if args.out is not None:
