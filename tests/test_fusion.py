@@ -10,7 +10,7 @@ import torch
 from conftest import output_of, randomize, tiny_inputs, tiny_model, train_by_the_recipe
 
 import peftlab
-from peftlab.layer import _nonzero
+from peftlab.layer import AdaptedLayer, WeightCache, _nonzero, cached_weights
 from peftlab.methods.fusion import Fusion
 from peftlab.multitask import MultiTaskModel, train_adapter, train_fusion
 from peftlab.sites import find_sites
@@ -433,6 +433,33 @@ def test_routing_with_one_or_two_groups_at_a_layer(bert):
     assert [ix.tolist() for ix, _ in plan.groups] == [[0, 2], [1]] and plan.rows.tolist() == [0, 1, 0]
     plan = query.plan_route([("lora",), (), ("lora",)], torch.device("meta"))
     assert all(ix.device.type == "meta" for ix, _ in plan.groups)  # on the device it is asked for
+
+
+
+def test_a_kept_fusion_product_follows_its_members_and_its_own_weights(bert):
+    """Under a weight cache, the fusion's query-key products over bottleneck members are kept
+    from one forward to the next, and made again once a member's or the fusion's weight moves."""
+    adapters = _with_members(bert, a=PFEIFFER, b=COMPACTER_PP)
+    adapters.add_fusion("f", ["a", "b"])
+    randomize(adapters.parameters("f"), seed=9)
+    adapters.activate("f")
+    inputs = tiny_inputs("bert")
+    layer = next(m for m in bert.modules() if isinstance(m, AdaptedLayer) and "f" in m.adapters)
+    cache = WeightCache()
+    with torch.no_grad(), cached_weights(cache):
+        first = output_of(bert, inputs)
+        kept = len(cache)
+        assert kept > 0 and torch.equal(output_of(bert, inputs), first) and len(cache) == kept
+        changed = []
+        for param in (layer.adapters["a"].up.weight, layer.adapters["f"].key.weight):
+            param.mul_(1.5)  # a member's up projection, then the fusion's key
+            changed.append(output_of(bert, inputs))
+    with torch.no_grad():
+        assert torch.allclose(changed[-1], output_of(bert, inputs), atol=1e-6, rtol=0)  # as uncached
+        layer.adapters["f"].key.weight.div_(1.5)
+        assert torch.allclose(changed[0], output_of(bert, inputs), atol=1e-6, rtol=0)
+    assert not torch.allclose(changed[0], first, atol=1e-4)
+    assert not torch.allclose(changed[1], changed[0], atol=1e-4)
 
 
 def test_a_zero_scale_gets_a_finite_gradient_and_every_other_scale_its_own():

@@ -140,7 +140,7 @@ class Fusion(Piece):
                 return None
         if all(p is None for p in parts):
             return None
-        sources = [t for m in (self, *members) if m is not None for t in m.parameters()]
+        sources = (t for m in (self, *members) if m is not None for t in m.parameters())  # read if kept
         weights = weight_product(self, tuple(map(id, members)), sources,
                                  lambda: self._bottleneck_weights(parts))
         flat = h.reshape(-1, h.shape[-1])
