@@ -329,7 +329,8 @@ def test_concurrent_mixed_requests_over_http_equal_offline_predict(saved, pool, 
     assert [a["name"] for a in listing["adapters"]] == saved["names"]
     fusion = listing["adapters"][-1]
     assert fusion["method"] == "fusion" and fusion["members"] == list(FUSED) and fusion["file_bytes"] > 0
-    assert health == {"status": "ok", "task": "classification", "adapters": 6, "waiting": 0}
+    assert health == {"status": "ok", "task": "classification", "adapters": 6, "waiting": 0,
+                      "threads": torch.get_num_threads()}
     assert 'peftlab_requests_total{endpoint="predict",status="200"} 48' in metrics
     assert sum(int(_metric(metrics, f'peftlab_adapter_requests_total{{adapter="{n}"}}') or 0)
                for n in saved["names"]) == 48
