@@ -13,7 +13,7 @@ from conftest import FAMILIES, output_of, randomize, tiny_inputs, tiny_model
 from safetensors import safe_open
 
 import peftlab
-from peftlab.layer import AdaptedLayer, WeightCache, cached_weights
+from peftlab.layer import AdaptedLayer, WeightCache, cached_weights, serial_pieces
 from peftlab.methods.compacter import Compacter, PHMLinear, SharedRules
 from peftlab.sites import find_sites
 
@@ -163,6 +163,30 @@ def test_kronecker_sums_are_kept_only_under_a_weight_cache_and_never_go_stale(be
     with cached_weights(cache):
         output_of(bert, inputs).sum().backward()  # training: products are rebuilt every forward
     assert len(cache) == 0 and piece.down.w_left.grad is not None
+
+
+def test_serial_pieces_run_the_adapters_on_one_thread_and_the_projections_on_all(bert):
+    adapters = peftlab.attach(bert)
+    adapters.add("p", BC.pfeiffer())
+    randomize(adapters.parameters("p"))
+    adapters.activate("p")
+    threads_seen: list[int] = []
+    for piece in adapters["p"].pieces.values():
+        piece.register_forward_pre_hook(lambda *_: threads_seen.append(torch.get_num_threads()))
+    inputs = tiny_inputs("bert")
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with torch.no_grad():
+            plain = output_of(bert, inputs)
+            assert set(threads_seen) == {2}
+            threads_seen.clear()
+            with serial_pieces():
+                serial = output_of(bert, inputs)
+            assert set(threads_seen) == {1} and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+    assert torch.allclose(serial, plain, atol=1e-6, rtol=0)
 
 # ---- stacking ---------------------------------------------------------------------------------
 def test_stacked_adapters_run_in_activation_order(bert):

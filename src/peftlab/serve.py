@@ -45,7 +45,7 @@ from torch import nn
 from peftlab.adapter_set import AdapterSet, attach
 from peftlab.config import check_value, clip
 from peftlab.errors import AdapterLoadError, AdapterNameError, AdapterStateError, PeftlabError, UsageError
-from peftlab.layer import AdaptedLayer, WeightCache, cached_weights
+from peftlab.layer import AdaptedLayer, WeightCache, cached_weights, serial_pieces
 from peftlab.trained import Trained, predict_task
 
 try:  # the [serve] extra; the pool, batcher and metrics work without it
@@ -432,7 +432,7 @@ class Pool:
         routing = RowRouting([j.adapter for j in good for _ in j.inputs],
                              {n: s.labels for n, s in self.served.items()})
         split = Split("request", Path("request"), rows)
-        with cached_weights(self.weights):
+        with cached_weights(self.weights), serial_pieces():
             predictions = predict_split(self.model, self.tokenizer, self.task, split, None, len(rows),
                                         self.max_length, good[0].max_new_tokens, routing=routing)
         start = 0
