@@ -206,7 +206,17 @@ def test_predict_ignores_labels_and_refuses_bad_input_writing_nothing(work, revi
     out = tmp_path / "never.jsonl"
     _bad(runner.invoke(app, ["predict", "--adapter", str(reviews_run), "--data", str(broken),
                              "--out", str(out)]), "broken.jsonl:2", "'sentence' must be a non-empty string")
+    devices = {"cuda:7": "not usable here", "meta": "holds no data", "gpu": "not a device"}
+    for device, message in devices.items():
+        for command in (["predict", "--out", str(out)], ["eval"]):
+            result = runner.invoke(app, [*command, "--adapter", str(reviews_run), "--data",
+                                         str(work["reviews"]), "--split", "validation", "--device", device])
+            _bad(result, f"--device {device}", message)
     assert not out.exists()
+    same = tmp_path / "on-cpu.jsonl"  # auto is the CPU on a machine without an accelerator
+    _ok(runner.invoke(app, ["predict", "--adapter", str(reviews_run), "--data", str(work["reviews"]),
+                            "--split", "validation", "--out", str(same), "--quiet", "--device", "cpu"]))
+    assert same.read_text() == preds.read_text()
 
 
 def test_predict_regression_writes_values(work, tmp_path):

@@ -513,6 +513,9 @@ def test_serve_command_refuses_bad_input_with_exit_2(saved, tmp_path):
     assert result.exit_code == 2 and "--max-batch" in result.output
     result = runner.invoke(app, ["serve", "--adapter", str(saved["root"] / "lora"), "--threads", "0"])
     assert result.exit_code == 2 and "--threads 0" in result.output
+    result = runner.invoke(app, ["serve", "--adapter", f"lora={saved['root'] / 'lora'}", "--model",
+                                 str(saved["model"]), "--task", "classification", "--device", "cuda:3"])
+    assert result.exit_code == 2 and "--device cuda:3: not usable here" in result.output
     result = runner.invoke(app, ["serve", "--adapter", str(saved["root"] / "lora"), "--model",
                                  str(saved["model"]), "--port", "0"])
     assert result.exit_code == 2 and "pass --task" in result.output  # no run.json says the task

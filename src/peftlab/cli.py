@@ -208,6 +208,8 @@ def eval_(
     label_column: Annotated[str | None, typer.Option(help="Label column (default: detected).")] = None,
     chat_template: Annotated[str | None, typer.Option(
         help="causal-lm: a Jinja chat template file for chat rows (default: the run's).")] = None,
+    device: Annotated[str, typer.Option(
+        help="auto (an accelerator torch finds, else the CPU), cpu, cuda or cuda:N.")] = "auto",
 ) -> None:
     """Evaluate a trained adapter (or fully fine-tuned model) on a data split; labels are mapped
     to classes with the names the adapter recorded. A causal LM on prompt/completion or chat rows
@@ -216,8 +218,16 @@ def eval_(
         from peftlab.data import DataSource, load_task, tokenize
         from peftlab.instruct import read_chat_template
         from peftlab.io import write_atomic
-        from peftlab.train import collator, evaluate, json_bytes, left_out_note, resolve_max_length
+        from peftlab.train import (
+            collator,
+            evaluate,
+            json_bytes,
+            left_out_note,
+            resolve_device,
+            resolve_max_length,
+        )
 
+        where = resolve_device(device)
         trained = Trained(adapter)
         run_task, num_labels = trained.task_and_labels(task)
         # A language model's config may hold an id2label too: class names only for tasks with classes.
@@ -229,6 +239,7 @@ def eval_(
                               num_labels=num_labels, labels=names)
         net, tokenizer, model_id = trained.load(model, task_data.task, task_data.num_labels,
                                                 task_data.labels)
+        net.to(where)
         length = resolve_max_length(max_length or trained.run.get("max_length"), net)
         dataset, cut = tokenize(task_data[split], tokenizer, task_data.task, length)
         if cut:
@@ -272,6 +283,8 @@ def predict(
     quiet: Annotated[bool, typer.Option(help="No progress bar.")] = False,
     chat_template: Annotated[str | None, typer.Option(
         help="causal-lm: a Jinja chat template file for chat rows (default: the run's).")] = None,
+    device: Annotated[str, typer.Option(
+        help="auto (an accelerator torch finds, else the CPU), cpu, cuda or cuda:N.")] = "auto",
 ) -> None:
     """Label unlabelled text with a trained adapter (or fully fine-tuned model): per row the class
     name and scores, the regression value, the generated text (causal-lm: a text's continuation, a
@@ -281,10 +294,11 @@ def predict(
         from peftlab.instruct import read_chat_template
         from peftlab.io import write_atomic
         from peftlab.predict import jsonl_bytes, predict_split
-        from peftlab.train import resolve_max_length
+        from peftlab.train import resolve_device, resolve_max_length
 
         if batch_size < 1 or max_new_tokens < 1:
             raise UsageError("--batch-size and --max-new-tokens must be positive")
+        where = resolve_device(device)
         if out.is_dir():
             raise UsageError(f"--out {out} is a directory; give a file name such as preds.jsonl")
         trained = Trained(adapter)
@@ -304,6 +318,7 @@ def predict(
                                  f"but {data} holds {'pairs' if task_data.pair else 'single texts'}; "
                                  "name the columns with --text-column and --pair-column")
             net, tokenizer, _ = trained.load(model, task_data.task, task_data.num_labels, task_data.labels)
+            net.to(where)
             length = resolve_max_length(max_length or trained.run.get("max_length"), net)
             console = _console()
             progress = _Progress(console, len(rows), not quiet)
@@ -1008,6 +1023,8 @@ def serve(
     threads: Annotated[int | None, typer.Option(
         help="CPU threads of each forward (default: torch's, one per core). Fewer leave cores to "
              "the HTTP side: see the README.")] = None,
+    device: Annotated[str, typer.Option(
+        help="auto (an accelerator torch finds, else the CPU), cpu, cuda or cuda:N.")] = "auto",
 ) -> None:
     """Serve adapters of any kind on one base model over HTTP: POST /v1/predict with {"adapter":
     NAME, "inputs": [...]}; requests for different adapters share one forward."""
@@ -1016,7 +1033,7 @@ def serve(
         from peftlab.serve import serve as run_server
 
         options = ServeOptions(parse_adapter_args(adapter), model, task, host, port, max_batch, max_wait_ms,
-                               max_length, max_new_tokens, threads)
+                               max_length, max_new_tokens, threads, device)
         run_server(options, ready=_console().print)
 
 

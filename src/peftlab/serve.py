@@ -94,6 +94,7 @@ class ServeOptions:
     max_length: int | None = None  # default: the first adapter's run's, else 128
     max_new_tokens: int = 32
     threads: int | None = None  # CPU threads of each forward (default: torch's, one per core)
+    device: str = "auto"  # see peftlab.train.resolve_device
 
     def __post_init__(self) -> None:
         if not self.adapters:
@@ -292,15 +293,16 @@ class Pool:
     @classmethod
     def open(cls, options: ServeOptions) -> Pool:
         """The base model of ``options`` with its adapters loaded; bad input raises UsageError."""
-        from peftlab.train import load_model, resolve_max_length
+        from peftlab.train import load_model, resolve_device, resolve_max_length
 
+        device = resolve_device(options.device)
         first = _trained(options.adapters[0][1])
         task, num_labels = _task_of(first, options.task)
         labels = first.labels() if task == "classification" else None
         model, tokenizer, _ = load_model(first.base_model(options.model), task, num_labels or 0,
                                          first.pooling(), labels)
         length = resolve_max_length(options.max_length or first.run.get("max_length"), model)
-        pool = cls(model, tokenizer, task, length, options.max_new_tokens, options.max_batch)
+        pool = cls(model.to(device), tokenizer, task, length, options.max_new_tokens, options.max_batch)
         for name, path in options.adapters:
             pool.load(path, name or None)
         return pool

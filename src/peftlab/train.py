@@ -43,7 +43,7 @@ from rich.console import Console
 from torch import nn
 
 from peftlab.adapter_set import attach
-from peftlab.config import AdapterConfig, check_value
+from peftlab.config import AdapterConfig, check_value, clip
 from peftlab.data import DataSource, Split, TaskData, load_task, parse_split_names, tokenize
 from peftlab.distributed import any_process, check_launch, local, save_adapter, summed
 from peftlab.errors import ConfigError, DataError, NonFiniteLossError, UsageError
@@ -669,8 +669,32 @@ def _sampling(group_by_length: bool) -> dict[str, Any]:
 
 
 def _has_accelerator() -> bool:
-    accel = getattr(torch, "accelerator", None)
-    return bool(accel.is_available()) if accel is not None else torch.cuda.is_available()
+    return resolve_device("auto").type != "cpu"
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """Where ``eval``, ``predict`` and ``serve`` run a model: ``auto`` is the accelerator torch
+    finds (CUDA, XPU, MPS, ...), else the CPU; any other name (``cpu``, ``cuda``, ``cuda:1``) must
+    exist on this machine."""
+    if name == "auto":
+        accel = getattr(torch, "accelerator", None)
+        if accel is not None and accel.is_available():
+            return torch.device(accel.current_accelerator())
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise UsageError(f"--device {clip(name, 60)}: not a device name; use auto, cpu, cuda or "
+                         "cuda:N") from None
+    if device.type == "meta":
+        raise UsageError("--device meta holds no data, so nothing can run there: use auto, cpu or cuda")
+    if device.type != "cpu":
+        try:
+            torch.empty(0, device=device)
+        except (RuntimeError, AssertionError, ValueError) as e:  # AssertionError: a CPU-only torch
+            raise UsageError(f"--device {name}: not usable here ({clip(str(e).splitlines()[0], 120)}); "
+                             "use auto or cpu") from None
+    return device
 
 
 def _say(console: Console, quiet: bool, message: str) -> None:
