@@ -15,7 +15,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -469,7 +469,7 @@ def test_hot_load_and_unload_under_traffic(saved, offline, tmp_path):
         for t in threads:
             t.start()
         try:
-            _load_and_unload(client, saved, tmp_path)
+            _load_and_unload(client, saved, tmp_path, seen)
         finally:
             stop.set()
             for t in threads:
@@ -484,8 +484,8 @@ def test_hot_load_and_unload_under_traffic(saved, offline, tmp_path):
     assert seen["prompt"] == sorted(seen["prompt"], reverse=True) and seen["prompt"][-1] == 200
 
 
-def _load_and_unload(client: httpx.Client, saved: dict, tmp_path: Path) -> None:
-    time.sleep(0.2)
+def _load_and_unload(client: httpx.Client, saved: dict, tmp_path: Path, seen: dict[str, list[int]]) -> None:
+    _wait_for(lambda: 200 in seen["pfeiffer"])
     loaded = client.post("/v1/adapters", json={"path": str(saved["root"] / "prompt")})
     assert loaded.status_code == 201 and loaded.json()["method"] == "prompt"
     clash = client.post("/v1/adapters", json={"path": str(saved["root"] / "lora"), "name": "lora"})
@@ -497,11 +497,20 @@ def _load_and_unload(client: httpx.Client, saved: dict, tmp_path: Path) -> None:
         assert refused.status_code == 422 and message in refused.json()["error"], (name, refused.text)
     for body in ({"path": str(saved["root"] / "ia3"), "name": "a.b"}, {"name": "x"}, {"path": 3}):
         assert client.post("/v1/adapters", json=body).status_code == 422
-    time.sleep(0.2)
+    _wait_for(lambda: 200 in seen["prompt"])
     assert client.delete("/v1/adapters/fusion").status_code == 200
     assert client.delete("/v1/adapters/pfeiffer").status_code == 200
     assert client.delete("/v1/adapters/pfeiffer").status_code == 404
-    time.sleep(0.2)
+    count = len(seen["pfeiffer"])
+    _wait_for(lambda: len(seen["pfeiffer"]) > count)  # one more request for it, refused
+
+
+def _wait_for(condition: Callable[[], bool], timeout: float = 60.0) -> None:
+    """Until ``condition()`` holds (the traffic threads got that far); fails after ``timeout`` s."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "the traffic did not get there in time"
+        time.sleep(0.02)
 
 
 def test_serve_command_refuses_bad_input_with_exit_2(saved, tmp_path):
