@@ -502,7 +502,7 @@ def _load_and_unload(client: httpx.Client, saved: dict, tmp_path: Path, seen: di
     assert client.delete("/v1/adapters/pfeiffer").status_code == 200
     assert client.delete("/v1/adapters/pfeiffer").status_code == 404
     count = len(seen["pfeiffer"])
-    _wait_for(lambda: len(seen["pfeiffer"]) > count)  # one more request for it, refused
+    _wait_for(lambda: len(seen["pfeiffer"]) > count and len(seen["lora"]) > 5)  # pfeiffer refused since
 
 
 def _wait_for(condition: Callable[[], bool], timeout: float = 60.0) -> None:

@@ -456,12 +456,20 @@ _ROUTES = threading.local()
 @contextlib.contextmanager
 def routing(plans: dict[int, RoutePlan]) -> Iterator[None]:
     """Route this thread's forwards through ``plans`` (by ``id`` of the layer) while inside."""
-    previous = getattr(_ROUTES, "plans", {})
-    _ROUTES.plans = {**previous, **plans}
+    with _for_this_thread(_ROUTES, "plans", {**getattr(_ROUTES, "plans", {}), **plans}, {}):
+        yield
+
+
+@contextlib.contextmanager
+def _for_this_thread(store: threading.local, name: str, value: Any, default: Any) -> Iterator[None]:
+    """``store.name`` is ``value`` on this thread while inside, and what it was (or ``default``)
+    after."""
+    previous = getattr(store, name, default)
+    setattr(store, name, value)
     try:
         yield
     finally:
-        _ROUTES.plans = previous
+        setattr(store, name, previous)
 
 
 class WeightCache:
@@ -503,23 +511,15 @@ def serial_pieces() -> Iterator[None]:
     many such products, and a server shares its cores with the HTTP side. It sets torch's thread
     count around the pieces, which for MKL is process-wide: meant for a process whose forwards
     run on one thread, as ``peftlab serve``'s do."""
-    previous = getattr(_PIECES, "serial", False)
-    _PIECES.serial = True
-    try:
+    with _for_this_thread(_PIECES, "serial", True, False):
         yield
-    finally:
-        _PIECES.serial = previous
 
 
 @contextlib.contextmanager
 def cached_weights(cache: WeightCache) -> Iterator[None]:
     """Let this thread's forwards keep weight products in ``cache`` while inside."""
-    previous = getattr(_WEIGHTS, "cache", None)
-    _WEIGHTS.cache = cache
-    try:
+    with _for_this_thread(_WEIGHTS, "cache", cache, None):
         yield
-    finally:
-        _WEIGHTS.cache = previous
 
 
 def weight_product(owner: nn.Module, key: Any, sources: Iterable[torch.Tensor],
