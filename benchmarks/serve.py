@@ -120,11 +120,12 @@ def texts(n: int) -> list[str]:
 
 
 def offline(model_dir: str, folder: Path, names: list[str], pool: list[str]) -> dict[tuple[str, str], dict]:
-    """What ``peftlab predict`` gives each adapter alone, for every text of ``pool``."""
+    """What ``peftlab predict`` gives each adapter alone, for every text of ``pool``, on the device
+    the servers pick by default (``--device auto``)."""
     import peftlab
     from peftlab.data import Split
     from peftlab.predict import predict_split
-    from peftlab.train import load_model
+    from peftlab.train import load_model, resolve_device
     from peftlab.trained import Trained
 
     out = {}
@@ -135,6 +136,7 @@ def offline(model_dir: str, folder: Path, names: list[str], pool: list[str]) -> 
         for member in FUSED if name == "fusion" else ():
             peftlab.attach(model).load(folder / member, with_extras=False)
         trained.attach_to(model)
+        model.to(resolve_device("auto"))
         predictions = predict_split(model, tokenizer, "classification", Split("x", Path("x"), rows),
                                     trained.labels())
         out.update({(name, t): p for t, p in zip(pool, predictions)})
