@@ -10,7 +10,8 @@ Four parts, each usable alone:
   :func:`peftlab.predict.predict_split`, the function of ``peftlab predict``, with each row routed
   to its request's adapter (:meth:`peftlab.AdapterSet.route`). No weight changes between loads,
   so products of weights alone (a fusion's, a Compacter's) are kept from one forward to the next
-  (:class:`peftlab.layer.WeightCache`, cleared on every load and unload).
+  (:class:`peftlab.layer.WeightCache`, cleared on every load and unload), and the adapters' small
+  per-group products run on one CPU thread (:func:`peftlab.layer.serial_pieces`).
 * :class:`Batcher`, dynamic batching: requests wait up to ``max_wait`` seconds for others to share
   their forward, up to ``max_batch`` examples. One worker thread runs every forward and every
   load and unload, so the model is never changed under a running forward.
