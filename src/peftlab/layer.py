@@ -303,8 +303,10 @@ class AdaptedLayer(nn.Module):
     def _after_base(self, y, x, l_in, l_out, delta, post, fusion) -> torch.Tensor:
         """The delta, post and fusion pieces on ``y``, the (scaled) base output for input ``x``
         (on one CPU thread inside :func:`serial_pieces`)."""
+        if not (delta or post or fusion) or not getattr(_PIECES, "serial", False):
+            return self._pieces(y, x, l_in, l_out, delta, post, fusion)
         threads = torch.get_num_threads()
-        if not (delta or post or fusion) or threads == 1 or not getattr(_PIECES, "serial", False):
+        if threads == 1:
             return self._pieces(y, x, l_in, l_out, delta, post, fusion)
         torch.set_num_threads(1)
         try:
@@ -506,11 +508,10 @@ _PIECES = threading.local()
 def serial_pieces() -> Iterator[None]:
     """Run the adapter pieces of this thread's forwards (the small products after each frozen
     projection) on one CPU thread while inside; the frozen projections keep torch's threads.
-    Split over threads, a product of a few rows costs more than it saves: a ``[40, 24] × [24,
-    384]`` product took 18 µs and 36 µs of CPU on two threads, 9.5 µs on one. A mixed batch runs
-    many such products, and a server shares its cores with the HTTP side. It sets torch's thread
-    count around the pieces, which for MKL is process-wide: meant for a process whose forwards
-    run on one thread, as ``peftlab serve``'s do."""
+    Split over threads, a product of a few rows costs more CPU than it saves, a mixed batch runs
+    many of them, and a server shares its cores with the HTTP side (benchmarks/RESULTS.md,
+    session 8). It sets torch's thread count around the pieces, which for MKL is process-wide:
+    meant for a process whose forwards run on one thread, as ``peftlab serve``'s do."""
     with _for_this_thread(_PIECES, "serial", True, False):
         yield
 
