@@ -129,7 +129,6 @@ def test_one_rule_tensor_serves_every_projection_of_an_adapter(bert):
     assert sum(p is rules for p in adapters.parameters("c1")) == 1
 
 
-
 def test_kronecker_sums_are_kept_only_under_a_weight_cache_and_never_go_stale(bert):
     """A server keeps each W = Σ A_i ⊗ B_i between forwards; a weight changed in place or
     replaced is seen at once, and nothing is kept while gradients are recorded."""

@@ -346,7 +346,6 @@ def test_routing_equals_running_each_example_with_its_adapter(family):
     assert torch.allclose(routed, _one_by_one(model, adapters, inputs, ROUTE), atol=1e-5, rtol=0)
 
 
-
 def test_routing_under_autocast_keeps_the_dtype_each_example_gets_alone():
     """Under bfloat16 autocast an (IA)³ output vector (float32) promotes its rows to float32, as
     it does unrouted; a routed layer returns the whole batch in the promoted dtype."""
@@ -433,7 +432,6 @@ def test_routing_with_one_or_two_groups_at_a_layer(bert):
     assert [ix.tolist() for ix, _ in plan.groups] == [[0, 2], [1]] and plan.rows.tolist() == [0, 1, 0]
     plan = query.plan_route([("lora",), (), ("lora",)], torch.device("meta"))
     assert all(ix.device.type == "meta" for ix, _ in plan.groups)  # on the device it is asked for
-
 
 
 def test_a_kept_fusion_product_follows_its_members_and_its_own_weights(bert):

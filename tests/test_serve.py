@@ -155,7 +155,6 @@ def test_a_cancelled_or_failing_job_does_not_touch_the_rest_of_its_batch(pool, o
         batcher.submit(Job("lora", [(TEXTS[0], None)]))
 
 
-
 def test_a_pool_keeps_weight_products_between_forwards_until_it_loads_or_unloads(saved, offline):
     pool = _pool(saved, ["pfeiffer", "compacter", "fusion"])
 
@@ -176,6 +175,7 @@ def test_a_pool_keeps_weight_products_between_forwards_until_it_loads_or_unloads
     assert len(pool.weights) == 0
     pool.load(saved["root"] / "fusion")
     answers_each_as_alone()
+
 
 def test_per_row_adapters_are_refused_where_a_task_cannot_route_them(pool):
     rows = Split("x", Path("x"), [{"text": "a", "text_pair": None}])
@@ -502,7 +502,8 @@ def _load_and_unload(client: httpx.Client, saved: dict, tmp_path: Path, seen: di
     assert client.delete("/v1/adapters/pfeiffer").status_code == 200
     assert client.delete("/v1/adapters/pfeiffer").status_code == 404
     count = len(seen["pfeiffer"])
-    _wait_for(lambda: len(seen["pfeiffer"]) > count and len(seen["lora"]) > 5)  # pfeiffer refused since
+    # a Pfeiffer request sent after the unload (refused), and LoRA traffic all along
+    _wait_for(lambda: len(seen["pfeiffer"]) > count and len(seen["lora"]) > 5)
 
 
 def _wait_for(condition: Callable[[], bool], timeout: float = 60.0) -> None:
