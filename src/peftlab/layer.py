@@ -303,9 +303,8 @@ class AdaptedLayer(nn.Module):
     def _after_base(self, y, x, l_in, l_out, delta, post, fusion) -> torch.Tensor:
         """The delta, post and fusion pieces on ``y``, the (scaled) base output for input ``x``
         (on one CPU thread inside :func:`serial_pieces`)."""
-        if not (delta or post or fusion) or not getattr(_PIECES, "serial", False):
-            return self._pieces(y, x, l_in, l_out, delta, post, fusion)
-        threads = torch.get_num_threads()
+        serial = (delta or post or fusion) and getattr(_PIECES, "serial", False)
+        threads = torch.get_num_threads() if serial else 1
         if threads == 1:
             return self._pieces(y, x, l_in, l_out, delta, post, fusion)
         torch.set_num_threads(1)
