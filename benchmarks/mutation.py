@@ -8,6 +8,7 @@ files listed there) that call the mutated function. A mutant is *killed* when a 
 *survives* when all pass. Not part of CI: the 2,823 mutants take about 50 minutes on 2 cores.
 
     python benchmarks/mutation.py run          # fresh run of every mutant, then the report
+    python benchmarks/mutation.py run --only 'peftlab.methods.dora.*'   # fresh, these mutants only
     python benchmarks/mutation.py resume       # re-run survivors and unrun mutants (after new tests)
     python benchmarks/mutation.py resume --survivors-only
     python benchmarks/mutation.py report       # the report again from mutants/ (after editing notes)
@@ -76,12 +77,13 @@ def _mutmut() -> list[str]:
     return [exe]
 
 
-def run(children: int) -> None:
-    """Fresh run: delete mutants/, run every mutant with ``children`` workers."""
+def run(children: int, only: list[str]) -> None:
+    """Fresh run: delete mutants/, run every mutant (or those whose names match a glob of ``only``;
+    ``resume`` runs the rest later) with ``children`` workers."""
     shutil.rmtree(ROOT / "mutants", ignore_errors=True)
     RUN_INFO.unlink(missing_ok=True)
-    _session(children, "python benchmarks/mutation.py run"
-             + (f" --children {children}" if children != 2 else ""))
+    flags = (f" --children {children}" if children != 2 else "") + "".join(f" --only '{g}'" for g in only)
+    _session(children, f"python benchmarks/mutation.py run{flags}", only, counted=True)
 
 
 def resume(children: int, survivors_only: bool) -> None:
@@ -103,13 +105,14 @@ def resume(children: int, survivors_only: bool) -> None:
     _session(children, f"python benchmarks/mutation.py resume{flag}")
 
 
-def _session(children: int, described: str, names: list[str] | None = None) -> None:
-    """Run mutmut on ``names``, or on the mutants without a result, and record the session."""
+def _session(children: int, described: str, names: list[str] | None = None, counted: bool = False) -> None:
+    """Run mutmut on ``names`` (mutant names or globs), or on the mutants without a result, and
+    record the session. ``counted``: ``names`` are globs, so count the mutants that got a result."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", **MUTATION_ENV}
     env.pop("PYTHONPATH", None)  # mutmut puts mutants/src first; the original source must not win
     command = [*_mutmut(), "run", "--max-children", str(children), *(names or [])]
     RESULTS.mkdir(parents=True, exist_ok=True)
-    todo = len(names) if names else _unrun() if (ROOT / "mutants").exists() else None
+    todo = len(names) if names and not counted else _unrun() if (ROOT / "mutants").exists() else None
     load_before = os.getloadavg()
     start = time.time()
     with open(LOG, "a") as log:
@@ -117,7 +120,7 @@ def _session(children: int, described: str, names: list[str] | None = None) -> N
     wall = time.time() - start
     info = {
         "command": described,
-        "mutants": todo if names else
+        "mutants": todo if names and not counted else
         (sum(map(len, _results().values())) if todo is None else todo) - _unrun(),
         "exit_code": rc,
         "wall_s": round(wall),
@@ -278,6 +281,9 @@ def main() -> None:
     sub = parser.add_subparsers(dest="what", required=True)
     p_run = sub.add_parser("run", help="fresh mutmut run, then the report")
     p_run.add_argument("--children", type=int, default=2, help="parallel mutant runs (default 2)")
+    p_run.add_argument("--only", action="append", default=[], metavar="GLOB",
+                       help="run only the mutants whose names match (repeatable), e.g. "
+                       "'peftlab.methods.dora.*'; `resume` runs the others later")
     p_resume = sub.add_parser("resume", help="run the mutants without a result or that survived")
     p_resume.add_argument("--children", type=int, default=2, help="parallel mutant runs (default 2)")
     p_resume.add_argument("--survivors-only", action="store_true",
@@ -285,7 +291,7 @@ def main() -> None:
     sub.add_parser("report", help="write the report from the results in mutants/")
     args = parser.parse_args()
     if args.what == "run":
-        run(args.children)
+        run(args.children, args.only)
     elif args.what == "resume":
         resume(args.children, args.survivors_only)
     else:
