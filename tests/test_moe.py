@@ -328,22 +328,27 @@ def test_ia3_on_experts_refuses_export(tmp_path):
 
 
 # ---- merge, files, training ---------------------------------------------------------------------
-def test_merge_unmerge_round_trip():
-    model, adapters = adapted("qwen2_moe", peftlab.LoRAConfig(r=2, targets=FFN))
+@pytest.mark.parametrize("family", ["qwen2_moe", "gpt_oss"])  # gpt-oss: transposed, with biases
+def test_merge_unmerge_round_trip(family):
+    model, adapters = adapted(family, peftlab.LoRAConfig(r=2, targets=FFN))
     adapters.add("s", peftlab.IA3Config(targets=("ffn_down", "ffn_up"), scale_input=("ffn_down",)))
     randomize(adapters.parameters("s"), around=1.0, seed=5)
-    original = {k: v.clone() for k, v in tiny("qwen2_moe").state_dict().items()}
+    original = {k: v.clone() for k, v in tiny(family).state_dict().items()}
+    kept = {k: v for k, v in original.items() if ".0.mlp.experts." in k}
     for names in (("x",), ("s",)):
         adapters.activate(*names)
         before = logits(model)
         adapters.merge(names[0])
         ex = experts_of(model)
         assert not torch.equal(ex.down_proj, original["model.layers.0.mlp.experts.down_proj"])
+        if names == ("s",) and family == "gpt_oss":  # (IA)³ on the up outputs scales their bias
+            bias = original["model.layers.0.mlp.experts.gate_up_proj_bias"]
+            assert not torch.equal(ex.gate_up_proj_bias, bias)
         assert (logits(model) - before).abs().max() <= TOL
         adapters.unmerge(names[0])
         assert (logits(model) - before).abs().max() <= TOL
-        assert torch.allclose(ex.down_proj, original["model.layers.0.mlp.experts.down_proj"], atol=1e-6)
-        assert torch.allclose(ex.gate_up_proj, original["model.layers.0.mlp.experts.gate_up_proj"], atol=1e-6)
+        for key, value in kept.items():
+            assert torch.allclose(getattr(ex, key.rsplit(".", 1)[1]), value, atol=1e-6), key
     # merge and unload: the plain model computes what the adapter did
     adapters.activate("x")
     before = logits(model)
@@ -352,6 +357,25 @@ def test_merge_unmerge_round_trip():
     assert not isinstance(model.model.layers[0].mlp.experts, AdaptedExperts)
     assert set(model.state_dict()) == set(original)
     assert (logits(model) - before).abs().max() <= TOL
+
+
+def test_an_expert_parameter_unmerges_only_in_reverse_order():
+    """The expert parameter's own guard (the adapter set checks the order first, so only a direct
+    call reaches it) names what must come out first."""
+    model, adapters = adapted("mixtral", peftlab.LoRAConfig(r=2, targets=("ffn_down",)))
+    for name in ("y", "z"):
+        adapters.add(name, peftlab.LoRAConfig(r=2, targets=("ffn_down",)))
+        randomize(adapters.parameters(name), seed=len(name))
+    adapters.activate("x", "y", "z")
+    for name in ("x", "y", "z"):
+        adapters.merge(name)
+    layer = model.model.layers[0].mlp.experts.down_proj
+    with pytest.raises(AdapterStateError,
+                       match=r"^adapter 'y' must be unmerged after \['z'\] \(reverse order\)$"):
+        layer.unmerge("y")
+    with pytest.raises(AdapterStateError, match="^adapter 'w' is not merged here$"):
+        layer.unmerge("w")
+    assert layer.merged == ["x", "y", "z"]
 
 
 def test_save_load_round_trip(tmp_path):
@@ -456,9 +480,14 @@ def test_routing_works_when_experts_agree_and_refuses_otherwise():
         routed = logits(model)
     adapters.activate("x")
     assert (routed[1] - logits(model)[1]).abs().max() <= TOL
-    with pytest.raises(AdapterStateError, match="routed experts"):
+    with pytest.raises(AdapterStateError) as refused:
         with adapters.route(["x", "q"]):
             pass
+    assert str(refused.value) == (
+        "this route gives examples different adapters on the routed experts MixtralExperts.down_proj "
+        "(['x'] act there): the experts see a flat list of tokens, not examples, so per-example "
+        "routing cannot reach them. Route only adapters that do not act on the experts differently "
+        "per example, or run the groups as separate batches")
 
 
 def test_threads_see_their_own_weights():
@@ -520,6 +549,32 @@ def test_inferred_map_selects_what_the_built_in_moe_map_selects(family):
     elif family != "deepseek_v3":
         out = gate_up[0].out_features
         assert gate_up[0].parts[0].index.tolist() == list(range(out // 2))
+
+
+def test_layouts_are_read_through_the_wrapper_and_only_from_a_gated_experts_module():
+    """Inferring roles on a model whose experts are already adapted finds the same gate and up
+    rows; a module that marks no gate has no gate/up layout, whatever else it says."""
+    from peftlab.experts import gate_up_layout
+    from peftlab.infer import infer_role_map
+
+    assert gate_up_layout(experts_of(tiny("gpt_oss"))) == "interleaved"
+    model = tiny("mixtral")
+    before = find_sites(model, ("ffn_gate", "ffn_up"), infer_role_map(model))
+    peftlab.attach(model).add("x", peftlab.LoRAConfig(targets=FFN))
+    wrapped = model.model.layers[0].mlp.experts
+    assert isinstance(wrapped, AdaptedExperts) and gate_up_layout(wrapped) == "concatenated"
+    after = find_sites(model, ("ffn_gate", "ffn_up"), infer_role_map(model))
+    assert [(s.module, s.out_index.tolist()) for s in after] == [
+        (s.module, s.out_index.tolist()) for s in before]
+
+    class Ungated(torch.nn.Module):  # experts marks, but no gate: nothing to split
+        is_transposed, has_gate, is_concatenated = False, False, True
+
+        def __init__(self):
+            super().__init__()
+            self.up_proj = torch.nn.Parameter(torch.zeros(2, 8, 4))
+
+    assert gate_up_layout(Ungated()) is None
 
 
 def test_experts_without_a_gate_up_layout_flag_are_targeted_whole_and_said_so():

@@ -6,6 +6,8 @@ Every test compares against something computed another way: the prompt concatena
 from __future__ import annotations
 
 import copy
+import json
+import re
 import warnings
 
 import pytest
@@ -110,6 +112,23 @@ def test_text_and_vocab_init_start_from_real_token_embeddings(tmp_path):
         PromptTuningConfig(init="text")
 
 
+def test_text_init_without_a_usable_tokenizer_is_refused(tmp_path):
+    from test_cli import _save_bert
+
+    adapters = peftlab.attach(_bert())  # built from a config: no folder to take a tokenizer from
+    with pytest.raises(ConfigError) as refused:
+        adapters.add("t", PromptTuningConfig(init="text", init_text="great"))
+    assert str(refused.value) == ('init="text" needs a tokenizer: pass tokenizer=<folder or name> '
+                                  "(this model was not loaded from a folder)")
+    missing = str(tmp_path / "none")
+    with pytest.raises(ConfigError, match=f"^cannot load the tokenizer for init_text from '{missing}': "):
+        adapters.add("t", PromptTuningConfig(init="text", init_text="great", tokenizer=missing))
+    folder = str(_save_bert(tmp_path / "bert"))
+    with pytest.raises(ConfigError, match=r"^init_text ' ' has no tokens$"):
+        adapters.add("t", PromptTuningConfig(init="text", init_text=" ", tokenizer=folder))
+    assert adapters.names == ()
+
+
 # ---- peft, both ways ----------------------------------------------------------------------------------
 def _peft_model(base: torch.nn.Module, folder) -> torch.nn.Module:
     with warnings.catch_warnings():
@@ -201,6 +220,51 @@ def test_save_and_load_round_trip(tmp_path):
     assert loaded.load(tmp_path / "p") == "p"
     loaded.activate("p")
     torch.testing.assert_close(other(input_ids=IDS, attention_mask=MASK).logits, before, rtol=0, atol=0)
+
+
+def test_export_writes_the_fields_peft_writes(tmp_path):
+    adapters = _prompted(_llama())
+    adapters.export_peft("p", tmp_path / "ours")
+    config = peft.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=N)
+    peft.get_peft_model(_llama(), config).save_pretrained(tmp_path / "theirs")
+    ours, theirs = (json.loads((tmp_path / d / "adapter_config.json").read_text())
+                    for d in ("ours", "theirs"))
+    fields = ("peft_type", "num_virtual_tokens", "token_dim", "num_transformer_submodules",
+              "prompt_tuning_init")
+    assert {k: ours[k] for k in fields} == {k: theirs[k] for k in fields}
+
+
+@pytest.mark.parametrize("edit, refusal", [
+    ({"num_virtual_tokens": None}, "num_virtual_tokens must be a positive integer"),
+    ({"num_virtual_tokens": 0}, "num_virtual_tokens must be a positive integer"),
+    ({"num_transformer_submodules": 3}, "num_transformer_submodules must be 1 or 2, got 3"),
+    ({"token_dim": 16}, "token_dim 16 differs from this 'llama' model's embedding width 32"),
+    ({"num_transformer_submodules": None, "token_dim": None}, None),  # peft's defaults: 1, the model's width
+], ids=["n-missing", "n-zero", "three-submodules", "width", "defaults"])
+def test_peft_prompt_configs_are_read_by_their_rules(tmp_path, edit, refusal):
+    config = peft.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=1)
+    theirs = peft.get_peft_model(_llama(), config)
+    randomize(theirs.prompt_encoder.parameters(), seed=7)
+    theirs.save_pretrained(tmp_path / "peft")
+    path = tmp_path / "peft" / "adapter_config.json"
+    data = json.loads(path.read_text())
+    for key, value in edit.items():
+        if value is None:
+            del data[key]
+        else:
+            data[key] = value
+    path.write_text(json.dumps(data))
+    model = _llama()
+    adapters = peftlab.attach(model)
+    if refusal:
+        with pytest.raises(AdapterLoadError, match=re.escape(refusal)):
+            adapters.import_peft(tmp_path / "peft", "p")
+        assert adapters.names == ()
+        return
+    adapters.import_peft(tmp_path / "peft", "p")  # one virtual token is a prompt too
+    adapters.activate("p")
+    theirs.eval()
+    torch.testing.assert_close(model(input_ids=IDS).logits, theirs(input_ids=IDS).logits, rtol=0, atol=1e-5)
 
 
 def test_peft_file_for_another_width_is_refused_before_the_model_changes(tmp_path):

@@ -109,12 +109,14 @@ def test_merge_into_a_tied_lm_head_unties_it_and_unmerge_ties_it_back(config, tm
     adapters.add("head", config)
     adapters.activate("head")
     randomize(adapters.parameters("head"), scale=0.5)
+    embeddings.requires_grad_(False)  # frozen, as in training: the head's own copy stays frozen
     with torch.no_grad():
         expected = model(IDS).logits
 
         adapters.merge("head")
         assert torch.equal(model.transformer.wte.weight, before)  # the input embeddings are untouched
         assert model.config.tie_word_embeddings is False
+        assert model.lm_head.base.weight is not embeddings and not model.lm_head.base.weight.requires_grad
         torch.testing.assert_close(model(IDS).logits, expected, atol=1e-5, rtol=0)
 
         model.save_pretrained(tmp_path)
@@ -125,6 +127,39 @@ def test_merge_into_a_tied_lm_head_unties_it_and_unmerge_ties_it_back(config, tm
         adapters.unmerge("head")
     assert model.lm_head.base.weight is embeddings  # the very same shared parameter again
     assert model.config.tie_word_embeddings is True and torch.equal(embeddings, before)
+
+
+def test_merge_into_a_head_that_a_sub_model_still_ties_is_refused_and_changes_nothing():
+    """A model wrapping a GPT-2 LM: clearing the wrapper's tie flag leaves the inner model tied,
+    so a saved merge would be tied again on reload. Refused; the shared weight comes back."""
+
+    class Wrapper(T.PreTrainedModel):
+        config_class = T.PretrainedConfig
+
+        def __init__(self, inner: T.GPT2LMHeadModel):
+            super().__init__(T.PretrainedConfig(tie_word_embeddings=True))
+            self.inner = inner
+
+        def get_output_embeddings(self):
+            return self.inner.lm_head
+
+        def forward(self, ids):
+            return self.inner(ids).logits
+
+    inner = _gpt2_lm()
+    embeddings = inner.transformer.wte.weight
+    model = Wrapper(inner).eval()
+    adapters = peftlab.attach(model)
+    adapters.add("head", peftlab.LoRAConfig(targets=(r"lm_head$",)))
+    adapters.activate("head")
+    randomize(adapters.parameters("head"), scale=0.5)
+    with pytest.raises(peftlab.AdapterStateError) as refused:
+        adapters.merge("head")
+    assert str(refused.value) == (
+        "cannot merge into the output embeddings: the model still ties weights after setting "
+        "tie_word_embeddings=False ({'inner.lm_head.weight': 'inner.transformer.wte.weight'})")
+    assert inner.lm_head.base.weight is embeddings and model.config.tie_word_embeddings is True
+    assert not adapters["head"].merged
 
 
 def test_merge_into_another_shared_weight_is_refused_and_changes_nothing():
