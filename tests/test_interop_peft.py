@@ -6,8 +6,10 @@ adapter really changes the logits.
 """
 
 import copy
+import dataclasses
 import json
 import re
+import shutil
 
 import pytest
 import torch
@@ -481,3 +483,67 @@ def test_export_records_the_task_and_base_model(tmp_path):
     with pytest.raises(peftlab.ConfigError, match=re.escape(
             "peft's format has no bottleneck adapters ('b')")):
         adapters.export_peft("b", tmp_path / "3")
+
+
+# ---- every setting crosses the format, both ways ----------------------------------------------------
+def _settings(config) -> dict:
+    """A config's fields but its targets (which come back as the module names they matched)."""
+    return {f.name: getattr(config, f.name) for f in dataclasses.fields(config) if f.name != "targets"}
+
+
+AWAY_FROM_DEFAULTS = [
+    peftlab.LoRAConfig(r=4, alpha=7.0, dropout=0.1, rslora=True),
+    peftlab.DoRAConfig(r=4, alpha=7.0, dropout=0.1, rslora=True),
+    peftlab.VeRAConfig(r=16, dropout=0.1, d_initial=0.3, projection_seed=7, save_projection=False),
+    peftlab.LoHaConfig(r=4, alpha=6.0, rank_dropout=0.1, module_dropout=0.2),
+    peftlab.LoKrConfig(r=4, alpha=6.0, rank_dropout=0.1, module_dropout=0.2, decompose_both=True,
+                       decompose_factor=4, rank_dropout_scale=True),
+    peftlab.PromptTuningConfig(num_virtual_tokens=5),
+    peftlab.PrefixTuningConfig(num_virtual_tokens=5),
+]
+
+
+@pytest.mark.parametrize("config", AWAY_FROM_DEFAULTS, ids=lambda c: c.method)
+def test_every_setting_survives_export_and_import(config, tmp_path):
+    """Each setting away from peft's default: one written under another key, or read with another
+    default, would come back different."""
+    adapters = peftlab.attach(tiny_bert())
+    adapters.add("x", config)
+    adapters.export_peft("x", tmp_path / "peft")
+    again = peftlab.attach(tiny_bert())
+    again.import_peft(tmp_path / "peft", "x")
+    assert _settings(again["x"].config) == _settings(config)
+
+
+PEFT_DEFAULTS = {
+    "lora": lambda: peft.LoraConfig(target_modules=["query", "value"]),
+    "dora": lambda: peft.LoraConfig(target_modules=["query", "value"], use_dora=True),
+    "ia3": lambda: peft.IA3Config(target_modules=["key", "value", "output.dense"],
+                                  feedforward_modules=["output.dense"]),
+    "vera": lambda: peft.VeraConfig(target_modules=["query", "value"]),
+    "loha": lambda: peft.LoHaConfig(target_modules=["query", "value"]),
+    "lokr": lambda: peft.LoKrConfig(target_modules=["query", "value"]),
+    "prompt": lambda: peft.PromptTuningConfig(task_type="SEQ_CLS", num_virtual_tokens=4),
+    "prefix": lambda: peft.PrefixTuningConfig(task_type="SEQ_CLS", num_virtual_tokens=4),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(PEFT_DEFAULTS))
+def test_a_peft_file_without_its_default_fields_imports_as_the_whole_file(kind, tmp_path):
+    """peft fills a missing field with its default; so must the import."""
+    config = PEFT_DEFAULTS[kind]()
+    theirs = peft.get_peft_model(tiny_bert(), config)
+    theirs.save_pretrained(tmp_path / "whole")
+    shutil.copytree(tmp_path / "whole", tmp_path / "trimmed")
+    data = json.loads((tmp_path / "whole" / "adapter_config.json").read_text())
+    defaults = {f.name: f.default for f in dataclasses.fields(config) if f.default is not dataclasses.MISSING}
+    defaults |= {f.name: f.default_factory() for f in dataclasses.fields(config)
+                 if f.default_factory is not dataclasses.MISSING}
+    kept = {"peft_type", "target_modules", "task_type"}
+    trimmed = {k: v for k, v in data.items() if k in kept or k not in defaults or v != defaults[k]}
+    assert len(trimmed) < len(data)
+    (tmp_path / "trimmed" / "adapter_config.json").write_text(json.dumps(trimmed))
+    whole, cut = peftlab.attach(tiny_bert()), peftlab.attach(tiny_bert())
+    whole.import_peft(tmp_path / "whole", "x")
+    cut.import_peft(tmp_path / "trimmed", "x")
+    assert cut["x"].config == whole["x"].config
