@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 
 import pytest
 import torch
@@ -173,6 +174,26 @@ def test_a_trainable_base_weight_gets_its_gradient_through_the_rescaling():
     assert torch.allclose(ours, ref, atol=1e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("trainable_base", [False, True])  # the fused node, and the plain path
+def test_eval_mode_runs_no_dropout_and_autocast_keeps_the_layer_dtype(trainable_base):
+    model, layer, piece = _one_layer(trainable_base=trainable_base, dropout=0.5)
+    model.eval()
+    x = torch.randn(4, 24)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), _reference(layer, piece, x), atol=1e-5, rtol=0)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert model(x).dtype == layer.base(x).dtype == torch.bfloat16
+
+
+def test_delta_weight_is_what_a_merge_adds():
+    model, layer, piece = _one_layer()
+    before = layer.base.weight.detach().clone()
+    delta = piece.delta_weight().detach()
+    with torch.no_grad():
+        piece.merge_into(layer.base.weight, layer.base.bias, +1)
+    torch.testing.assert_close(layer.base.weight - before, delta, atol=1e-6, rtol=0)
+
+
 # ---- parameter counts and peft's format -----------------------------------------------------------
 @pytest.mark.parametrize(("make", "targets", "peft_targets"), [
     (tiny_bert, ("query", "value"), ["query", "value"]),
@@ -294,7 +315,9 @@ def test_merge_is_refused_where_it_could_not_be_undone(bert):
     _, piece = next(iter(dora_layers(model).values()))
     with torch.no_grad():
         piece.magnitude[3] = 0.0
-    with pytest.raises(peftlab.AdapterStateError, match="magnitude of 0"):
+    with pytest.raises(peftlab.AdapterStateError, match=re.escape(
+            "some output features have a magnitude of 0 (or a zero row of W + s·B·A), so merging "
+            "would erase those rows of the weight for good")):
         adapters.merge("d")
     assert not adapters["d"].merged
 
