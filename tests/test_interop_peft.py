@@ -547,3 +547,19 @@ def test_a_peft_file_without_its_default_fields_imports_as_the_whole_file(kind, 
     whole.import_peft(tmp_path / "whole", "x")
     cut.import_peft(tmp_path / "trimmed", "x")
     assert cut["x"].config == whole["x"].config
+
+
+@pytest.mark.parametrize("kind", sorted(PEFT_DEFAULTS))
+def test_an_imported_peft_file_exports_with_the_keys_and_values_peft_wrote(kind, tmp_path):
+    """Every field the export writes is one peft wrote for this adapter, with peft's value."""
+    peft.get_peft_model(tiny_bert(), PEFT_DEFAULTS[kind]()).save_pretrained(tmp_path / "theirs")
+    adapters = peftlab.attach(tiny_bert())
+    adapters.import_peft(tmp_path / "theirs", "x")
+    adapters.export_peft("x", tmp_path / "ours")
+    ours, theirs = (json.loads((tmp_path / d / "adapter_config.json").read_text())
+                    for d in ("ours", "theirs"))
+    assert set(ours) <= set(theirs), set(ours) - set(theirs)
+    # module lists are written as the modules matched (peft's own lists are patterns or repeat names)
+    lists = {"target_modules", "feedforward_modules", "modules_to_save", "base_model_name_or_path"}
+    compared = set(ours) - lists
+    assert {k: ours[k] for k in compared} == {k: theirs[k] for k in compared}
