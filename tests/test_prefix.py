@@ -174,6 +174,24 @@ def test_projection_trains_through_the_mlp_and_is_folded_when_saved(tmp_path):
     torch.testing.assert_close(other(input_ids=IDS, attention_mask=MASK).logits, trained, rtol=0, atol=1e-6)
 
 
+def test_a_projected_t5_prefix_folds_with_its_decoder_rows(tmp_path):
+    """Folding keeps the encoder-decoder layout: the decoder's self- and cross-attention prefixes
+    come back from the file."""
+    model = _t5()
+    adapters = _prefixed(model, projection=8)
+    kwargs = {"input_ids": IDS, "attention_mask": MASK, "decoder_input_ids": IDS[:, :3]}
+    with torch.no_grad():
+        expected = model(**kwargs).logits
+    adapters.save("p", tmp_path / "p")
+    other = _t5()
+    loaded = peftlab.attach(other)
+    loaded.load(tmp_path / "p")
+    loaded.activate("p")
+    assert loaded.config("p") == PrefixTuningConfig(num_virtual_tokens=N)
+    with torch.no_grad():
+        torch.testing.assert_close(other(**kwargs).logits, expected, rtol=0, atol=1e-5)
+
+
 # ---- routing ------------------------------------------------------------------------------------------
 def test_routing_bert_with_different_prefixes_or_none_equals_separate_runs():
     model = _bert()
