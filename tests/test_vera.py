@@ -200,17 +200,44 @@ def test_without_projections_the_file_is_small_and_loads_by_regenerating_them(be
     assert torch.equal(output_of(fresh, inputs), expected)
 
 
-def test_a_file_whose_projections_this_torch_would_not_regenerate_is_refused(bert, tmp_path):
+def _off(check: torch.Tensor, at: int) -> torch.Tensor:
+    check = check.clone()
+    check[at] *= 1.03  # 3% off: beyond the rounding of a half-precision file
+    return check
+
+
+@pytest.mark.parametrize("damage", [
+    lambda check: -check,  # as from another generator
+    lambda check: _off(check, 0),  # the first and last checked values are checked too
+    lambda check: _off(check, -1),
+], ids=["negated", "first-off", "last-off"])
+def test_a_file_whose_projections_this_torch_would_not_regenerate_is_refused(bert, tmp_path, damage):
     adapters = vera(bert, VeRAConfig(r=8, save_projection=False))
     adapters.save("v", tmp_path / "v")
     file = tmp_path / "v" / "adapter_model.safetensors"
     tensors = load_file(file)
-    tensors["shared.vera_check"] = -tensors["shared.vera_check"]  # as from another generator
+    tensors["shared.vera_check"] = damage(tensors["shared.vera_check"])
     save_file(tensors, file)
     fresh = peftlab.attach(tiny_model("bert"))
-    with pytest.raises(peftlab.AdapterLoadError, match="regenerates other random projections"):
+    with pytest.raises(peftlab.AdapterLoadError) as refused:
         fresh.load(tmp_path / "v")
+    assert str(refused.value).endswith(
+        "this VeRA adapter was saved without its projections (save_projection=False), and this torch "
+        "build regenerates other random projections from its seed than the one it was trained with, "
+        "so it would compute something else; load it where it was trained and save it with "
+        "save_projection=True")
     assert fresh.names == ()
+
+
+def test_check_values_rounded_to_half_precision_still_load(bert, tmp_path):
+    adapters = vera(bert, VeRAConfig(r=8, save_projection=False))
+    adapters.save("v", tmp_path / "v")
+    file = tmp_path / "v" / "adapter_model.safetensors"
+    tensors = load_file(file)
+    tensors["shared.vera_check"] = tensors["shared.vera_check"].bfloat16()
+    save_file(tensors, file)
+    fresh = peftlab.attach(tiny_model("bert"))
+    assert fresh.load(tmp_path / "v") == "v"
 
 
 def test_experts_are_refused():
