@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 
 import pytest
 import torch
@@ -380,7 +381,10 @@ def test_roles_on_a_fused_projection_are_refused_with_the_way_out():
 def test_export_of_conv1d_modules_is_refused(tmp_path):
     model = tiny_gpt2()
     adapters = adapted(model, LoHa(targets=(r"c_attn$",)))
-    with pytest.raises(ConfigError, match="Conv1D.*nn.Linear only"):
+    with pytest.raises(ConfigError, match=re.escape(
+            "loha adapter acts on transformers Conv1D modules (transformer.h.0.attn.c_attn, ...), "
+            "which peft's LOHA cannot adapt (it takes nn.Linear only); keep it in peftlab's format "
+            "(save), or merge it into the weights")):
         adapters.export_peft("a", tmp_path / "peft")
     assert not (tmp_path / "peft").exists()
 
@@ -410,15 +414,32 @@ def test_bad_configs_are_refused(config, message):
             LoHa(**config)
 
 
-def test_peft_files_with_per_module_ranks_are_refused(tmp_path):
+@pytest.mark.parametrize("patterns, pairs", [
+    ({"rank_pattern": {"value": 2}}, "[(2, 4.0), (4, 4.0)]"),
+    ({"alpha_pattern": {"value": 2}}, "[(4, 2.0), (4, 4.0)]"),
+])
+def test_peft_files_with_per_module_ranks_or_alphas_are_refused(tmp_path, patterns, pairs):
     base = tiny_bert()
-    config = peft.LoHaConfig(r=4, target_modules=BERT_QV, rank_pattern={"value": 2})
+    config = peft.LoHaConfig(r=4, alpha=4, target_modules=BERT_QV, **patterns)
     _, path = peft_saved(base, config, tmp_path)
     model = copy.deepcopy(base)
     adapters = peftlab.attach(model)
-    with pytest.raises(AdapterLoadError, match=r"different \(rank, alpha\) pairs"):
+    with pytest.raises(AdapterLoadError) as refused:
         adapters.import_peft(path, name="x")
+    assert str(refused.value).endswith(
+        f"its modules have different (rank, alpha) pairs {pairs} through rank_pattern/alpha_pattern; "
+        "a peftlab LOHA adapter has one rank and one alpha, so it cannot be imported as one adapter")
     assert "x" not in adapters
+
+
+def test_patterns_that_give_every_module_the_same_pair_import_as_that_pair(tmp_path):
+    base = tiny_bert()
+    config = peft.LoHaConfig(r=4, alpha=4, target_modules=BERT_QV, rank_pattern={"query": 2, "value": 2},
+                             alpha_pattern={"query": 3, "value": 3})
+    theirs, path = peft_saved(base, config, tmp_path)
+    adapters = peftlab.attach(copy.deepcopy(base))
+    adapters.import_peft(path, name="x")
+    assert (adapters["x"].config.r, adapters["x"].config.alpha) == (2, 3.0)
 
 
 def test_peft_file_whose_shapes_disagree_with_its_config_is_refused(tmp_path):
