@@ -5,7 +5,9 @@ single pass over the whole text (generation with a cache) and each example run a
 
 from __future__ import annotations
 
+import json
 import math
+import re
 import warnings
 
 import pytest
@@ -132,6 +134,56 @@ def test_t5_import_gives_each_decoder_layer_the_rows_peft_gives_it(tmp_path):
     adapters.activate("p")
     kwargs = {"input_ids": IDS, "attention_mask": MASK, "decoder_input_ids": IDS[:, :3]}
     torch.testing.assert_close(model(**kwargs).logits, theirs.eval()(**kwargs).logits, rtol=0, atol=1e-5)
+
+
+def _peft_file(tmp_path, make, task: str, edit: dict):
+    """peft's saved prefix for ``make()``, its config edited: ``None`` removes a field."""
+    theirs = peft.get_peft_model(make(), peft.PrefixTuningConfig(task_type=task, num_virtual_tokens=N))
+    randomize(theirs.prompt_encoder.parameters(), seed=9)
+    theirs.save_pretrained(tmp_path / "peft")
+    path = tmp_path / "peft" / "adapter_config.json"
+    data = json.loads(path.read_text())
+    for key, value in edit.items():
+        if value is None:
+            del data[key]
+        else:
+            data[key] = value
+    path.write_text(json.dumps(data))
+    return theirs.eval(), tmp_path / "peft"
+
+
+@pytest.mark.parametrize("edit, refusal", [
+    ({"num_virtual_tokens": None}, "num_virtual_tokens must be a positive integer"),
+    ({"num_virtual_tokens": 0}, "num_virtual_tokens must be a positive integer"),
+    ({"num_layers": 3}, "the file's prefix is sized for (layers, key/value heads, token_dim) (3, 1, 16); "
+                        "this 'llama' model's attention has (2, 1, 16)"),
+    ({"num_attention_heads": 4}, "(2, 4, 16); this 'llama' model's attention has (2, 1, 16)"),
+    ({"token_dim": 32}, "(2, 1, 32); this 'llama' model's attention has (2, 1, 16)"),
+    ({"num_layers": None, "num_attention_heads": None, "token_dim": None}, None),  # the model's sizes
+], ids=["n-missing", "n-zero", "layers", "heads", "width", "defaults"])
+def test_peft_prefix_configs_are_read_by_their_rules(tmp_path, edit, refusal):
+    theirs, path = _peft_file(tmp_path, _llama, "CAUSAL_LM", edit)
+    model = _llama()
+    adapters = peftlab.attach(model)
+    if refusal:
+        with pytest.raises(peftlab.AdapterLoadError, match=re.escape(refusal)):
+            adapters.import_peft(path, "p")
+        assert adapters.names == ()
+        return
+    adapters.import_peft(path, "p")
+    adapters.activate("p")
+    torch.testing.assert_close(model(input_ids=IDS).logits, theirs(input_ids=IDS).logits, rtol=0, atol=1e-5)
+
+
+def test_a_t5_file_without_its_submodule_count_is_read_as_peft_reads_it(tmp_path):
+    """peft gives a seq2seq prefix two submodules (encoder, decoder) unless the file says one."""
+    theirs, path = _peft_file(tmp_path, _t5, "SEQ_2_SEQ_LM", {"num_transformer_submodules": None})
+    model = _t5()
+    adapters = peftlab.attach(model)
+    adapters.import_peft(path, "p")
+    adapters.activate("p")
+    kwargs = {"input_ids": IDS, "attention_mask": MASK, "decoder_input_ids": IDS[:, :3]}
+    torch.testing.assert_close(model(**kwargs).logits, theirs(**kwargs).logits, rtol=0, atol=1e-5)
 
 
 def test_t5_export_matches_peft_or_is_refused(tmp_path):
