@@ -332,8 +332,54 @@ def test_ia3_keeps_only_the_activations_its_gradients_need(bert, module, trainab
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         y = layer(x)
     activations = {"x" if t is x else "y" if t.shape == y.shape else "?" for t in packed if t.dim() == 3}
+    kept = getattr(y.grad_fn, "out", None)  # the output is held as an alias, not saved (docstring)
+    if kept is not None and kept.data_ptr() == y.data_ptr():
+        activations.add("y")
     assert activations == set(saved)
     y.sum().backward()
+
+
+IN_PLACE = [peftlab.LoRAConfig(r=3, targets=("^proj$",)), peftlab.DoRAConfig(r=3, targets=("^proj$",)),
+            peftlab.IA3Config(targets=("^proj$",), scale_input=("^proj$",)),
+            peftlab.VeRAConfig(r=8, targets=("^proj$",)), peftlab.LoHaConfig(r=3, targets=("^proj$",)),
+            peftlab.LoKrConfig(r=3, targets=("^proj$",))]
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("config", IN_PLACE, ids=lambda c: c.method)
+def test_a_model_that_changes_an_adapted_output_in_place_gets_the_same_gradients(config, bias):
+    """Longformer divides its query by √d in place. A [batch, tokens, features] input with a bias
+    is the case where a fused node's output would be a view (which autograd forbids changing)."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential()
+    model.add_module("proj", torch.nn.Linear(24, 20, bias=bias))
+    model.requires_grad_(False)
+    adapters = peftlab.attach(model, role_map=None)
+    adapters.add("a", config)
+    randomize(adapters.parameters("a"))
+    adapters.activate("a")
+    params = adapters.train("a")
+    x = torch.randn(5, 6, 24)
+    grads = []
+    for step in (lambda: model(x).div_(3.0), lambda: model(x) / 3.0):
+        for p in params:
+            p.grad = None
+        (step() * torch.linspace(-1, 2, 600).view(5, 6, 20)).sum().backward()
+        grads.append([p.grad.clone() for p in params])
+    for changed, plain in zip(*grads, strict=True):
+        torch.testing.assert_close(changed, plain, atol=1e-6, rtol=1e-5)
+
+
+def test_ia3_on_an_output_the_model_changes_in_place_is_refused_with_the_way_out():
+    model = torch.nn.Sequential()
+    model.add_module("proj", torch.nn.Linear(24, 20))
+    model.requires_grad_(False)
+    adapters = peftlab.attach(model, role_map=None)
+    adapters.add("a", peftlab.IA3Config(targets=("^proj$",), scale_input=()))
+    adapters.activate("a")
+    adapters.train("a")
+    with pytest.raises(peftlab.AdapterStateError, match=r"scale that module's input instead \(scale_input\)"):
+        model(torch.randn(5, 6, 24)).div_(3.0).sum().backward()
 
 
 def test_fused_qkv_adapts_only_the_targeted_slices():

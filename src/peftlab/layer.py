@@ -153,23 +153,32 @@ class _ScaledLinear(torch.autograd.Function):
     weight. Backward saves no activation of its own beyond ``x`` (for ``l_in``) and the output
     ``y`` (for ``l_out``); the output is usually saved by the attention that consumes it anyway,
     so keeping it costs nothing. The vectors' gradients use ``y / l_out = W·(l_in ⊙ x) + b``
-    and ``Σ x ⊙ ∂x / l_in``, which are exact while no scale is zero."""
+    and ``Σ x ⊙ ∂x / l_in``, which are exact while no scale is zero.
+
+    ``y`` is kept as an alias rather than saved, so that a model which changes the output in
+    place (Longformer's query) gets a clear error from backward, not autograd's; its original
+    values are gone then, and recomputing them would mean keeping ``x`` for every layer."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, l_in, l_out):  # type: ignore[override]
         w = _scaled_weight(weight, l_in, l_out)
         b = bias * l_out if bias is not None and l_out is not None else bias
-        y = F.linear(x, w, b)
-        ctx.save_for_backward(
-            x if l_in is not None and ctx.needs_input_grad[3] else None,
-            y if l_out is not None and ctx.needs_input_grad[4] else None,
-            weight, l_in, l_out,
-        )
+        y = _not_a_view(F.linear(x, w, b))
+        need_x = l_in is not None and ctx.needs_input_grad[3]
+        ctx.save_for_backward(x if need_x else None, weight, l_in, l_out)
+        ctx.out = y.detach() if l_out is not None and ctx.needs_input_grad[4] else None
+        ctx.out_version = y._version
         return y
 
     @staticmethod
     def backward(ctx, g):  # type: ignore[override]
-        x, y, weight, l_in, l_out = ctx.saved_tensors
+        x, weight, l_in, l_out = ctx.saved_tensors
+        y = ctx.out
+        if y is not None and y._version != ctx.out_version:
+            raise AdapterStateError(
+                "the model changed the output of a layer whose output (IA)³ scales in place after "
+                "the forward, so the scale's gradient cannot be taken from it; scale that module's "
+                "input instead (scale_input) or leave it out of the targets")
         need_x, _, _, need_in, need_out = ctx.needs_input_grad
         # Everything on 2-D, contiguous rows. A key's gradient arrives transposed from the
         # attention: flattening copies it once, as a plain Linear's backward does, after which
@@ -184,6 +193,13 @@ class _ScaledLinear(torch.autograd.Function):
         if need_out:
             g_out = (g2 * y.reshape(g2.shape)).sum(0).div_(_nonzero(l_out))
         return gx.view(*g.shape[:-1], -1) if need_x else None, None, None, g_in, g_out
+
+
+def _not_a_view(y: torch.Tensor) -> torch.Tensor:
+    """``y`` as a tensor of its own: ``F.linear`` returns a 3-D input's output with a bias as a
+    view of a 2-D result, and a custom autograd node whose output is a view forbids changing it
+    in place (which Longformer does to its query). ``detach`` gives the same storage, no view."""
+    return y.detach() if y._base is not None else y
 
 
 def _scaled_weight(weight: torch.Tensor, l_in: torch.Tensor | None, l_out: torch.Tensor | None):

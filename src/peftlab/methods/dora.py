@@ -70,7 +70,7 @@ from torch import nn
 
 from peftlab.errors import TargetError
 from peftlab.interop.codec import Expected, Fields, Shapes, Tensors
-from peftlab.layer import BaseLayer, Piece
+from peftlab.layer import BaseLayer, Piece, _not_a_view
 from peftlab.methods import Method, Preset
 from peftlab.methods.lora import LoRA, LoRAConfig, LoRAPeft
 from peftlab.sites import Site
@@ -201,6 +201,7 @@ class _DoRALinear(torch.autograd.Function):
             h2.addmm_(xa, B.t(), alpha=s).mul_(c)
             if bias is not None:
                 h2.add_(bias)
+        h = _not_a_view(h)
         ctx.save_for_backward(x, xa, weight, bias, A, B, c)
         ctx.s = s
         # The output, for ∂c, kept as an alias rather than saved: a model that scales it in place

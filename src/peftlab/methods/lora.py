@@ -47,7 +47,7 @@ from peftlab.interop.codec import (
     pattern_value,
     patterns,
 )
-from peftlab.layer import BaseLayer, Piece
+from peftlab.layer import BaseLayer, Piece, _not_a_view
 from peftlab.methods import Method, Preset
 from peftlab.sites import Site
 
@@ -144,12 +144,12 @@ class _LoRALinear(torch.autograd.Function):
     def forward(ctx, x, weight, bias, A, B, s):  # type: ignore[override]
         xa = F.linear(x.reshape(-1, x.shape[-1]), A)
         y = F.linear(x, weight, bias)
-        # The update goes in through a 2-D view, and ``y`` itself is returned: an output that is
-        # a view would make models that scale it in place (Longformer's query) fail.
+        # The update goes in through a 2-D view, and ``y`` itself is returned, never a view: an
+        # output that is a view would make models that scale it in place (Longformer's query) fail.
         y.view(-1, y.shape[-1]).addmm_(xa, B.t(), alpha=s)
         ctx.save_for_backward(x, xa, weight, A, B)
         ctx.s = s
-        return y
+        return _not_a_view(y)
 
     @staticmethod
     def backward(ctx, g):  # type: ignore[override]
