@@ -136,6 +136,34 @@ def test_t5_import_gives_each_decoder_layer_the_rows_peft_gives_it(tmp_path):
     torch.testing.assert_close(model(**kwargs).logits, theirs.eval()(**kwargs).logits, rtol=0, atol=1e-5)
 
 
+SHAPED = {  # encoder-decoders with a decoder unlike the encoder, so reading the encoder's shows
+    "t5-asymmetric": lambda: T.T5ForConditionalGeneration(T.T5Config(
+        vocab_size=100, d_model=32, d_kv=8, d_ff=64, num_layers=3, num_decoder_layers=2, num_heads=4,
+        decoder_start_token_id=0)),
+    "bart-asymmetric": lambda: T.BartForConditionalGeneration(T.BartConfig(
+        vocab_size=100, d_model=32, encoder_layers=3, decoder_layers=2, encoder_attention_heads=4,
+        decoder_attention_heads=2, encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=64)),
+    **{family: (lambda family=family: T.AutoModelForCausalLM.from_config(CONFIGS[family]()))
+       for family in ("llama", "gpt2", "mistral", "qwen2", "gemma", "phi3", "opt", "gpt_neox")},
+}
+
+
+@pytest.mark.parametrize("name", sorted(SHAPED))
+def test_the_prefix_shape_is_the_shape_of_the_models_own_cache(name):
+    """(layers, key/value heads, head width) read from the config equal what the model's own
+    cache holds after a forward: the decoder's self-attention on an encoder-decoder."""
+    from peftlab.methods.prefix import attention_shape
+
+    torch.manual_seed(0)
+    model = SHAPED[name]().eval()
+    kwargs = {"decoder_input_ids": IDS[:, :2]} if model.config.is_encoder_decoder else {}
+    with torch.no_grad():
+        cache = model(input_ids=IDS, use_cache=True, **kwargs).past_key_values
+    cache = getattr(cache, "self_attention_cache", cache)
+    keys = cache.layers[0].keys
+    assert attention_shape(model) == (len(cache.layers), keys.shape[1], keys.shape[3])
+
+
 def _peft_file(tmp_path, make, task: str, edit: dict):
     """peft's saved prefix for ``make()``, its config edited: ``None`` removes a field."""
     theirs = peft.get_peft_model(make(), peft.PrefixTuningConfig(task_type=task, num_virtual_tokens=N))
