@@ -129,6 +129,40 @@ def test_text_init_without_a_usable_tokenizer_is_refused(tmp_path):
     assert adapters.names == ()
 
 
+def test_a_tokenizer_for_a_larger_vocabulary_is_refused():
+    from peftlab.cli import demo_model_dir
+
+    adapters = peftlab.attach(_bert())  # 100 embeddings; MiniLM's tokenizer has 30,522 tokens
+    with pytest.raises(ConfigError, match=r"^the tokenizer gives token ids up to \d+, but the model has 100 "
+                                          r"embeddings: wrong tokenizer for this model$"):
+        adapters.add("t", PromptTuningConfig(init="text", init_text="a great movie",
+                                             tokenizer=str(demo_model_dir())))
+    assert adapters.names == ()
+
+
+def test_a_random_prompt_has_the_spread_of_the_embedding_table():
+    model = _bert()
+    with torch.no_grad():
+        model.get_input_embeddings().weight.mul_(0.05)
+    adapters = peftlab.attach(model)
+    adapters.add("r", PromptTuningConfig(num_virtual_tokens=40))
+    spread = model.get_input_embeddings().weight.std()
+    assert 0.8 < float(_prompt_of(adapters, "r").std() / spread) < 1.25
+
+
+def test_config_bounds_and_messages():
+    with pytest.raises(ConfigError, match=r"^num_virtual_tokens must be at least 1, got 0$"):
+        PromptTuningConfig(num_virtual_tokens=0)
+    assert PromptTuningConfig(num_virtual_tokens=1).num_virtual_tokens == 1
+    with pytest.raises(ConfigError) as refused:
+        PromptTuningConfig(init="text")
+    assert str(refused.value) == 'init="text" needs init_text (the text whose tokens start the prompt)'
+    for extra in ({"init_text": "hi"}, {"tokenizer": "folder"}):
+        with pytest.raises(ConfigError) as refused:
+            PromptTuningConfig(init="vocab", **extra)
+        assert str(refused.value) == "init_text and tokenizer are read only with init=\"text\", not 'vocab'"
+
+
 # ---- peft, both ways ----------------------------------------------------------------------------------
 def _peft_model(base: torch.nn.Module, folder) -> torch.nn.Module:
     with warnings.catch_warnings():

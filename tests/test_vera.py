@@ -127,6 +127,35 @@ def test_dropout_acts_in_training_only(bert):
     assert not torch.equal(output_of(bert, inputs), output_of(bert, inputs))
 
 
+@pytest.mark.parametrize("p", [0.0, 0.3])
+def test_training_forward_equals_peft_also_with_dropout(p, tmp_path):
+    """The same dropout mask as peft's for the same seed: one draw per layer, on the input."""
+    base = tiny_llama()
+    model = copy.deepcopy(base)
+    adapters = vera(model, VeRAConfig(r=8, dropout=p))
+    out = adapters.export_peft("v", tmp_path / "peft")
+    theirs = peft.PeftModel.from_pretrained(copy.deepcopy(base), out, is_trainable=True)
+    model.train(), theirs.train()  # the tiny LLaMA has no other dropout: the masks are the adapters'
+    torch.manual_seed(11)
+    ours = logits(model)
+    torch.manual_seed(11)
+    assert (ours - logits(theirs)).abs().max() <= TOL
+    torch.manual_seed(12)
+    assert ((ours - logits(model)).abs().max() > 1e-4) == (p > 0)  # dropout did act
+
+
+def test_a_fused_projection_adapter_goes_to_peft_and_back(tmp_path):
+    model = tiny_gpt2()
+    adapters = vera(model, VeRAConfig(r=8, targets=("value",)))
+    assert not any(k.endswith(".index") for k in model.state_dict())  # the feature index is not state
+    adapters.export_peft("v", tmp_path / "peft")
+    other = tiny_gpt2()
+    again = peftlab.attach(other)
+    again.import_peft(tmp_path / "peft", "v")
+    again.activate("v")
+    assert (logits(other) - logits(model)).abs().max() <= TOL
+
+
 def test_routing_gives_each_example_its_adapter(bert):
     adapters = vera(bert, VeRAConfig(r=8, targets=("query", "value", *FFN)), name="a")
     adapters.add("b", VeRAConfig(r=4, projection_seed=1))
@@ -249,10 +278,16 @@ def test_experts_are_refused():
         peftlab.attach(model).add("v", VeRAConfig(r=8, targets=("ffn_down",)))
 
 
-def test_bad_configs_are_refused():
-    for bad in ({"r": 0}, {"dropout": 1.0}, {"projection_seed": -1}):
-        with pytest.raises(peftlab.ConfigError):
+def test_bad_configs_are_refused_at_their_bounds():
+    for bad, message in (({"r": 0}, "r must be between 1 and 65536, got 0"),
+                         ({"r": 65537}, "r must be between 1 and 65536, got 65537"),
+                         ({"dropout": 1.0}, "dropout must be in [0, 1), got 1.0"),
+                         ({"projection_seed": -1}, "projection_seed must be >= 0, got -1")):
+        with pytest.raises(peftlab.ConfigError) as refused:
             VeRAConfig(**bad)
+        assert str(refused.value) == message
+    for good in ({"r": 1}, {"r": 65536}, {"dropout": 0.0}, {"projection_seed": 0}):
+        VeRAConfig(**good)
 
 
 # ---- peft, both ways ----------------------------------------------------------------------------
