@@ -127,6 +127,48 @@ def test_lokr_factors_follow_peft_shapes_on_a_bert_layer():
         "lokr_w1": (8, 4), "lokr_w2_a": (8, 1), "lokr_w2_b": (1, 8)}
 
 
+def test_factorization_is_peft_s_for_every_dimension_and_factor():
+    from peft.tuners.lokr.layer import factorization as peft_factorization
+
+    for dimension in range(1, 300):
+        for factor in (-1, 1, 2, 3, 4, 5, 8, 16, 64):
+            expected = peft_factorization(dimension, factor)
+            assert factorization(dimension, factor) == expected, (dimension, factor)
+
+
+@pytest.mark.parametrize("decompose_both", [False, True])
+@pytest.mark.parametrize("factor", [-1, 4])
+def test_lokr_parameter_shapes_are_peft_s_across_ranks_and_sizes(decompose_both, factor):
+    for out_f, in_f in ((32, 32), (64, 32), (96, 48), (20, 24)):
+        for r in (1, 2, 3, 4, 6, 8, 16, 24):
+            base = nn.Sequential()
+            base.add_module("proj", nn.Linear(in_f, out_f))
+            theirs = peft.get_peft_model(copy.deepcopy(base), peft.LoKrConfig(
+                r=r, target_modules=["proj"], decompose_both=decompose_both, decompose_factor=factor))
+            expected = {n.rsplit(".", 2)[-2]: tuple(t.shape) for n, t in theirs.named_parameters()
+                        if ".lokr_" in n}
+            adapters = peftlab.attach(base, role_map=None)
+            adapters.add("a", LoKr(r=r, targets=("^proj$",), decompose_both=decompose_both,
+                                   decompose_factor=factor))
+            piece = adapters["a"].pieces["proj"]
+            assert {n: tuple(t.shape) for n, t in piece.named_parameters()} == expected, (out_f, in_f, r)
+
+
+def test_lokr_starts_like_peft_w1_zero_and_the_rest_kaiming_uniform():
+    """Kaiming-uniform with a = √5 draws from ±1/√fan_in: with thousands of draws the largest
+    magnitude comes within 3% of that bound and never passes it."""
+    base = nn.Sequential()
+    base.add_module("proj", nn.Linear(256, 256))
+    adapters = peftlab.attach(base, role_map=None)
+    adapters.add("a", LoKr(r=64, targets=("^proj$",), decompose_both=True, decompose_factor=4))
+    for name, p in adapters["a"].pieces["proj"].named_parameters():
+        if name in ("lokr_w1", "lokr_w1_a"):
+            assert not p.any(), name
+            continue
+        bound = 1 / p.shape[1] ** 0.5
+        assert p.numel() >= 1024 and 0.97 * bound < float(p.abs().max()) <= bound, name
+
+
 @pytest.mark.parametrize("config", [LoHa(targets=("query", "value", "ffn_down")),
                                     LoKr(targets=("query", "value", "ffn_down")),
                                     LoKr(r=1, decompose_both=True, targets=("query", "value", "ffn_down"))],
