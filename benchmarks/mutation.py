@@ -25,6 +25,7 @@ without a note and notes whose mutant no longer survives.
 from __future__ import annotations
 
 import argparse
+import fnmatch
 import json
 import os
 import platform
@@ -86,9 +87,13 @@ def run(children: int, only: list[str]) -> None:
     _session(children, f"python benchmarks/mutation.py run{flags}", only, counted=True)
 
 
-def resume(children: int, survivors_only: bool) -> None:
+def resume(children: int, survivors_only: bool, only: list[str]) -> None:
     """Run again every mutant of mutants/ that did not die (the tests may have changed since) and,
-    unless ``survivors_only``, those not run yet; kills stand: more tests cannot revive a mutant."""
+    unless ``survivors_only``, those not run yet; kills stand: more tests cannot revive a mutant.
+    ``only``: run every mutant whose name matches one of these globs again, whatever its result."""
+    if only:
+        flags = "".join(f" --only '{g}'" for g in only) + (f" --children {children}" if children != 2 else "")
+        return _session(children, f"python benchmarks/mutation.py resume{flags}", only, counted=True)
     survivors = [n for codes in _results().values() for n, c in codes.items()
                  if c is not None and c not in KILLED]
     flag = " --survivors-only" if survivors_only else ""
@@ -107,7 +112,7 @@ def resume(children: int, survivors_only: bool) -> None:
 
 def _session(children: int, described: str, names: list[str] | None = None, counted: bool = False) -> None:
     """Run mutmut on ``names`` (mutant names or globs), or on the mutants without a result, and
-    record the session. ``counted``: ``names`` are globs, so count the mutants that got a result."""
+    record the session. ``counted``: ``names`` are globs; the record counts the mutants they match."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", **MUTATION_ENV}
     env.pop("PYTHONPATH", None)  # mutmut puts mutants/src first; the original source must not win
     command = [*_mutmut(), "run", "--max-children", str(children), *(names or [])]
@@ -120,7 +125,7 @@ def _session(children: int, described: str, names: list[str] | None = None, coun
     wall = time.time() - start
     info = {
         "command": described,
-        "mutants": todo if names and not counted else
+        "mutants": _matching(names) if counted else todo if names else
         (sum(map(len, _results().values())) if todo is None else todo) - _unrun(),
         "exit_code": rc,
         "wall_s": round(wall),
@@ -139,6 +144,10 @@ def _session(children: int, described: str, names: list[str] | None = None, coun
     if rc != 0:
         print(f"mutmut exited with {rc}; see {LOG}", file=sys.stderr)
     report()
+
+
+def _matching(globs: list[str]) -> int:
+    return sum(any(fnmatch.fnmatch(n, g) for g in globs) for codes in _results().values() for n in codes)
 
 
 def _unrun() -> int:
@@ -286,6 +295,8 @@ def main() -> None:
                        "'peftlab.methods.dora.*'; `resume` runs the others later")
     p_resume = sub.add_parser("resume", help="run the mutants without a result or that survived")
     p_resume.add_argument("--children", type=int, default=2, help="parallel mutant runs (default 2)")
+    p_resume.add_argument("--only", action="append", default=[], metavar="GLOB",
+                          help="run these mutants again, whatever their result (repeatable)")
     p_resume.add_argument("--survivors-only", action="store_true",
                           help="only the survivors without a note, not the mutants not run yet")
     sub.add_parser("report", help="write the report from the results in mutants/")
@@ -293,7 +304,7 @@ def main() -> None:
     if args.what == "run":
         run(args.children, args.only)
     elif args.what == "resume":
-        resume(args.children, args.survivors_only)
+        resume(args.children, args.survivors_only, args.only)
     else:
         report()
 
