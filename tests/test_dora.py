@@ -158,10 +158,22 @@ def test_gradients_of_the_fused_node_equal_plain_autograd_with_the_norm_detached
 def test_a_model_that_scales_the_output_in_place_still_gets_exact_gradients():
     """Longformer divides its query by √d in place; the node then recomputes what it needs."""
     model, layer, piece = _one_layer()
-    x = torch.randn(30, 24)
+    x = torch.randn(5, 6, 24)  # batch × sequence, as in a model
     tensors = [piece.lora_A, piece.lora_B, piece.magnitude]
     ours = _grads(model, tensors, x, lambda x: model(x).div_(3.0))
     reference = _grads(model, tensors, x, lambda x: _reference(layer, piece, x) / 3.0)
+    for o, r in zip(ours, reference, strict=True):
+        assert torch.allclose(o, r, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("tokens", [5, 30])
+def test_a_trainable_bias_beside_a_frozen_weight_gets_its_gradient(tokens):
+    model, layer, piece = _one_layer()
+    layer.base.bias.requires_grad_(True)
+    x = torch.randn(tokens, 24)
+    tensors = [layer.base.bias, piece.magnitude]
+    ours = _grads(model, tensors, x, model)
+    reference = _grads(model, tensors, x, lambda x: _reference(layer, piece, x))
     for o, r in zip(ours, reference, strict=True):
         assert torch.allclose(o, r, atol=1e-5, rtol=1e-4)
 
@@ -308,6 +320,15 @@ def test_merge_computes_the_same_and_unmerge_restores_the_weights(family):
         assert (model(**inputs)[0] - unmerged).abs().max() < TOL
     for n, p in model.named_parameters():
         assert torch.allclose(p, before[n], atol=1e-6, rtol=0), n
+
+
+def test_the_state_dict_holds_parameters_only_also_while_merged():
+    """The feature index of a fused projection and the factor kept for unmerging are not state:
+    a checkpoint of the adapted model holds the base and the adapter's parameters, nothing else."""
+    model, adapters = dora_model(tiny_model("gpt2"), peftlab.DoRAConfig(targets=("value",)))
+    adapters.merge("d")
+    names = {n for n, _ in model.named_parameters()}
+    assert set(model.state_dict()) == names | {n for n, _ in model.named_buffers() if "adapters" not in n}
 
 
 def test_merge_is_refused_where_it_could_not_be_undone(bert):
