@@ -515,6 +515,15 @@ def test_threads_see_their_own_weights():
     assert not errors
 
 
+def test_a_thread_that_never_routed_runs_the_active_adapter():
+    model, adapters = adapted("mixtral", peftlab.LoRAConfig(r=2, targets=FFN))
+    expected, got = logits(model), []
+    thread = threading.Thread(target=lambda: got.append(logits(model)))
+    thread.start()
+    thread.join()
+    assert got and (got[0] - expected).abs().max() <= TOL
+
+
 # ---- inferred maps find the experts as the built-in maps do ---------------------------------------
 @pytest.mark.parametrize("family", sorted(CONFIGS))
 def test_inferred_map_selects_what_the_built_in_moe_map_selects(family):
