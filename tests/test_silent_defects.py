@@ -175,9 +175,33 @@ def test_merge_into_another_shared_weight_is_refused_and_changes_nothing():
     net = TwoHeads()
     adapters = _active(net, peftlab.LoRAConfig(targets=(r"^a$",), r=2))
     shared = net.b.weight.detach().clone()
-    with pytest.raises(peftlab.AdapterStateError, match="shared with"):
+    with pytest.raises(peftlab.AdapterStateError) as refused:
         adapters.merge("x")
+    assert str(refused.value) == (
+        "cannot merge into a: its weight is shared with ['a.base.weight', 'b.weight'], so merging would "
+        "change those too. Keep the adapter unmerged, or untie the weights yourself first")
     assert torch.equal(net.b.weight, shared) and not adapters["x"].merged
+
+    net = TwoHeads()
+    net.b.weight = torch.nn.Parameter(net.a.weight.detach().clone())
+    net.b.bias = net.a.bias  # only the bias is shared: (IA)³ scaling the output would scale it for both
+    adapters = _active(net, peftlab.IA3Config(targets=(r"^a$",), scale_input=()))
+    with pytest.raises(peftlab.AdapterStateError) as refused:
+        adapters.merge("x")
+    assert str(refused.value) == ("cannot merge into a: its bias is shared with ['a.base.bias', 'b.bias']; "
+                                  "merging would change them all")
+    assert not adapters["x"].merged
+
+
+def test_merging_where_nothing_is_shared_leaves_the_tie_flag_and_the_weights_alone():
+    model = _gpt2_lm()
+    embeddings = model.transformer.wte.weight
+    adapters = _active(model, peftlab.LoRAConfig(targets=("query", "value")))
+    layer = model.transformer.h[0].attn.c_attn
+    weight = layer.base.weight
+    adapters.merge("x")
+    assert model.config.tie_word_embeddings is True and model.lm_head.weight is embeddings
+    assert layer.base.weight is weight  # merged in place, not into a copy
 
 
 # ---- 3. save_pretrained and Trainer checkpoints of an adapted model --------------------------------
