@@ -274,7 +274,8 @@ def report() -> None:
                 "no test calls it" if code in NO_TESTS else "survived")
             lines += [f"- `{name}` ({kind}): {note.get('note', '**no note yet**')}", "",
                       "  ```diff", *("  " + d for d in diffs[name].splitlines()), "  ```", ""]
-    stale = sorted(set(notes) - {n for _, n, _ in survivors})
+    unrun = {n for codes in results.values() for n, c in codes.items() if c is None}
+    stale = sorted(set(notes) - {n for _, n, _ in survivors} - unrun)  # unrun: not judged yet
     if stale:
         lines += ["## Notes whose mutant no longer survives", "",
                   "These mutants are now killed or gone (the code changed); drop their notes.", ""]
