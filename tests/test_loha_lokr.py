@@ -154,6 +154,20 @@ def test_lokr_parameter_shapes_are_peft_s_across_ranks_and_sizes(decompose_both,
             assert {n: tuple(t.shape) for n, t in piece.named_parameters()} == expected, (out_f, in_f, r)
 
 
+def test_loha_starts_like_peft_w2_b_zero_and_the_rest_kaiming_uniform():
+    base = nn.Sequential()
+    base.add_module("proj", nn.Linear(256, 256))
+    adapters = peftlab.attach(base, role_map=None)
+    adapters.add("a", LoHa(r=16, targets=("^proj$",)))
+    LoHa(r=65536)  # the largest rank is allowed
+    for name, p in adapters["a"].pieces["proj"].named_parameters():
+        if name == "hada_w2_b":
+            assert not p.any(), name
+            continue
+        bound = 1 / p.shape[1] ** 0.5
+        assert p.numel() >= 1024 and 0.97 * bound < float(p.abs().max()) <= bound, name
+
+
 def test_lokr_starts_like_peft_w1_zero_and_the_rest_kaiming_uniform():
     """Kaiming-uniform with a = √5 draws from ±1/√fan_in: with thousands of draws the largest
     magnitude comes within 3% of that bound and never passes it."""
@@ -413,9 +427,13 @@ def test_imported_adapter_merges_and_saves_in_peftlab_format(tmp_path):
 def test_roles_on_a_fused_projection_are_refused_with_the_way_out():
     model = tiny_gpt2()
     adapters = peftlab.attach(model)
-    for config in (LoHa(), LoKr()):  # query, value: slices of c_attn
-        with pytest.raises(TargetError, match=r"whole weight matrix.*c_attn"):
+    for config, piece in ((LoHa(), "LoHa"), (LoKr(), "LoKr")):  # query, value: slices of c_attn
+        with pytest.raises(TargetError) as refused:
             adapters.add("a", config)
+        assert str(refused.value) == (
+            f"{piece} updates a whole weight matrix, but targets ['query', 'value'] select only some output "
+            "features of the fused projection 'transformer.h.0.attn.c_attn'. Target the module by name to "
+            "adapt all of it, e.g. targets=(r'c_attn$',), or use LoRA, which adapts each role's slice")
     adapters.add("a", LoHa(targets=(r"c_attn$",)))  # the whole module is fine
     assert len(adapters["a"].sites) == 2
 
@@ -444,6 +462,7 @@ def test_routed_experts_are_refused():
 
 @pytest.mark.parametrize("config, message", [
     (dict(r=0), "r must be between"),
+    (dict(r=65537), r"^r must be between 1 and 65536, got 65537$"),
     (dict(rank_dropout=1.0), "rank_dropout must be in"),
     (dict(module_dropout=-0.1), "module_dropout must be in"),
     (dict(decompose_factor=0), "decompose_factor must be -1"),
