@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 import transformers as T
 from conftest import CONFIGS, randomize, tiny_model
-from test_prompt import IDS, MASK, _bert, _llama, _peft_model, _t5
+from test_prompt import IDS, MASK, _bert, _llama, _peft_model, _save_edited, _t5
 
 import peftlab
 from peftlab.errors import AdapterStateError, ConfigError, TargetError
@@ -168,15 +168,7 @@ def _peft_file(tmp_path, make, task: str, edit: dict):
     """peft's saved prefix for ``make()``, its config edited: ``None`` removes a field."""
     theirs = peft.get_peft_model(make(), peft.PrefixTuningConfig(task_type=task, num_virtual_tokens=N))
     randomize(theirs.prompt_encoder.parameters(), seed=9)
-    theirs.save_pretrained(tmp_path / "peft")
-    path = tmp_path / "peft" / "adapter_config.json"
-    data = json.loads(path.read_text())
-    for key, value in edit.items():
-        if value is None:
-            del data[key]
-        else:
-            data[key] = value
-    path.write_text(json.dumps(data))
+    _save_edited(theirs, tmp_path / "peft", edit)
     return theirs.eval(), tmp_path / "peft"
 
 
@@ -343,7 +335,6 @@ def test_merging_is_refused_and_the_config_is_checked():
      {"num_virtual_tokens": 4, "projection": False}),
 ])
 def test_both_methods_train_from_the_command_line(tmp_path, method, sets, saved):
-    import json
 
     from test_cli import _save_bert, _sentiment
     from typer.testing import CliRunner

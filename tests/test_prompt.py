@@ -268,6 +268,19 @@ def test_export_writes_the_fields_peft_writes(tmp_path):
     assert {k: ours[k] for k in fields} == {k: theirs[k] for k in fields}
 
 
+def _save_edited(theirs, folder, edit: dict) -> None:
+    """``theirs`` saved by peft to ``folder``, its config edited: ``None`` removes a field."""
+    theirs.save_pretrained(folder)
+    path = folder / "adapter_config.json"
+    data = json.loads(path.read_text())
+    for key, value in edit.items():
+        if value is None:
+            del data[key]
+        else:
+            data[key] = value
+    path.write_text(json.dumps(data))
+
+
 @pytest.mark.parametrize("edit, refusal", [
     ({"num_virtual_tokens": None}, "num_virtual_tokens must be a positive integer"),
     ({"num_virtual_tokens": 0}, "num_virtual_tokens must be a positive integer"),
@@ -279,15 +292,7 @@ def test_peft_prompt_configs_are_read_by_their_rules(tmp_path, edit, refusal):
     config = peft.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=1)
     theirs = peft.get_peft_model(_llama(), config)
     randomize(theirs.prompt_encoder.parameters(), seed=7)
-    theirs.save_pretrained(tmp_path / "peft")
-    path = tmp_path / "peft" / "adapter_config.json"
-    data = json.loads(path.read_text())
-    for key, value in edit.items():
-        if value is None:
-            del data[key]
-        else:
-            data[key] = value
-    path.write_text(json.dumps(data))
+    _save_edited(theirs, tmp_path / "peft", edit)
     model = _llama()
     adapters = peftlab.attach(model)
     if refusal:
