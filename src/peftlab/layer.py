@@ -155,30 +155,34 @@ class _ScaledLinear(torch.autograd.Function):
     so keeping it costs nothing. The vectors' gradients use ``y / l_out = W·(l_in ⊙ x) + b``
     and ``Σ x ⊙ ∂x / l_in``, which are exact while no scale is zero.
 
-    ``y`` is kept as an alias rather than saved, so that a model which changes the output in
-    place (Longformer's query) gets a clear error from backward, not autograd's; its original
-    values are gone then, and recomputing them would mean keeping ``x`` for every layer."""
+    A model that changes ``y`` (or ``x``) in place after the forward (Longformer's query) leaves
+    nothing to take the scale's gradient from: backward says so and what to do instead.
+    Recomputing ``y`` would mean keeping ``x`` for every layer."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, l_in, l_out):  # type: ignore[override]
         w = _scaled_weight(weight, l_in, l_out)
         b = bias * l_out if bias is not None and l_out is not None else bias
         y = _not_a_view(F.linear(x, w, b))
-        need_x = l_in is not None and ctx.needs_input_grad[3]
-        ctx.save_for_backward(x if need_x else None, weight, l_in, l_out)
-        ctx.out = y.detach() if l_out is not None and ctx.needs_input_grad[4] else None
-        ctx.out_version = y._version
+        ctx.save_for_backward(
+            x if l_in is not None and ctx.needs_input_grad[3] else None,
+            y if l_out is not None and ctx.needs_input_grad[4] else None,
+            weight, l_in, l_out,
+        )
         return y
 
     @staticmethod
     def backward(ctx, g):  # type: ignore[override]
-        x, weight, l_in, l_out = ctx.saved_tensors
-        y = ctx.out
-        if y is not None and y._version != ctx.out_version:
+        try:
+            x, y, weight, l_in, l_out = ctx.saved_tensors
+        except RuntimeError as e:  # autograd's version check on what was saved
+            if "modified by an inplace operation" not in str(e):
+                raise
             raise AdapterStateError(
-                "the model changed the output of a layer whose output (IA)³ scales in place after "
+                "the model changed the input or output of a layer that (IA)³ scales in place after "
                 "the forward, so the scale's gradient cannot be taken from it; scale that module's "
-                "input instead (scale_input) or leave it out of the targets")
+                "input instead (scale_input) if it is the output that changes, or leave the module "
+                "out of the targets") from None
         need_x, _, _, need_in, need_out = ctx.needs_input_grad
         # Everything on 2-D, contiguous rows. A key's gradient arrives transposed from the
         # attention: flattening copies it once, as a plain Linear's backward does, after which
