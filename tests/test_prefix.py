@@ -164,6 +164,42 @@ def test_the_prefix_shape_is_the_shape_of_the_models_own_cache(name):
     assert attention_shape(model) == (len(cache.layers), keys.shape[1], keys.shape[3])
 
 
+@pytest.mark.parametrize("fields, shape", [
+    (dict(n_layer=3, n_head=4, n_embd=64), (3, 4, 16)),  # GPT-2's names
+    (dict(num_layers=3, num_heads=4, d_model=32), (3, 4, 8)),
+    (dict(num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2, hidden_size=64, head_dim=8),
+     (3, 2, 8)),
+    (dict(is_encoder_decoder=True, num_layers=5, num_decoder_layers=2, num_heads=4, d_kv=8), (2, 4, 8)),
+    (dict(is_encoder_decoder=True, encoder_layers=5, decoder_layers=2, encoder_attention_heads=4,
+          decoder_attention_heads=2, d_model=32), (2, 2, 16)),
+    (dict(is_encoder_decoder=True, num_layers=3, num_attention_heads=4, hidden_size=32), (3, 4, 8)),
+    (dict(is_encoder_decoder=True, num_hidden_layers=3, num_heads=2, d_model=32), (3, 2, 16)),
+], ids=["gpt2-names", "t5-like-decoder-only", "kv-heads", "t5-names", "bart-names", "enc-dec-plain",
+        "enc-dec-hidden"])
+def test_the_prefix_shape_reads_every_naming_of_the_sizes(fields, shape):
+    """Configs name their sizes differently; each known name is read (decoder names first on an
+    encoder-decoder), with no transformers attribute map to translate them."""
+    from types import SimpleNamespace
+
+    from peftlab.methods.prefix import attention_shape
+
+    assert attention_shape(SimpleNamespace(config=T.PretrainedConfig(**fields))) == shape
+
+
+def test_a_model_whose_sizes_cannot_be_read_is_refused():
+    from types import SimpleNamespace
+
+    from peftlab.methods.prefix import attention_shape
+
+    with pytest.raises(peftlab.TargetError, match="^prefix tuning needs a transformers model with a config, "
+                                                  "not SimpleNamespace$"):
+        attention_shape(SimpleNamespace())
+    with pytest.raises(peftlab.TargetError, match=r"^cannot read the attention's shape \(layers, heads, head "
+                                                  r"width\) from this .* model's config; prefix tuning "
+                                                  r"cannot size its prefix$"):
+        attention_shape(SimpleNamespace(config=T.PretrainedConfig(n_layer=3)))
+
+
 def _peft_file(tmp_path, make, task: str, edit: dict):
     """peft's saved prefix for ``make()``, its config edited: ``None`` removes a field."""
     theirs = peft.get_peft_model(make(), peft.PrefixTuningConfig(task_type=task, num_virtual_tokens=N))
