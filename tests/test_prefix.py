@@ -174,8 +174,11 @@ def test_the_prefix_shape_is_the_shape_of_the_models_own_cache(name):
           decoder_attention_heads=2, d_model=32), (2, 2, 16)),
     (dict(is_encoder_decoder=True, num_layers=3, num_attention_heads=4, hidden_size=32), (3, 4, 8)),
     (dict(is_encoder_decoder=True, num_hidden_layers=3, num_heads=2, d_model=32), (3, 2, 16)),
+    (dict(config=T.LlavaConfig(text_config=dict(model_type="llama", num_hidden_layers=3,
+                                                  num_attention_heads=4, num_key_value_heads=2,
+                                                  hidden_size=64))), (3, 2, 16)),
 ], ids=["gpt2-names", "t5-like-decoder-only", "kv-heads", "t5-names", "bart-names", "enc-dec-plain",
-        "enc-dec-hidden"])
+        "enc-dec-hidden", "text-config-of-a-composite"])
 def test_the_prefix_shape_reads_every_naming_of_the_sizes(fields, shape):
     """Configs name their sizes differently; each known name is read (decoder names first on an
     encoder-decoder), with no transformers attribute map to translate them."""
@@ -183,7 +186,8 @@ def test_the_prefix_shape_reads_every_naming_of_the_sizes(fields, shape):
 
     from peftlab.methods.prefix import attention_shape
 
-    assert attention_shape(SimpleNamespace(config=T.PretrainedConfig(**fields))) == shape
+    config = fields["config"] if "config" in fields else T.PretrainedConfig(**fields)
+    assert attention_shape(SimpleNamespace(config=config)) == shape
 
 
 def test_a_model_whose_sizes_cannot_be_read_is_refused():
@@ -198,6 +202,9 @@ def test_a_model_whose_sizes_cannot_be_read_is_refused():
                                                   r"width\) from this .* model's config; prefix tuning "
                                                   r"cannot size its prefix$"):
         attention_shape(SimpleNamespace(config=T.PretrainedConfig(n_layer=3)))
+    for partial in (dict(n_layer=3, n_embd=64), dict(n_head=4, n_embd=64)):  # no heads; no layers
+        with pytest.raises(peftlab.TargetError, match="^cannot read the attention's shape"):
+            attention_shape(SimpleNamespace(config=T.PretrainedConfig(**partial)))
 
 
 def _peft_file(tmp_path, make, task: str, edit: dict):
